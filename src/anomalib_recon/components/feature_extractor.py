@@ -1,0 +1,192 @@
+"""Frozen multi-layer feature extractor over timm, shared by every model.
+
+anomalib's :class:`~anomalib.models.components.TimmFeatureExtractor` takes only ``pre_trained: bool``; our
+models also need local weight files, the offline EfficientNet-Lite fallback (:mod:`.weights`), NHWC
+backbones such as Swin, and a ViT's self-attention maps (AGPNet's prior attention). ``nn.Module``
+backbones are delegated to anomalib's extractor (torchvision FX node names).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import timm
+import torch
+from torch import nn
+
+from .weights import resolve_pretrained
+
+
+def _is_vit(model: nn.Module) -> bool:
+    return hasattr(model, "blocks") and hasattr(model, "patch_embed") and hasattr(model, "forward_intermediates")
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone returning a list of intermediate feature maps ``(B, C, h, w)``.
+
+    Args:
+        backbone: timm model name (``"resnet18.tv_in1k"``, ``"tf_efficientnet_lite0"``,
+            ``"vit_small_patch16_224.dino"``, ...) or an ``nn.Module`` (then ``layers`` are FX node names).
+        layers: CNNs: ``features_only`` indices (``[1, 2]``) or module names (``["layer1", "layer2"]``).
+            ViTs: block indices (``[3, 6]``) or names (``["blocks.3"]``); patch tokens come back as maps.
+        weights: ``"imagenet"`` (timm's pretrained weights, offline-aware, see :mod:`.weights`), a path to a
+            local state dict, or ``None`` for random initialisation.
+        return_attention: ViTs only: also record each selected block's self-attention
+            ``softmax(q kᵀ / √d)`` of shape ``(B, heads, N, N)`` (prefix tokens included) in
+            :attr:`attention_maps` on every forward.
+        vit_norm: ViTs only: apply the backbone's final norm to the returned block outputs.
+        img_size: ViTs/Swin only: the input size the model is built for (position embeddings are also
+            resampled dynamically for ViTs).
+
+    Attributes:
+        out_dims: channels of each returned map.
+        reductions: stride of each returned map relative to the input.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module,
+        layers: Sequence[int | str],
+        weights: str | os.PathLike | None = "imagenet",
+        return_attention: bool = False,
+        vit_norm: bool = False,
+        img_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not layers:
+            msg = "`layers` must name at least one layer, e.g. layers=[1, 2] or ['layer1', 'layer2']."
+            raise ValueError(msg)
+        self.layers = list(layers)
+        self.return_attention = return_attention
+        self.vit_norm = vit_norm
+        self.attention_maps: list[torch.Tensor] = []
+        self._channels_last = False
+        self._delegate = None
+        self.is_vit = False
+
+        if isinstance(backbone, nn.Module):
+            from anomalib.models.components import TimmFeatureExtractor
+
+            if not all(isinstance(layer, str) for layer in self.layers):
+                msg = "For an nn.Module backbone, `layers` must be node names such as 'layer1'."
+                raise TypeError(msg)
+            self._delegate = TimmFeatureExtractor(backbone, layers=self.layers, pre_trained=False)
+            self.model = self._delegate.feature_extractor
+            self.out_dims = list(self._delegate.out_dims)
+            self.reductions = []
+            self.backbone_name = type(backbone).__name__
+        elif isinstance(backbone, str):
+            self.backbone_name = backbone
+            self._build_timm(backbone, weights, img_size)
+        else:
+            msg = f"`backbone` must be a timm model name or an nn.Module, got {type(backbone).__name__}."
+            raise TypeError(msg)
+
+        for param in self.parameters():
+            param.requires_grad_(False)
+        super().train(False)
+
+    # ------------------------------------------------------------------ construction
+    def _build_timm(self, name: str, weights: str | os.PathLike | None, img_size: int | None) -> None:
+        if not timm.is_model(name.split(".")[0]):
+            msg = f"Unknown timm backbone '{name}'. See timm.list_models() for valid names."
+            raise ValueError(msg)
+        probe = timm.create_model(name, pretrained=False, **({"img_size": img_size} if img_size else {}))
+        if _is_vit(probe):
+            self.is_vit = True
+            self.block_idx = [self._block_index(layer, len(probe.blocks)) for layer in self.layers]
+            kwargs = {"dynamic_img_size": True, **({"img_size": img_size} if img_size else {})}
+            self.model = timm.create_model(name, **resolve_pretrained(name, weights), **kwargs)
+            self.patch_size = self.model.patch_embed.patch_size[0]
+            self.num_prefix_tokens = getattr(self.model, "num_prefix_tokens", 1)
+            self.out_dims = [self.model.embed_dim] * len(self.layers)
+            self.reductions = [self.patch_size] * len(self.layers)
+            self._disable_pos_embed_antialias()
+            if self.return_attention:
+                for i in self.block_idx:
+                    self.model.blocks[i].attn.register_forward_pre_hook(self._record_attention)
+            return
+        names = [info["module"] for info in getattr(probe, "feature_info", [])]
+        del probe
+        if not names:
+            msg = f"Backbone '{name}' exposes no feature layers (timm feature_info); choose a CNN or ViT."
+            raise ValueError(msg)
+        indices = []
+        for layer in self.layers:
+            if isinstance(layer, int):
+                if not 0 <= layer < len(names):
+                    msg = f"Layer index {layer} out of range for '{name}': valid 0..{len(names) - 1} ({names})."
+                    raise ValueError(msg)
+                indices.append(layer)
+            elif layer in names:
+                indices.append(names.index(layer))
+            else:
+                msg = f"Layer '{layer}' not found in '{name}'. Available feature layers: {names}."
+                raise ValueError(msg)
+        self.model = timm.create_model(
+            name,
+            features_only=True,
+            exportable=True,
+            out_indices=indices,
+            **({"img_size": img_size} if img_size and "swin" in name else {}),
+            **resolve_pretrained(name, weights),
+        )
+        self._channels_last = str(getattr(self.model, "output_fmt", "NCHW")).upper().endswith("NHWC")
+        self.out_dims = list(self.model.feature_info.channels())
+        self.reductions = list(self.model.feature_info.reduction())
+
+    @staticmethod
+    def _block_index(layer: int | str, depth: int) -> int:
+        try:
+            idx = int(str(layer).rsplit(".", 1)[-1])
+        except ValueError as exc:
+            msg = f"ViT layers must be block indices or 'blocks.<i>' names, got '{layer}'."
+            raise ValueError(msg) from exc
+        if not 0 <= idx < depth:
+            msg = f"Block index {idx} out of range: this ViT has {depth} blocks (0..{depth - 1})."
+            raise ValueError(msg)
+        return idx
+
+    @staticmethod
+    def _disable_pos_embed_antialias() -> None:
+        """Reuse anomalib's ONNX-safe patch of timm's position-embedding resampling."""
+        from anomalib.models.components.feature_extractors.timm import _disable_pos_embed_antialiasing
+
+        _disable_pos_embed_antialiasing()
+
+    # ------------------------------------------------------------------ forward
+    def _record_attention(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        """Recompute ``softmax(q kᵀ·scale)`` from the block's qkv projection (timm uses fused SDPA)."""
+        x = args[0]
+        b, n, _ = x.shape
+        qkv = module.qkv(x).reshape(b, n, 3, module.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = module.q_norm(qkv[0]), module.k_norm(qkv[1])
+        self.attention_maps.append(((q * module.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Stay in eval mode: batch-norm statistics of the frozen backbone must never update."""
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Extract the selected layers of an RGB batch ``(B, 3, H, W)``."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            msg = (
+                f"Expected an RGB batch of shape (B, 3, H, W), got {tuple(images.shape)}. "
+                "Convert grayscale images to 3 channels (anomalib's datamodules do this)."
+            )
+            raise ValueError(msg)
+        self.attention_maps = []
+        with torch.no_grad():
+            if self._delegate is not None:
+                return list(self._delegate(images).values())
+            if self.is_vit:
+                return list(
+                    self.model.forward_intermediates(
+                        images, indices=self.block_idx, norm=self.vit_norm, output_fmt="NCHW", intermediates_only=True
+                    )
+                )
+            features = self.model(images)
+            if self._channels_last:
+                features = [f.permute(0, 3, 1, 2).contiguous() for f in features]
+            return list(features)
