@@ -1,0 +1,255 @@
+"""Benchmark harness: ours and anomalib's built-in models as peers on one dataset, one backbone, one budget.
+
+Each model runs in its own subprocess (clean peak-memory numbers), through anomalib's ``Engine``: fit
+on normal images, test with anomalib's metrics (image AUROC and F1-max, pixel AUROC, AUPRO and AP), then
+a torch-eager throughput pass. Results go to ``benchmarks/results/<name>.json`` and ``.md`` together with
+the machine and the exact command.
+
+Example (offline, Magnetic Tile from ../shared, EfficientNet-Lite0 weights)::
+
+    python benchmarks/harness.py --models NAFRAD Padim --dataset magnetic_tile \
+        --backbone tf_efficientnet_lite0 --image-size 256 --max-steps 300 --name mt_lite0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_MT_ROOT = ROOT.parent / "shared" / "datasets" / "magnetic_tile"
+METRICS = ["image_AUROC", "image_F1Max", "pixel_AUROC", "pixel_AUPRO", "pixel_AUPR"]
+
+# Layer choice per (model, backbone family). Built-ins take timm feature-module names.
+LITE_LAYERS = {"Padim": ["blocks.1", "blocks.2", "blocks.3"], "Patchcore": ["blocks.2", "blocks.3"]}
+RESNET_LAYERS = {"Padim": ["layer1", "layer2", "layer3"], "Patchcore": ["layer2", "layer3"]}
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import anomalib
+
+        info["anomalib"] = anomalib.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def build_datamodule(args: argparse.Namespace):
+    """The dataset at ``args.image_size`` with fixed seeds."""
+    if args.dataset == "magnetic_tile":
+        from anomalib_recon.data import MagneticTile
+
+        root = Path(args.data_root or os.environ.get("ANOMALIB_RECON_MAGNETIC_TILE", DEFAULT_MT_ROOT))
+        return MagneticTile(
+            root=root, train_batch_size=args.batch_size, eval_batch_size=args.batch_size, num_workers=args.workers
+        )
+    if args.dataset == "elpv":
+        from anomalib_recon.data import ELPV
+
+        return ELPV(
+            cell_type=args.cell_type,
+            train_batch_size=args.batch_size,
+            eval_batch_size=args.batch_size,
+            num_workers=args.workers,
+            seed=args.seed,
+        )
+    msg = f"unknown dataset {args.dataset}"
+    raise ValueError(msg)
+
+
+def build_model(name: str, args: argparse.Namespace):
+    """One model with the shared backbone, image size and anomalib's full test metrics."""
+    import anomalib.models as am
+    from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
+
+    evaluator = Evaluator(
+        test_metrics=[
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            F1Max(fields=["pred_score", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            AUPR(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+        ]
+    )
+    cls = getattr(am, name)
+    size = (args.image_size, args.image_size)
+    lite = "lite" in args.backbone
+    kwargs: dict = {"evaluator": evaluator, "pre_processor": cls.configure_pre_processor(image_size=size)}
+    if cls.__module__.startswith("anomalib_recon"):
+        kwargs |= {"backbone": args.backbone, "weights": "imagenet"}
+    elif name in {"Padim", "Patchcore"}:
+        kwargs |= {"backbone": args.backbone, "layers": (LITE_LAYERS if lite else RESNET_LAYERS)[name]}
+    elif name == "ReverseDistillation":
+        kwargs |= {"backbone": args.backbone, "layers": ["blocks.1", "blocks.2", "blocks.3"] if lite else None}
+    kwargs |= args.model_args.get(name, {})
+    return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def run_single(args: argparse.Namespace) -> dict:
+    """Fit + test + throughput of one model (called in a subprocess)."""
+    import torch
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    seed_everything(args.seed, workers=True)
+    name = args.single
+    datamodule = build_datamodule(args)
+    model = build_model(name, args)
+    work = Path(args.work_dir) / name
+    engine = Engine(
+        accelerator="gpu" if torch.cuda.is_available() and not args.cpu else "cpu",
+        devices=1,
+        max_steps=args.max_steps,
+        max_epochs=args.max_epochs,
+        max_time=args.max_time,
+        default_root_dir=str(work),
+        logger=False,
+        enable_progress_bar=True,
+        deterministic=False,
+    )
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    results = engine.test(model=model, datamodule=datamodule)[0]
+    test_s = time.perf_counter() - start
+    params = sum(p.numel() for p in model.model.parameters())
+    trainable = sum(p.numel() for p in model.model.parameters() if p.requires_grad)
+    model.eval()
+    device = next(model.model.parameters()).device
+    batch = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    with torch.no_grad():
+        model.model(batch)
+        reps = 3
+        start = time.perf_counter()
+        for _ in range(reps):
+            model.model(batch)
+        ips = reps * args.batch_size / (time.perf_counter() - start)
+    return {
+        "model": name,
+        **{m: float(results[m]) for m in METRICS if m in results},
+        "train_s": round(train_s, 1),
+        "test_s": round(test_s, 1),
+        "steps": int(engine.trainer.global_step),
+        "infer_img_per_s": round(ips, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "params_m": round(params / 1e6, 2),
+        "trainable_params_m": round(trainable / 1e6, 2),
+    }
+
+
+def to_markdown(rows: list[dict], header: dict) -> str:
+    """A results table plus how it was produced."""
+    cols = ["model", *METRICS, "train_s", "steps", "infer_img_per_s", "peak_rss_mb", "params_m"]
+    lines = [
+        f"# {header['name']}",
+        "",
+        f"Command: `{header['command']}`",
+        "",
+        f"Machine: {json.dumps(header['machine'])}",
+        "",
+        f"Dataset {header['dataset']}, backbone {header['backbone']}, {header['image_size']} px, "
+        f"budget max_steps={header['max_steps']} max_epochs={header['max_epochs']} max_time={header['max_time']}, "
+        f"seed {header['seed']}. Metrics from anomalib's Evaluator on the test split; images/s is torch eager "
+        f"`model.model(batch)` at batch {header['batch_size']}.",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for row in rows:
+        cells = []
+        for col in cols:
+            value = row.get(col, row.get("error", "") if col == "model" else "")
+            cells.append(f"{value:.4f}" if isinstance(value, float) and col in METRICS else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["NAFRAD", "Padim"])
+    p.add_argument("--dataset", choices=["magnetic_tile", "elpv"], default="magnetic_tile")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--cell-type", default="mono")
+    p.add_argument("--backbone", default="tf_efficientnet_lite0")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--max-epochs", type=int, default=None)
+    p.add_argument("--max-time", default=None, help="Lightning max_time, e.g. 00:00:20:00")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None)
+    p.add_argument("--work-dir", default="/tmp/anomalib_recon_bench")
+    p.add_argument(
+        "--model-args",
+        type=json.loads,
+        default={},
+        help='extra init args per model, JSON: {"NAFRAD": {"layers": [1, 2]}}',
+    )
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every model in a subprocess and write JSON + markdown."""
+    args = parse(argv)
+    if args.single:
+        print("RESULT " + json.dumps(run_single(args)), flush=True)
+        return 0
+    name = args.name or f"{args.dataset}_{args.backbone}_{args.image_size}"
+    command = "python benchmarks/harness.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    rows = []
+    for model in args.models:
+        print(f"=== {model} ===", flush=True)
+        child = [sys.executable, __file__, *(argv or sys.argv[1:]), "--single", model]
+        proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        row = {"model": model, "error": "no result"}
+        for line in proc.stdout:  # progress stays visible
+            sys.stdout.write(line)
+            if line.startswith("RESULT "):
+                row = json.loads(line[len("RESULT ") :])
+        proc.wait()
+        rows.append(row)
+    header = {
+        "name": name,
+        "command": command,
+        "machine": machine_info(),
+        **{k: getattr(args, k) for k in ("dataset", "backbone", "image_size", "max_steps", "max_epochs", "max_time")},
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
+    table = to_markdown(rows, header)
+    (RESULTS / f"{name}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
