@@ -1,0 +1,611 @@
+"""2-D neighborhood attention (NA) with NATTEN 0.14/0.15 semantics and three interchangeable backends.
+
+Neighborhood attention (Hassani et al., "Neighborhood Attention Transformer", CVPR 2023) lets every query
+attend to exactly ``k x k`` keys around it. Near the borders the window is shifted inward (its start is
+clamped) instead of being zero-padded, so every query always sees ``k**2`` real keys. With dilation ``d``
+the map is split into ``d x d`` interleaved sub-grids and the clamped window lives inside the query's
+sub-grid. A learnable relative-position bias ``rpb[heads, 2k-1, 2k-1]`` is added to the logits at index
+``key - query + k - 1`` per axis (in sub-grid units).
+
+Backends (all compute the same function):
+
+* ``"natten"``: the ``natten`` package (optional, never imported on the CPU path of ``"auto"``).
+  natten >= 0.20 has no relative-position bias, so it is used for ``rpb=None`` only; natten < 0.20 is used
+  through its unfused ``na2d_qk``/``na2d_av`` ops, which take the bias.
+* ``"flex"``: ``torch.nn.attention.flex_attention`` with the neighborhood as a block mask and the bias as
+  a ``score_mod``; compiled (``torch.compile``, cached) on CUDA, eager elsewhere. PyTorch's flex has no
+  CPU backward, so on CPU it is forward-only.
+* ``"pure"``: exact pure PyTorch (index gathers of the ``k x k`` neighbors, or a masked dense product for
+  small maps). Works everywhere, differentiable, and exportable with ``torch.onnx.export(dynamo=True)``.
+
+``"auto"`` picks natten (fused natten on a CUDA tensor, bias permitting), then flex (CUDA), then pure, and
+always pure while ``torch.export``/``torch.onnx``/``torch.jit`` is tracing. A backend can be forced for
+everything with :func:`na_backend` (context manager) or the environment variable
+``ANOMALIB_RECON_NA_BACKEND``; a forced backend overrides the per-module/per-call choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import warnings
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "NA_BACKEND_ENV_VAR",
+    "NeighborhoodAttention2D",
+    "available_backends",
+    "na_backend",
+    "neighborhood_attention_2d",
+]
+
+NA_BACKEND_ENV_VAR = "ANOMALIB_RECON_NA_BACKEND"
+_BACKENDS = ("auto", "natten", "flex", "pure")
+# "pure" switches from the gather form (O(N k^2 D) memory) to a masked dense product (O(N^2) per head)
+# when the map has at most this many tokens; both are exact, the dense form is faster on small maps.
+_DENSE_MAX_TOKENS = 256
+
+_forced_backend: ContextVar[str | None] = ContextVar("anomalib_recon_na_backend", default=None)
+
+
+# --------------------------------------------------------------------------------------------------
+# backend selection
+# --------------------------------------------------------------------------------------------------
+def _check_backend_name(name: object) -> str:
+    if not isinstance(name, str) or name not in _BACKENDS:
+        msg = f"Unknown neighborhood-attention backend {name!r}; choose one of {list(_BACKENDS)}."
+        raise ValueError(msg)
+    return name
+
+
+@contextlib.contextmanager
+def na_backend(name: str) -> Iterator[None]:
+    """Force one backend for every neighborhood attention call inside the ``with`` block.
+
+    Overrides the module's ``backend`` attribute and the ``backend`` argument, e.g. ``na_backend("pure")``
+    around an export. The environment variable ``ANOMALIB_RECON_NA_BACKEND`` does the same process-wide.
+    """
+    token = _forced_backend.set(_check_backend_name(name))
+    try:
+        yield
+    finally:
+        _forced_backend.reset(token)
+
+
+def _get_forced_backend() -> str | None:
+    forced = _forced_backend.get()
+    if forced is not None:
+        return forced
+    env = os.environ.get(NA_BACKEND_ENV_VAR, "").strip()
+    if not env:
+        return None
+    if env not in _BACKENDS:
+        msg = f"{NA_BACKEND_ENV_VAR}={env!r} is not a neighborhood-attention backend; use one of {list(_BACKENDS)}."
+        raise ValueError(msg)
+    return env
+
+
+def _is_tracing() -> bool:
+    """True while torch.export / torch.onnx / torch.jit trace the model (the exportable backend is needed)."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_exporting") and compiler.is_exporting():
+        return True
+    is_in_onnx_export = getattr(torch.onnx, "is_in_onnx_export", None)
+    return bool(is_in_onnx_export is not None and is_in_onnx_export())
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+@dataclass(frozen=True)
+class _NattenInfo:
+    module: Any
+    version: tuple[int, ...]
+    has_cuda: bool  # compiled CUDA kernels (libnatten) are present
+    supports_rpb: bool  # natten < 0.20: unfused QK/AV ops with relative-position bias
+
+
+_natten_probe: list[_NattenInfo | None] = []  # [] = not probed yet
+
+
+def _parse_version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _natten_has_cuda(natten: Any, version: tuple[int, ...]) -> bool:
+    """Whether natten was built with its CUDA library; the check moved between natten versions."""
+    if version >= (0, 20):
+        for modname, attr in (("natten._environment", "HAS_LIBNATTEN"), ("natten", "HAS_LIBNATTEN")):
+            try:
+                return bool(getattr(importlib.import_module(modname), attr))
+            except (ImportError, AttributeError):
+                continue
+        return False
+    has_cuda = getattr(natten, "has_cuda", None)
+    if callable(has_cuda):
+        try:
+            return bool(has_cuda())
+        except Exception:  # a broken natten build must not break the fallbacks
+            return False
+    # natten 0.14 had no query function; its wheels were built per CUDA version.
+    return torch.cuda.is_available()
+
+
+def _get_natten() -> _NattenInfo | None:
+    """Import natten lazily (once) and describe what it can do; None when it is not installed or broken."""
+    if _natten_probe:
+        return _natten_probe[0]
+    info = None
+    try:
+        natten = importlib.import_module("natten")
+        version = _parse_version(str(getattr(natten, "__version__", "0")))
+        functional = importlib.import_module("natten.functional")
+        supports_rpb = version < (0, 20) and (hasattr(functional, "na2d_qk") or hasattr(functional, "natten2dqkrpb"))
+        info = _NattenInfo(natten, version, _natten_has_cuda(natten, version), supports_rpb)
+    except Exception:  # any import failure means "natten not usable"
+        info = None
+    _natten_probe.append(info)
+    return info
+
+
+def _flex_available() -> bool:
+    try:
+        importlib.import_module("torch.nn.attention.flex_attention")
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, fastest first; ``"pure"`` is always there.
+
+    ``"flex"`` needs ``torch.nn.attention.flex_attention`` (forward-only on CPU); ``"natten"`` needs the
+    ``natten`` package (forward-only on CPU for natten >= 0.20 without its CUDA library).
+    """
+    names = []
+    if _get_natten() is not None:
+        names.append("natten")
+    if _flex_available():
+        names.append("flex")
+    names.append("pure")
+    return names
+
+
+def _resolve_backend(requested: str, q: Tensor, rpb: Tensor | None, attn_dropout: bool) -> str:
+    """Turn ``"auto"`` (or a forced name) into the backend that runs this call, checking it can."""
+    name = _get_forced_backend() or _check_backend_name(requested)
+    if name == "auto":
+        if _is_tracing() or attn_dropout:
+            return "pure"
+        if q.is_cuda:
+            natten = _get_natten() if not _is_compiling() else (_natten_probe[0] if _natten_probe else None)
+            if natten is not None and natten.has_cuda and (rpb is None or natten.supports_rpb):
+                return "natten"
+            if _flex_available():
+                return "flex"
+        return "pure"
+    if name != "pure" and attn_dropout:
+        msg = f"Attention dropout is only supported by the 'pure' backend, not {name!r}; set attn_drop=0 or use 'pure'."
+        raise ValueError(msg)
+    if name == "natten":
+        natten = _get_natten()
+        if natten is None:
+            msg = "Backend 'natten' requested but the natten package is not installed; use 'auto', 'flex' or 'pure'."
+            raise RuntimeError(msg)
+        if rpb is not None and not natten.supports_rpb:
+            msg = (
+                f"natten {'.'.join(map(str, natten.version))} has no relative position bias; use backend "
+                "'flex' or 'pure', or relative_position_bias=False."
+            )
+            raise ValueError(msg)
+    if name == "flex":
+        if not _flex_available():
+            msg = "Backend 'flex' needs torch.nn.attention.flex_attention (PyTorch >= 2.5); use 'pure'."
+            raise RuntimeError(msg)
+        if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, rpb) if t is not None):
+            msg = "PyTorch's flex_attention has no backward pass on CPU; use backend 'pure' for CPU training."
+            raise RuntimeError(msg)
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# neighborhoods (NATTEN semantics)
+# --------------------------------------------------------------------------------------------------
+def _axis_neighborhood(length: Any, kernel_size: int, dilation: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-axis neighborhoods: key positions ``(length, k)`` and bias indices ``(length, k)``.
+
+    Position ``i`` lies in sub-grid ``i % d`` at sub-grid index ``i // d``; the window start is clamped to
+    ``[0, n_sub - k]`` where ``n_sub`` is the length of that sub-grid. The bias index is
+    ``key_sub - query_sub + k - 1``. Built from ``arange`` so ``length`` may be symbolic during export.
+    """
+    pos = torch.arange(length, device=device)
+    phase = torch.remainder(pos, dilation)
+    sub = torch.div(pos, dilation, rounding_mode="floor")
+    sub_len = torch.div(length - phase + (dilation - 1), dilation, rounding_mode="floor")
+    start = torch.minimum((sub - kernel_size // 2).clamp(min=0), sub_len - kernel_size)
+    key_sub = start[:, None] + torch.arange(kernel_size, device=device)
+    keys = phase[:, None] + dilation * key_sub
+    bias = key_sub - sub[:, None] + (kernel_size - 1)
+    return keys, bias
+
+
+_neighborhood_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _neighborhood_2d(
+    height: Any, width: Any, kernel_size: int, dilation: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Flat key indices ``(H*W, k*k)`` into the ``H*W`` tokens and flat bias indices into ``(2k-1)**2``."""
+    cacheable = not (_is_tracing() or _is_compiling()) and isinstance(height, int) and isinstance(width, int)
+    key = (height, width, kernel_size, dilation, str(device))
+    if cacheable and key in _neighborhood_cache:
+        return _neighborhood_cache[key]
+    keys_h, bias_h = _axis_neighborhood(height, kernel_size, dilation, device)
+    keys_w, bias_w = _axis_neighborhood(width, kernel_size, dilation, device)
+    k2 = kernel_size * kernel_size
+    keys = (keys_h[:, None, :, None] * width + keys_w[None, :, None, :]).reshape(-1, k2)
+    bias = (bias_h[:, None, :, None] * (2 * kernel_size - 1) + bias_w[None, :, None, :]).reshape(-1, k2)
+    if cacheable:
+        if len(_neighborhood_cache) > 64:
+            _neighborhood_cache.clear()
+        _neighborhood_cache[key] = (keys, bias)
+    return keys, bias
+
+
+# --------------------------------------------------------------------------------------------------
+# backends
+# --------------------------------------------------------------------------------------------------
+def _softmax(logits: Tensor, out_dtype: torch.dtype) -> Tensor:
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        return torch.softmax(logits, dim=-1, dtype=torch.float32).to(out_dtype)
+    return torch.softmax(logits, dim=-1).to(out_dtype)
+
+
+def _pure(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel_size: int,
+    dilation: int,
+    rpb: Tensor | None,
+    scale: float,
+    dropout_p: float,
+    dense: bool | None = None,
+) -> Tensor:
+    """Exact pure-PyTorch NA. ``dense=None`` picks the masked dense form for small maps (eager only)."""
+    B, heads, H, W, D = q.shape
+    n = H * W
+    keys, bias_idx = _neighborhood_2d(H, W, kernel_size, dilation, q.device)
+    if dense is None:
+        dense = not _is_tracing() and isinstance(n, int) and n <= _DENSE_MAX_TOKENS
+    acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qf = (q * scale).reshape(B, heads, n, D)
+    kf = k.reshape(B, heads, n, D)
+    vf = v.reshape(B, heads, n, v.shape[-1])
+    rpb_g = None if rpb is None else rpb.reshape(heads, -1)[:, bias_idx].to(acc_dtype)  # (heads, n, k*k)
+    if dense:
+        logits = (qf @ kf.transpose(-1, -2)).to(acc_dtype)  # (B, heads, n, n)
+        src = rpb_g if rpb_g is not None else torch.zeros((), dtype=acc_dtype, device=q.device).expand(1, *keys.shape)
+        index = keys.expand(src.shape[0], *keys.shape)
+        mask = torch.full((src.shape[0], n, n), float("-inf"), dtype=acc_dtype, device=q.device)
+        logits = logits + mask.scatter(2, index, src)
+        attn = _softmax(logits, v.dtype)
+        if dropout_p > 0.0:
+            attn = F.dropout(attn, p=dropout_p)
+        out = attn @ vf
+    else:
+        k2 = keys.shape[-1]
+        flat = keys.reshape(-1)
+        k_nb = torch.index_select(kf, 2, flat).reshape(B, heads, n, k2, D)
+        v_nb = torch.index_select(vf, 2, flat).reshape(B, heads, n, k2, vf.shape[-1])
+        logits = (qf.unsqueeze(-2) @ k_nb.transpose(-1, -2)).squeeze(-2).to(acc_dtype)  # (B, heads, n, k*k)
+        if rpb_g is not None:
+            logits = logits + rpb_g
+        attn = _softmax(logits, v.dtype)
+        if dropout_p > 0.0:
+            attn = F.dropout(attn, p=dropout_p)
+        out = (attn.unsqueeze(-2) @ v_nb).squeeze(-2)
+    return out.reshape(B, heads, H, W, v.shape[-1])
+
+
+_block_mask_cache: dict[tuple, Any] = {}
+_compiled_flex: list[Any] = []
+
+
+def _flex_tables(height: int, width: int, kernel_size: int, dilation: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Per-axis window starts (absolute) and bias offsets of the first window element, for mask/score mods."""
+    keys_h, bias_h = _axis_neighborhood(height, kernel_size, dilation, device)
+    keys_w, bias_w = _axis_neighborhood(width, kernel_size, dilation, device)
+    return keys_h[:, 0].contiguous(), bias_h[:, 0].contiguous(), keys_w[:, 0].contiguous(), bias_w[:, 0].contiguous()
+
+
+def _flex_na(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpb: Tensor | None,
+    tables: tuple[Tensor, ...],
+    block_mask: Any,
+    width: int,
+    kernel_size: int,
+    dilation: int,
+    scale: float,
+) -> Tensor:
+    """flex_attention over flattened tokens; the neighborhood test is repeated in score_mod for the bias."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    start_h, bias0_h, start_w, bias0_w = tables
+    last = 2 * kernel_size - 2
+    score_mod = None
+    if rpb is not None:
+
+        def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            qr, qc = q_idx // width, q_idx % width
+            off_r = kv_idx // width - start_h[qr]
+            off_c = kv_idx % width - start_w[qc]
+            row = (off_r // dilation + bias0_h[qr]).clamp(0, last)
+            col = (off_c // dilation + bias0_w[qc]).clamp(0, last)
+            return score + rpb[h, row, col]
+
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, dilation: int, rpb: Tensor | None, scale: float) -> Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, heads, H, W, D = q.shape
+    n = H * W
+    key = (H, W, kernel_size, dilation, str(q.device))
+    cached = _block_mask_cache.get(key)
+    if cached is None:
+        tables = _flex_tables(H, W, kernel_size, dilation, q.device)
+        start_h, _, start_w, _ = tables
+        span = kernel_size * dilation
+
+        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            off_r = kv_idx // W - start_h[q_idx // W]
+            off_c = kv_idx % W - start_w[q_idx % W]
+            in_r = (off_r >= 0) & (off_r < span) & (off_r % dilation == 0)
+            in_c = (off_c >= 0) & (off_c < span) & (off_c % dilation == 0)
+            return in_r & in_c
+
+        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=q.device)
+        cached = (tables, block_mask)
+        if len(_block_mask_cache) > 64:
+            _block_mask_cache.clear()
+        _block_mask_cache[key] = cached
+    tables, block_mask = cached
+    args = (
+        q.reshape(B, heads, n, D),
+        k.reshape(B, heads, n, D),
+        v.reshape(B, heads, n, v.shape[-1]),
+        rpb,
+        tables,
+        block_mask,
+        W,
+        kernel_size,
+        dilation,
+        scale,
+    )
+    if q.is_cuda and not _is_compiling():
+        if not _compiled_flex:
+            _compiled_flex.append(torch.compile(_flex_na, dynamic=False))
+        # Every map size/dtype/batch is one specialisation; allow more than dynamo's default 8 of them.
+        with torch._dynamo.config.patch(recompile_limit=64):
+            out = _compiled_flex[0](*args)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            out = _flex_na(*args)
+    return out.reshape(B, heads, H, W, v.shape[-1])
+
+
+def _natten(
+    q: Tensor, k: Tensor, v: Tensor, kernel_size: int, dilation: int, rpb: Tensor | None, scale: float
+) -> Tensor:
+    info = _get_natten()
+    if info is None:  # pragma: no cover - guarded by _resolve_backend
+        msg = "natten is not installed."
+        raise RuntimeError(msg)
+    functional = importlib.import_module("natten.functional")
+    if info.version >= (0, 20):
+        # natten >= 0.20: fused op, heads-last layout (B, H, W, heads, D), no relative position bias.
+        out = functional.na2d(
+            q.permute(0, 2, 3, 1, 4),
+            k.permute(0, 2, 3, 1, 4),
+            v.permute(0, 2, 3, 1, 4),
+            kernel_size=kernel_size,
+            dilation=dilation,
+            scale=scale,
+        )
+        return out.permute(0, 3, 1, 2, 4)
+    # natten < 0.20: unfused QK(+rpb) -> softmax -> AV, heads-first layout (as NATTEN 0.14's module).
+    q = q * scale
+    if hasattr(functional, "na2d_qk"):
+        attn = functional.na2d_qk(q, k, kernel_size=kernel_size, dilation=dilation, rpb=rpb)
+        attn = attn.softmax(dim=-1)
+        return functional.na2d_av(attn, v, kernel_size=kernel_size, dilation=dilation)
+    attn = functional.natten2dqkrpb(q, k, rpb, kernel_size, dilation)
+    attn = attn.softmax(dim=-1)
+    return functional.natten2dav(attn, v, kernel_size, dilation)
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------
+def _check_kernel_dilation(kernel_size: object, dilation: object) -> None:
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 3 or kernel_size % 2 == 0:
+        msg = f"kernel_size must be an odd integer >= 3 (as in NATTEN), got {kernel_size!r}."
+        raise ValueError(msg)
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        msg = f"dilation must be an integer >= 1, got {dilation!r}."
+        raise ValueError(msg)
+
+
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel_size: int,
+    dilation: int,
+    rpb: Tensor | None,
+    backend: str,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    name = _resolve_backend(backend, q, rpb, dropout_p > 0.0)
+    if name == "natten":
+        return _natten(q, k, v, kernel_size, dilation, rpb, scale)
+    if name == "flex":
+        return _flex(q, k, v, kernel_size, dilation, rpb, scale)
+    return _pure(q, k, v, kernel_size, dilation, rpb, scale, dropout_p)
+
+
+def neighborhood_attention_2d(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel_size: int,
+    dilation: int = 1,
+    rpb: Tensor | None = None,
+    backend: str = "auto",
+    scale: float | None = None,
+) -> Tensor:
+    """2-D neighborhood attention on ``(B, heads, H, W, head_dim)`` tensors; returns the same layout.
+
+    Each query attends to the ``kernel_size x kernel_size`` keys of its (border-clamped, optionally dilated)
+    neighborhood. ``rpb`` is the ``(heads, 2k-1, 2k-1)`` relative-position bias, ``scale`` defaults to
+    ``head_dim ** -0.5``. The map must be at least ``kernel_size * dilation`` along both axes (the module
+    :class:`NeighborhoodAttention2D` pads smaller maps).
+    """
+    _check_kernel_dilation(kernel_size, dilation)
+    _check_backend_name(backend)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.ndim != 5:
+            msg = f"{name} must be a 5-D tensor (B, heads, H, W, head_dim), got {getattr(t, 'shape', type(t))}."
+            raise ValueError(msg)
+    if k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
+        msg = f"q, k, v shapes do not match: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        raise ValueError(msg)
+    _, heads, height, width, head_dim = q.shape
+    window = kernel_size * dilation
+    if not _is_tracing() and (height < window or width < window):
+        msg = (
+            f"Map {height}x{width} is smaller than kernel_size*dilation={window}; pad it (NeighborhoodAttention2D "
+            "zero-pads small maps before the qkv projection)."
+        )
+        raise ValueError(msg)
+    if rpb is not None and tuple(rpb.shape) != (heads, 2 * kernel_size - 1, 2 * kernel_size - 1):
+        msg = f"rpb must have shape {(heads, 2 * kernel_size - 1, 2 * kernel_size - 1)}, got {tuple(rpb.shape)}."
+        raise ValueError(msg)
+    return _attend(q, k, v, kernel_size, dilation, rpb, backend, head_dim**-0.5 if scale is None else scale)
+
+
+class NeighborhoodAttention2D(nn.Module):
+    """NATTEN-0.14-compatible 2-D neighborhood attention layer on channels-last ``(B, H, W, C)`` maps.
+
+    ``qkv`` (Linear ``dim -> 3*dim``), ``rpb`` and ``proj`` have NATTEN's names and layouts, so NATTEN
+    state dicts load as they are. Maps smaller than ``kernel_size * dilation`` are zero-padded bottom/right
+    before the qkv projection (the padded tokens are real keys carrying the qkv bias) and the output is
+    cropped, as NATTEN does. ``backend`` (``"auto" | "natten" | "flex" | "pure"``) may be changed at any time.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int,
+        dilation: int = 1,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        relative_position_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(dim, int) or not isinstance(num_heads, int) or dim < 1 or num_heads < 1:
+            msg = f"dim and num_heads must be positive integers, got dim={dim!r}, num_heads={num_heads!r}."
+            raise ValueError(msg)
+        if dim % num_heads:
+            msg = f"dim ({dim}) must be divisible by num_heads ({num_heads})."
+            raise ValueError(msg)
+        _check_kernel_dilation(kernel_size, dilation)
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5 if qk_scale is None else qk_scale
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.window_size = kernel_size * dilation
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        if relative_position_bias:
+            self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+            nn.init.trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
+        else:
+            self.register_parameter("rpb", None)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @property
+    def backend(self) -> str:
+        """Backend name used by :meth:`forward` (a forced backend, see :func:`na_backend`, wins)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = _check_backend_name(name)
+
+    def extra_repr(self) -> str:
+        """Layer hyper-parameters for ``print(module)``."""
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, kernel_size={self.kernel_size}, "
+            f"dilation={self.dilation}, rel_pos_bias={self.rpb is not None}, backend={self.backend!r}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Attend within neighborhoods of a ``(B, H, W, C)`` map and return a map of the same shape."""
+        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[-1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x)
+            msg = f"Expected a channels-last (B, H, W, {self.dim}) tensor, got {shape}; permute NCHW maps first."
+            raise ValueError(msg)
+        B, H, W, C = x.shape
+        if _is_tracing():
+            # branch-free so H and W may stay symbolic during export
+            pad_b = torch.sym_max(0, self.window_size - H)
+            pad_r = torch.sym_max(0, self.window_size - W)
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        elif min(H, W) < self.window_size:
+            x = F.pad(x, (0, 0, 0, max(0, self.window_size - W), 0, max(0, self.window_size - H)))
+        Hp, Wp = x.shape[1], x.shape[2]
+        qkv = self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        out = _attend(q, k, v, self.kernel_size, self.dilation, self.rpb, self.backend, self.scale, dropout_p)
+        out = out.permute(0, 2, 3, 1, 4).reshape(B, Hp, Wp, C)[:, :H, :W, :]
+        return self.proj_drop(self.proj(out))
+
+
+def _reset_caches() -> None:
+    """Forget cached neighborhoods, block masks and the natten probe (tests, device changes)."""
+    _neighborhood_cache.clear()
+    _block_mask_cache.clear()
+    _natten_probe.clear()
