@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from anomalib_recon.components.aggregation import FeatureAggregator
 from anomalib_recon.components.anomaly_map import (
     AnomalyMapGenerator,
     distance_map,
@@ -150,16 +151,19 @@ def test_onnx_export_matches_torch():
     class Tiny(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.decoder = torch.nn.Conv2d(4, 4, 1)
+            self.aggregator = FeatureAggregator(out_size=8, align_corners=True, layer_norm=True, smooth=True)
+            self.decoder = torch.nn.Conv2d(8, 8, 1)
+            self.deep_decoder = torch.nn.Conv2d(4, 4, 1)
             self.generator = AnomalyMapGenerator(
                 distance="cos*l2sq", out_size=32, align_corners=True, blur_sigma=2.0, product_after_blur=True
             )
 
         def forward(self, f1, f2):
-            r1, r2 = self.decoder(f1), self.decoder(f2)
-            amap = self.generator([f1, f2], [r1, r2])
+            target = self.aggregator([f1, f2])  # AMI-Net-style target: 8 channels at 8x8
+            targets, recons = [target, f2], [self.decoder(target), self.deep_decoder(f2)]  # two scales
+            amap = self.generator(targets, recons)
             amap_l2 = feature_residual_map(
-                [f1, f2], [r1, r2], "l2", out_size=32, combine=[0.3, 0.7], blur_sigma=1.0, blur_kernel=5
+                targets, recons, "l2", out_size=32, combine=[0.3, 0.7], blur_sigma=1.0, blur_kernel=5
             )
             return (
                 amap,
