@@ -142,6 +142,8 @@ def random_token_mask(
     if rounding not in ("round", "floor"):
         msg = f"rounding must be 'round' or 'floor', got {rounding!r}."
         raise ValueError(msg)
+    if device is None and isinstance(ratio, torch.Tensor):
+        device = ratio.device
     ratio_t = torch.as_tensor(ratio, dtype=torch.float64, device=device)
     if ratio_t.dim() > 1 or (ratio_t.dim() == 1 and ratio_t.shape[0] != batch_size):
         msg = f"ratio must be a float or a ({batch_size},) tensor, got shape {tuple(ratio_t.shape)}."
