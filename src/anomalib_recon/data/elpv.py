@@ -185,6 +185,13 @@ def make_elpv_dataset(
         )
         raise DatasetError(msg)
 
+    missing = [path for path in samples["image_path"] if not Path(path).is_file()]
+    if missing:
+        msg = (
+            f"ELPV: {len(missing)} image file(s) listed in labels.csv are missing, e.g. {missing[0]!r}. "
+            f"Restore {root / 'images'} (reinstall elpv-dataset) or point root= at a complete copy."
+        )
+        raise DatasetNotFoundError(msg)
     samples.attrs["task"] = "classification"
     if split is not None:
         split_value = split.value if isinstance(split, Split) else split

@@ -355,7 +355,11 @@ class MultiCategory(AnomalibDataModule):
         root: Root of MVTec-style category folders (with ``categories``).
         categories: Category folder names under ``root``.
         category_names: Names to use instead of the defaults (same length as the categories).
-        name: Datamodule name (results go to ``results/<model>/<name>/``). Default ``"MultiCategory"``.
+        name: Datamodule name (results go to ``results/<model>/<name>/``). Default: the ``root`` folder's name
+            with ``root``, else ``"MultiCategory"``. anomalib's visualizer keeps the part of each image path
+            after a folder with this name, so with ``root`` the saved images keep ``<category>/test/<defect>/``;
+            with ``datamodules`` it keeps only the last folder, and two categories' images with the same
+            ``<defect>/<file>`` name overwrite each other's visualisation (metrics are unaffected).
         log_per_category_metrics: Attach :class:`PerCategoryMetrics` to the trainer. Default ``True``.
         train_batch_size: Training batch size. Default ``32``.
         eval_batch_size: Validation/test batch size. Default ``32``.
@@ -379,7 +383,7 @@ class MultiCategory(AnomalibDataModule):
         root: str | Path | None = None,
         categories: Sequence[str] | None = None,
         category_names: Sequence[str] | None = None,
-        name: str = "MultiCategory",
+        name: str | None = None,
         log_per_category_metrics: bool = True,
         train_batch_size: int = 32,
         eval_batch_size: int = 32,
@@ -428,6 +432,8 @@ class MultiCategory(AnomalibDataModule):
         if len(set(names)) != len(names) or MEAN_KEY in names:
             msg = f"Category names must be unique and not {MEAN_KEY!r}, got {names}; pass category_names=[...]."
             raise ValueError(msg)
+        if name is None:
+            name = Path(root).expanduser().resolve().name if root is not None else "MultiCategory"
         self._name = name
         self.datamodules = datamodules
         self.root = Path(root).expanduser() if root is not None else None
