@@ -68,7 +68,8 @@ def test_interpreter_start_imports_no_torch_or_anomalib():
     assert "_anomalib_recon_hook" in modules, "the .pth hook did not run at start-up"
     heavy = [m for m in modules if m.split(".")[0] in {"torch", "anomalib", "anomalib_recon", "timm", "lightning"}]
     assert heavy == [], f"start-up imported {heavy}"
-    hook_us = next(int(line.split("|")[1]) for line in done.stderr.splitlines() if line.endswith("_anomalib_recon_hook"))
+    lines = done.stderr.splitlines()
+    hook_us = next(int(line.split("|")[1]) for line in lines if line.endswith("_anomalib_recon_hook"))
     assert hook_us < 20_000, f"hook took {hook_us} us"
 
 
@@ -141,7 +142,7 @@ def test_wheel_in_a_fresh_environment_registers(tmp_path):
     _entry_points()
     wheel_dir = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), ROOT],
         check=True,
         capture_output=True,
         timeout=300,
