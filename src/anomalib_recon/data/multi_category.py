@@ -131,6 +131,8 @@ class _PerCategoryTracker:
                         category,
                     )
                     continue
+                if metric.update_count == 0:  # a field was missing in every batch (e.g. no masks)
+                    continue
                 value = metric.compute()
                 if value is None:
                     continue
