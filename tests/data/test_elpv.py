@@ -206,3 +206,30 @@ def test_corrupt_and_missing_images(tmp_path):
         ELPV(root=tmp_path, cell_type="mono").setup()
     with pytest.raises(DatasetError, match="no defective test cells"):
         ELPV(root=tmp_path, cell_type="poly").setup()
+
+
+def test_val_split_from_test():
+    datamodule = ELPV(cell_type="mono", max_train_images=4, max_test_images=20, val_split_mode="from_test", seed=1)
+    datamodule.setup()
+    val, test = datamodule.val_data.samples, datamodule.test_data.samples
+    assert len(val) + len(test) == 20
+    assert set(val.image_path).isdisjoint(test.image_path)
+    assert set(val.label_index) == {0, 1} and set(test.label_index) == {0, 1}
+
+
+def test_in_multi_category_with_folder_data(make_tree):
+    from anomalib_recon.data import MagneticTile, MultiCategory
+
+    tile = make_tree(defects=[(d, 1) for d in ("blowhole", "break", "crack", "fray", "uneven")], ext=".jpg")
+    datamodule = MultiCategory(
+        datamodules=[ELPV(cell_type="mono", max_train_images=3, max_test_images=4), MagneticTile(root=tile)],
+        num_workers=0,
+        eval_batch_size=8,
+    )
+    datamodule.setup()
+    assert datamodule.categories == ["mono", "magnetic_tile"]
+    assert datamodule.task == "classification"  # ELPV has no masks
+    assert datamodule.train_data.samples.groupby("category").size().to_dict() == {"magnetic_tile": 4, "mono": 3}
+    batch = next(iter(datamodule.test_dataloader()))
+    assert batch.image.shape[:2] == (8, 3)
+    assert {datamodule.category_of(p) for p in batch.image_path} == {"mono", "magnetic_tile"}
