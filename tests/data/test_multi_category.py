@@ -73,7 +73,7 @@ def test_datamodules_mixed_tasks(make_tree, tmp_path):
 
 
 def test_bad_configuration(two_categories):
-    with pytest.raises(ValueError, match="either datamodules"):
+    with pytest.raises(ValueError, match="exactly one of"):
         MultiCategory()
     with pytest.raises(ValueError, match="unique"):
         MultiCategory(root=two_categories, categories=["a", "a"])

@@ -95,6 +95,7 @@ class _PerCategoryTracker:
             clone = copy.deepcopy(metric).cpu()
             clone.reset()
             clone.strict = False  # a field missing for a category (e.g. no masks) skips the metric
+            clone.sync_on_compute = False  # categories may differ between processes: never block on a sync
             self.template.append(clone)
         self.fields = sorted({field for metric in self.template for field in metric.fields})
         self.metrics: dict[str, list[AnomalibMetric]] = {}
@@ -190,7 +191,8 @@ class PerCategoryMetrics(Callback):
     logged (they appear in ``engine.test(...)``'s result) and kept in :attr:`results`.
 
     :class:`MultiCategory` attaches this callback itself; pass it to ``Engine(callbacks=[...])`` with another
-    datamodule together with ``category_fn``.
+    datamodule together with ``category_fn``. Single-process evaluation: on a multi-device run each process
+    would score only its own share of the test set (no cross-process sync).
 
     Args:
         metrics: anomalib metrics to clone per category. ``None``: the model's test metrics.
@@ -374,6 +376,9 @@ class MultiCategory(AnomalibDataModule):
         val_split_ratio: Fraction for the ``from_test``/``from_train``/``synthetic`` modes.
         seed: Seed of anomalib's random validation split.
 
+    Attributes:
+        categories: The category names used in metric keys, in order (after ``category_names``).
+
     Example:
         >>> datamodule = MultiCategory(root="./datasets/MVTecAD", categories=["bottle", "cable"])
         >>> engine.train(model, datamodule=datamodule)  # logs bottle/image_AUROC, cable/..., mean/...
@@ -412,7 +417,7 @@ class MultiCategory(AnomalibDataModule):
             seed=seed,
         )
         if (datamodules is None) == (categories is None) or (categories is not None and root is None):
-            msg = "MultiCategory needs either datamodules=[...] or root=... with categories=[...], not both."
+            msg = "MultiCategory needs exactly one of: datamodules=[...], or root=... with categories=[...]."
             raise ValueError(msg)
         if datamodules is not None:
             datamodules = list(datamodules)
