@@ -122,6 +122,8 @@ class _PerCategoryTracker:
         per_metric: dict[str, list[float]] = {}
         for category, metrics in self.metrics.items():
             for metric in metrics:
+                if metric.update_count == 0:  # a field was missing in every batch (e.g. no masks)
+                    continue
                 one_class = [f for f in self._GROUND_TRUTH if f in metric.fields and len(self.seen[category][f]) < 2]
                 if one_class:
                     logger.warning(
@@ -131,8 +133,6 @@ class _PerCategoryTracker:
                         one_class[0],
                         category,
                     )
-                    continue
-                if metric.update_count == 0:  # a field was missing in every batch (e.g. no masks)
                     continue
                 value = metric.compute()
                 if value is None:
