@@ -297,7 +297,9 @@ def test_flex_refuses_cpu_training_with_clear_error():
 # flex (eager on CPU, forward only) and natten against pure
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not na_mod._flex_available(), reason="torch has no flex_attention")
-@pytest.mark.parametrize(("H", "W", "ks", "dil", "with_rpb"), [(9, 12, 5, 1, True), (13, 11, 3, 2, True), (7, 7, 7, 1, False)])
+@pytest.mark.parametrize(
+    ("H", "W", "ks", "dil", "with_rpb"), [(9, 12, 5, 1, True), (13, 11, 3, 2, True), (7, 7, 7, 1, False)]
+)
 def test_flex_eager_matches_pure_fp32(H, W, ks, dil, with_rpb):
     q, k, v = _qkv((2, 2, H, W, 16), dtype=torch.float32)
     rpb = 0.5 * torch.randn(2, 2 * ks - 1, 2 * ks - 1) if with_rpb else None
@@ -348,26 +350,45 @@ def test_natten_backend_rpb_support_matches_version():
 # export
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.export
-@pytest.mark.parametrize(("H", "W", "ks"), [(8, 8, 3), (4, 4, 7)])
-def test_onnx_and_openvino_export(tmp_path, H, W, ks):
+@pytest.mark.parametrize(
+    ("ks", "example", "dynamic", "checks"),
+    [
+        (3, (1, 8, 8), False, [(1, 8, 8)]),
+        # one graph with symbolic batch/H/W covers small (padded) and large maps
+        (7, (2, 5, 6), True, [(1, 4, 4), (3, 12, 10), (1, 1, 2)]),
+    ],
+    ids=["static-8x8-k3", "dynamic-k7"],
+)
+def test_onnx_and_openvino_export(tmp_path, ks, example, dynamic, checks):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     module = NeighborhoodAttention2D(32, 4, ks).eval()
-    x = torch.randn(1, H, W, 32)
-    with torch.no_grad():
-        expected = module(x).numpy()
     path = tmp_path / "na.onnx"
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("height"), 2: torch.export.Dim("width")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), str(path), dynamo=True, opset_version=18, input_names=["x"])
+        torch.onnx.export(
+            module,
+            (torch.randn(*example, 32),),
+            str(path),
+            dynamo=True,
+            opset_version=18,
+            input_names=["x"],
+            dynamic_shapes=({**dims},) if dynamic else None,
+        )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"x": x.numpy()})[0]
-    assert abs(got - expected).max() < 1e-5
     ov = pytest.importorskip("openvino")
     compiled = ov.Core().compile_model(ov.convert_model(str(path)), "CPU")
-    got_ov = compiled(x.numpy())[compiled.output(0)]
-    assert abs(got_ov - expected).max() < 1e-5
+    for shape in checks:
+        x = torch.randn(*shape, 32)
+        with torch.no_grad():
+            expected = module(x).numpy()
+        got = session.run(None, {"x": x.numpy()})[0]
+        assert got.shape == expected.shape
+        assert abs(got - expected).max() < 1e-5, shape
+        got_ov = compiled(x.numpy())[compiled.output(0)]
+        assert abs(got_ov - expected).max() < 1e-5, shape
 
 
 # --------------------------------------------------------------------------------------------------

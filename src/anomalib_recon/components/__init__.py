@@ -25,6 +25,13 @@ from .losses import (
     soft_mining_cosine,
     soft_mining_mse,
 )
+from .neighborhood_attention import (
+    NA_BACKEND_ENV_VAR,
+    NeighborhoodAttention2D,
+    available_backends,
+    na_backend,
+    neighborhood_attention_2d,
+)
 from .perturbation import (
     gather_tokens,
     gaussian_feature_noise,
@@ -42,10 +49,13 @@ from .perturbation import (
 from .schedules import EpochSchedule, cosine_ramp, linear_ramp
 
 __all__ = [
+    "NA_BACKEND_ENV_VAR",
     "AnomalyMapGenerator",
     "EMATeacher",
     "EpochSchedule",
     "FeatureAggregator",
+    "NeighborhoodAttention2D",
+    "available_backends",
     "cosine_distance",
     "cosine_ramp",
     "dice_loss",
@@ -63,6 +73,8 @@ __all__ = [
     "min_max_normalize",
     "mse_loss",
     "mse_plus_cos",
+    "na_backend",
+    "neighborhood_attention_2d",
     "norm_cosine_distance",
     "norm_scaled_jitter",
     "pairwise_center_diversity",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import warnings
 from collections.abc import Iterator
@@ -164,12 +165,18 @@ def _get_natten() -> _NattenInfo | None:
     return info
 
 
-def _flex_available() -> bool:
+def _find_flex() -> bool:
     try:
-        importlib.import_module("torch.nn.attention.flex_attention")
-    except ImportError:
+        return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    except (ImportError, ValueError):
         return False
-    return True
+
+
+_HAS_FLEX = _find_flex()  # found without importing it (importing flex_attention costs ~0.5 s)
+
+
+def _flex_available() -> bool:
+    return _HAS_FLEX
 
 
 def available_backends() -> list[str]:
@@ -227,22 +234,31 @@ def _resolve_backend(requested: str, q: Tensor, rpb: Tensor | None, attn_dropout
 # --------------------------------------------------------------------------------------------------
 # neighborhoods (NATTEN semantics)
 # --------------------------------------------------------------------------------------------------
+def _window_start(index: Tensor, length: Any, kernel_size: int, dilation: int) -> tuple[Tensor, Tensor]:
+    """NATTEN window of the queries at ``index`` along one axis: first key position and its bias index.
+
+    Position ``i`` lies in sub-grid ``i % d`` at sub-grid index ``i // d``; the window start is clamped to
+    ``[0, n_sub - k]`` where ``n_sub`` is the length of that sub-grid. The bias index of a key is
+    ``key_sub - query_sub + k - 1``. Plain integer arithmetic, usable in flex mask/score mods and in export.
+    """
+    if dilation == 1:
+        start = torch.clamp(index - kernel_size // 2, min=0).clamp(max=length - kernel_size)
+        return start, start - index + (kernel_size - 1)
+    phase = index % dilation
+    sub = index // dilation
+    sub_len = (length - phase + (dilation - 1)) // dilation
+    start = torch.minimum(torch.clamp(sub - kernel_size // 2, min=0), sub_len - kernel_size)
+    return phase + dilation * start, start - sub + (kernel_size - 1)
+
+
 def _axis_neighborhood(length: Any, kernel_size: int, dilation: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Per-axis neighborhoods: key positions ``(length, k)`` and bias indices ``(length, k)``.
 
-    Position ``i`` lies in sub-grid ``i % d`` at sub-grid index ``i // d``; the window start is clamped to
-    ``[0, n_sub - k]`` where ``n_sub`` is the length of that sub-grid. The bias index is
-    ``key_sub - query_sub + k - 1``. Built from ``arange`` so ``length`` may be symbolic during export.
+    Built from ``arange`` so ``length`` may be symbolic during export.
     """
-    pos = torch.arange(length, device=device)
-    phase = torch.remainder(pos, dilation)
-    sub = torch.div(pos, dilation, rounding_mode="floor")
-    sub_len = torch.div(length - phase + (dilation - 1), dilation, rounding_mode="floor")
-    start = torch.minimum((sub - kernel_size // 2).clamp(min=0), sub_len - kernel_size)
-    key_sub = start[:, None] + torch.arange(kernel_size, device=device)
-    keys = phase[:, None] + dilation * key_sub
-    bias = key_sub - sub[:, None] + (kernel_size - 1)
-    return keys, bias
+    start, bias = _window_start(torch.arange(length, device=device), length, kernel_size, dilation)
+    offsets = torch.arange(kernel_size, device=device)
+    return start[:, None] + dilation * offsets, bias[:, None] + offsets
 
 
 _neighborhood_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -328,82 +344,84 @@ _block_mask_cache: dict[tuple, Any] = {}
 _compiled_flex: list[Any] = []
 
 
-def _flex_tables(height: int, width: int, kernel_size: int, dilation: int, device: torch.device) -> tuple[Tensor, ...]:
-    """Per-axis window starts (absolute) and bias offsets of the first window element, for mask/score mods."""
-    keys_h, bias_h = _axis_neighborhood(height, kernel_size, dilation, device)
-    keys_w, bias_w = _axis_neighborhood(width, kernel_size, dilation, device)
-    return keys_h[:, 0].contiguous(), bias_h[:, 0].contiguous(), keys_w[:, 0].contiguous(), bias_w[:, 0].contiguous()
-
-
 def _flex_na(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     rpb: Tensor | None,
-    tables: tuple[Tensor, ...],
     block_mask: Any,
+    height: int,
     width: int,
     kernel_size: int,
     dilation: int,
     scale: float,
 ) -> Tensor:
-    """flex_attention over flattened tokens; the neighborhood test is repeated in score_mod for the bias."""
+    """flex_attention over flattened tokens; score_mod adds the bias at the key's offset in the window."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    start_h, bias0_h, start_w, bias0_w = tables
-    last = 2 * kernel_size - 2
     score_mod = None
     if rpb is not None:
+        last = 2 * kernel_size - 2
 
         def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             qr, qc = q_idx // width, q_idx % width
-            off_r = kv_idx // width - start_h[qr]
-            off_c = kv_idx % width - start_w[qc]
-            row = (off_r // dilation + bias0_h[qr]).clamp(0, last)
-            col = (off_c // dilation + bias0_w[qc]).clamp(0, last)
+            start_r, bias_r = _window_start(qr, height, kernel_size, dilation)
+            start_c, bias_c = _window_start(qc, width, kernel_size, dilation)
+            row = ((kv_idx // width - start_r) // dilation + bias_r).clamp(0, last)  # clamp: masked-out keys
+            col = ((kv_idx % width - start_c) // dilation + bias_c).clamp(0, last)
             return score + rpb[h, row, col]
 
     return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, dilation: int, rpb: Tensor | None, scale: float) -> Tensor:
+def _flex_block_mask(height: int, width: int, kernel_size: int, dilation: int, device: torch.device) -> Any:
+    """BlockMask of the neighborhoods (cached per map size), from arithmetic on the token indices."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    B, heads, H, W, D = q.shape
-    n = H * W
-    key = (H, W, kernel_size, dilation, str(q.device))
+    key = (height, width, kernel_size, dilation, str(device))
     cached = _block_mask_cache.get(key)
-    if cached is None:
-        tables = _flex_tables(H, W, kernel_size, dilation, q.device)
-        start_h, _, start_w, _ = tables
-        span = kernel_size * dilation
+    if cached is not None:
+        return cached
+    span = kernel_size * dilation
 
-        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            off_r = kv_idx // W - start_h[q_idx // W]
-            off_c = kv_idx % W - start_w[q_idx % W]
-            in_r = (off_r >= 0) & (off_r < span) & (off_r % dilation == 0)
-            in_c = (off_c >= 0) & (off_c < span) & (off_c % dilation == 0)
-            return in_r & in_c
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        start_r, _ = _window_start(q_idx // width, height, kernel_size, dilation)
+        start_c, _ = _window_start(q_idx % width, width, kernel_size, dilation)
+        off_r = kv_idx // width - start_r
+        off_c = kv_idx % width - start_c
+        inside = (off_r >= 0) & (off_r < span) & (off_c >= 0) & (off_c < span)
+        if dilation > 1:
+            inside = inside & (off_r % dilation == 0) & (off_c % dilation == 0)
+        return inside
 
-        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=q.device)
-        cached = (tables, block_mask)
+    n = height * width
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+    if not _is_compiling():
         if len(_block_mask_cache) > 64:
             _block_mask_cache.clear()
-        _block_mask_cache[key] = cached
-    tables, block_mask = cached
+        _block_mask_cache[key] = block_mask
+    return block_mask
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, dilation: int, rpb: Tensor | None, scale: float) -> Tensor:
+    B, heads, H, W, D = q.shape
+    n = H * W
+    block_mask = _flex_block_mask(H, W, kernel_size, dilation, q.device)
     args = (
         q.reshape(B, heads, n, D),
         k.reshape(B, heads, n, D),
         v.reshape(B, heads, n, v.shape[-1]),
         rpb,
-        tables,
         block_mask,
+        H,
         W,
         kernel_size,
         dilation,
         scale,
     )
-    if q.is_cuda and not _is_compiling():
+    if _is_compiling():  # already inside the caller's torch.compile: flex is fused there
+        out = _flex_na(*args)
+    elif q.is_cuda:
         if not _compiled_flex:
             _compiled_flex.append(torch.compile(_flex_na, dynamic=False))
         # Every map size/dtype/batch is one specialisation; allow more than dynamo's default 8 of them.
