@@ -1,0 +1,291 @@
+"""NAFRAD: Neighborhood Attention-based Feature Reconstruction for image anomaly detection and localization.
+
+Paper: *Neighborhood Attention-based Feature Reconstruction for Image Anomaly Detection and Localization*,
+ACM TOMM 22(3), article 73, 2026. Reference code: github.com/Math-Computer/NAFRAD (commit 7cbcfe1).
+
+A frozen backbone's shallow features (plus the raw image) are reconstructed by a neighborhood-attention
+autoencoder trained on DRAEM-style synthetic anomalies to output the *normal* features; a DRAEM discriminative
+U-Net segments the squared reconstruction residual into the anomaly map.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+from torchvision.transforms.v2 import functional as TF
+
+from .loss import NAFRADLoss
+from .torch_model import NAFRADModel, resolve_backbone, rotation_range
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NAFRAD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) <= 0:
+        msg = f"image_size must be a positive int or (height, width), got {image_size!r}."
+        raise ValueError(msg)
+    return size  # type: ignore[return-value]
+
+
+class NAFRAD(AnomalibModule):
+    """NAFRAD (TOMM 2026): NA-autoencoder feature reconstruction + segmentation of the residual.
+
+    Args:
+        backbone: ``"auto"`` (the reference's per-category choice from ``category``: Swin-L for carpet, grid, wood,
+            capsule, hazelnut, screw, toothbrush; ResNet18 otherwise), ``"resnet18"``, ``"swin_l"`` or any timm CNN
+            name (e.g. ``"tf_efficientnet_lite0"``).
+        layers: Backbone layers; ``None`` = ResNet ``["layer1", "layer2"]``, Swin ``[0, 1]``, other CNNs ``[1, 2]``.
+        weights: ``"imagenet"`` (pretrained, offline-aware), a local weights file, or ``None`` (random init).
+        category: MVTec AD category name for ``backbone="auto"`` and the rotation range table.
+        image_size: Input size of the default pre-processor (and Swin's fixed input size). Height and width must be
+            multiples of 64 × the feature stride (256 for the reference layers).
+        include_image_in_features: Prepend the resized image (3 channels) to the features, as the reference does.
+        normalize_input: ``False`` (reference): the pre-processor only resizes, images stay in [0, 1]. ``True``:
+            ImageNet normalisation in the pre-processor.
+        channel_order: ``"bgr"`` (reference, images read with cv2) or ``"rgb"``. The flip happens inside the torch
+            model, so exported models keep it.
+        use_neighborhood_attention: ``False`` = the paper's "w/o NA" ablation (every RNA block removed).
+        relative_position_bias: Learnable NA relative-position bias (True, as NATTEN's default).
+        kernel_size: NA kernel of the ``g_*`` stages (7).
+        hyper_kernel_size: NA kernel of the ``h_*`` stages (3).
+        base_channels: Autoencoder width ``N`` (128).
+        latent_channels: Autoencoder width ``M`` (320).
+        drop_path_rate: Maximum stochastic depth of the autoencoder (0.1).
+        seg_base_width: Base width of the DRAEM discriminative U-Net (64).
+        na_backend: Neighborhood-attention backend: ``"auto"``, ``"natten"``, ``"flex"`` or ``"pure"``.
+        anomaly_source_path: Folder of texture images (e.g. DTD) for the synthetic anomalies; ``None`` = Perlin-noise
+            textures (nothing is downloaded).
+        anomaly_probability: Probability that a training image gets a synthetic anomaly (0.5).
+        rotation_probability: Probability of rotating a normal training image before the synthesis (0.3).
+        rotation_degrees: Rotation range ``(min, max)`` or ``±value``; ``None`` = the reference's table for
+            ``category`` (no rotation for unknown categories).
+        focal_gamma: γ of the focal loss (4).
+        score_kernel_size: Average-pool kernel of the image score ``max(avg_pool2d(map, k, 1, k // 2))`` (32).
+        lr: Adam learning rate of ``R`` and ``S`` (1e-4).
+        weight_decay: Adam weight decay (1e-8).
+        lr_milestones: MultiStepLR milestones in epochs ((400, 600) of 700 epochs).
+        lr_gamma: MultiStepLR factor (0.1).
+        pre_processor: Pre-processor, or ``True`` for Resize(``image_size``) (+ Normalize if ``normalize_input``).
+        post_processor: Post-processor or flag.
+        evaluator: Evaluator or flag.
+        visualizer: Visualizer or flag.
+
+    Example:
+        >>> from anomalib.engine import Engine
+        >>> model = NAFRAD(backbone="tf_efficientnet_lite0")
+        >>> Engine(max_epochs=700).fit(model, datamodule=datamodule)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        backbone: str = "auto",
+        layers: list[int | str] | None = None,
+        weights: str | None = "imagenet",
+        category: str | None = None,
+        image_size: int | tuple[int, int] = 256,
+        include_image_in_features: bool = True,
+        normalize_input: bool = False,
+        channel_order: str = "bgr",
+        use_neighborhood_attention: bool = True,
+        relative_position_bias: bool = True,
+        kernel_size: int = 7,
+        hyper_kernel_size: int = 3,
+        base_channels: int = 128,
+        latent_channels: int = 320,
+        drop_path_rate: float = 0.1,
+        seg_base_width: int = 64,
+        na_backend: str = "auto",
+        anomaly_source_path: str | None = None,
+        anomaly_probability: float = 0.5,
+        rotation_probability: float = 0.3,
+        rotation_degrees: float | tuple[float, float] | None = None,
+        focal_gamma: float = 4.0,
+        score_kernel_size: int = 32,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-8,
+        lr_milestones: Sequence[int] = (400, 600),
+        lr_gamma: float = 0.1,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        size = _as_size(image_size)
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size=size, normalize_input=normalize_input)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        for name, value in (
+            ("anomaly_probability", anomaly_probability),
+            ("rotation_probability", rotation_probability),
+        ):
+            if not 0.0 <= value <= 1.0:
+                msg = f"{name} must be in [0, 1], got {value}."
+                raise ValueError(msg)
+        if anomaly_source_path is not None and not Path(anomaly_source_path).is_dir():
+            msg = (
+                f"anomaly_source_path {anomaly_source_path!r} is not a folder; pass a folder of texture images "
+                "(e.g. DTD's images/) or None for Perlin-noise textures."
+            )
+            raise ValueError(msg)
+        if rotation_degrees is None:
+            degrees = rotation_range(category)
+        elif isinstance(rotation_degrees, int | float):
+            degrees = (-abs(float(rotation_degrees)), abs(float(rotation_degrees)))
+        else:
+            degrees = tuple(float(d) for d in rotation_degrees)
+            if len(degrees) != 2 or degrees[0] > degrees[1]:
+                msg = f"rotation_degrees must be a number or (min, max) with min <= max, got {rotation_degrees!r}."
+                raise ValueError(msg)
+        if any(int(m) < 0 for m in lr_milestones):
+            msg = f"lr_milestones must be non-negative epoch numbers, got {list(lr_milestones)}."
+            raise ValueError(msg)
+
+        self.normalize_input = normalize_input
+        self.rotation_probability = float(rotation_probability)
+        self.rotation_degrees: tuple[float, float] = degrees  # type: ignore[assignment]
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.lr_milestones = sorted(int(m) for m in lr_milestones)
+        self.lr_gamma = float(lr_gamma)
+
+        self.model = NAFRADModel(
+            backbone=resolve_backbone(backbone, category),
+            layers=layers,
+            weights=weights,
+            image_size=size,
+            include_image_in_features=include_image_in_features,
+            channel_order=channel_order,
+            use_neighborhood_attention=use_neighborhood_attention,
+            relative_position_bias=relative_position_bias,
+            kernel_size=kernel_size,
+            hyper_kernel_size=hyper_kernel_size,
+            base_channels=base_channels,
+            latent_channels=latent_channels,
+            drop_path_rate=drop_path_rate,
+            seg_base_width=seg_base_width,
+            score_kernel_size=score_kernel_size,
+            na_backend=na_backend,
+        )
+        self.loss = NAFRADLoss(focal_gamma=focal_gamma)
+        self.augmenter = PerlinAnomalyGenerator(
+            anomaly_source_path=anomaly_source_path, probability=anomaly_probability, blend_factor=(0.2, 1.0)
+        )
+        if anomaly_source_path is not None and not self.augmenter.anomaly_source_paths:
+            msg = f"anomaly_source_path {anomaly_source_path!r} contains no images."
+            raise ValueError(msg)
+        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    # ------------------------------------------------------------------------------------------------ configuration
+    @classmethod
+    def configure_pre_processor(
+        cls, image_size: tuple[int, int] | None = None, normalize_input: bool = False
+    ) -> PreProcessor:
+        """Resize only (the reference feeds [0, 1] images to the backbone); ImageNet Normalize if asked."""
+        transforms: list[nn.Module] = [Resize(image_size or (256, 256), antialias=True)]
+        if normalize_input:
+            transforms.append(Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)))
+        return PreProcessor(transform=Compose(transforms))
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation; epochs are left to the user (the paper trains 700)."""
+        return {"num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """One model per category, trained on normal images."""
+        return LearningType.ONE_CLASS
+
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LRScheduler]]:
+        """Adam on ``R`` and ``S`` (lr 1e-4, weight decay 1e-8) with a per-epoch MultiStepLR."""
+        params = list(self.model.reconstructor.parameters()) + list(self.model.segmentor.parameters())
+        optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=self.lr_milestones, gamma=self.lr_gamma)
+        return [optimizer], [scheduler]
+
+    # ------------------------------------------------------------------------------------------------ training
+    def rotate(self, images: torch.Tensor) -> torch.Tensor:
+        """Rotate each image with probability ``rotation_probability`` by an angle from ``rotation_degrees``.
+
+        Bilinear, zero fill, no translation (the reference's imgaug ``Affine(rotate=...)``).
+        """
+        low, high = self.rotation_degrees
+        if self.rotation_probability <= 0 or (low == 0 and high == 0):
+            return images
+        out = images.clone()
+        for i in range(images.shape[0]):
+            if torch.rand(1).item() < self.rotation_probability:
+                angle = float(torch.empty(1).uniform_(low, high).item())
+                out[i] = TF.rotate(images[i], angle, interpolation=InterpolationMode.BILINEAR, fill=0.0)
+        return out
+
+    def synthesize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated normal images, their pseudo-anomalous versions and the masks ``(B, 1, H, W)``.
+
+        Augmentation works on [0, 1] images; with ``normalize_input`` the batch is de-normalised first and both
+        outputs are normalised again.
+        """
+        with torch.no_grad():
+            if self.normalize_input:
+                images = images * self._std + self._mean
+            normal = self.rotate(images)
+            augmented, mask = self.augmenter(normal)
+            if self.normalize_input:
+                normal = (normal - self._mean) / self._std
+                augmented = (augmented - self._mean) / self._std
+        return normal, augmented.to(normal.dtype), mask.to(normal.dtype)
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Synthesize anomalies on the normal batch, reconstruct and segment, return the loss."""
+        del args, kwargs
+        normal, augmented, mask = self.synthesize(batch.image)
+        output = self.model(normal, augmented)
+        losses = self.loss(output.reconstruction, output.normal_features, output.prediction, mask)
+        self.log("train_loss", losses["loss"], on_step=True, on_epoch=True, prog_bar=True, logger=True)
+        for name in ("reconstruction", "focal", "l1"):
+            self.log(f"train_{name}_loss", losses[name], on_step=False, on_epoch=True, logger=True)
+        return {"loss": losses["loss"]}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict maps and scores; the post-processor and evaluator consume the updated batch."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def on_train_start(self) -> None:
+        """Warn when the pre-processor's normalisation disagrees with ``normalize_input``."""
+        transform = getattr(self.pre_processor, "transform", None)
+        has_norm = transform is not None and any(isinstance(t, Normalize) for t in getattr(transform, "transforms", []))
+        if has_norm != self.normalize_input:
+            logger.warning(
+                "NAFRAD: normalize_input=%s but the pre-processor %s Normalize; synthetic anomalies assume %s images.",
+                self.normalize_input,
+                "contains" if has_norm else "has no",
+                "ImageNet-normalised" if self.normalize_input else "[0, 1]",
+            )

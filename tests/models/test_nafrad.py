@@ -1,0 +1,418 @@
+"""Tests for NAFRAD (Neighborhood Attention-based Feature Reconstruction).
+
+The NA autoencoder halves a 64×64 feature grid six times, so every forward runs at 256 px; the tests keep the widths
+small (N=32, M=64, U-Net base width 8) and batches at 1-2 images so that the file stays fast on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import InferenceBatch
+from PIL import Image
+
+from anomalib_recon.models.image.nafrad import NAFRAD
+from anomalib_recon.models.image.nafrad.loss import NAFRADLoss, downsample_mask
+from anomalib_recon.models.image.nafrad.torch_model import (
+    RESNET18,
+    SWIN_L,
+    NAAutoencoder,
+    NAFRADModel,
+    NAFRADTrainOutput,
+    ResidualNABlock,
+    resolve_backbone,
+    rotation_range,
+)
+
+SMALL = {"base_channels": 32, "latent_channels": 64, "seg_base_width": 8}
+LITE0 = "tf_efficientnet_lite0"
+MAGNETIC_TILE = Path("/work/shared/datasets/magnetic_tile")
+
+
+def _small_model(**kwargs) -> NAFRADModel:
+    torch.manual_seed(0)
+    return NAFRADModel(**{"backbone": LITE0, "weights": None, **SMALL, **kwargs})
+
+
+def _small_module(**kwargs) -> NAFRAD:
+    torch.manual_seed(0)
+    args = {"backbone": LITE0, "weights": None, "evaluator": False, "visualizer": False, **SMALL, **kwargs}
+    return NAFRAD(**args)
+
+
+def textures(n: int, size: int = 256, seed: int = 0) -> torch.Tensor:
+    """Regular sinusoidal 'fabric' textures with random phase and mild noise, RGB in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    out = []
+    for _ in range(n):
+        ph = torch.rand(2, generator=g) * 2 * math.pi
+        base = 0.5 + 0.2 * torch.sin(2 * math.pi * xx / 16 + ph[0]) * torch.sin(2 * math.pi * yy / 16 + ph[1])
+        img = base + 0.03 * torch.randn(size, size, generator=g)
+        out.append(torch.stack([img, 0.9 * img, 0.8 * img]).clamp(0, 1))
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def small_model() -> NAFRADModel:
+    return _small_model()
+
+
+@pytest.fixture(scope="module")
+def reference_autoencoder() -> NAAutoencoder:
+    return NAAutoencoder(195)
+
+
+# ----------------------------------------------------------------------------------------------------- architecture
+def test_autoencoder_parameter_counts_match_reference(reference_autoencoder):
+    """nafrad.md §3: ≈19.59 M parameters for C=195 (ResNet18) and ≈22.05 M for C=579 (Swin-L)."""
+    count = sum(p.numel() for p in reference_autoencoder.parameters())
+    assert abs(count - 19.59e6) < 0.01e6, count
+    assert abs(sum(p.numel() for p in NAAutoencoder(579).parameters()) - 22.05e6) < 0.01e6
+    # 16 encoder + 16 decoder NSABlocks, each with one (heads, 13, 13) or (heads, 5, 5) bias table
+    rpbs = [n for n, _ in reference_autoencoder.named_parameters() if n.endswith("attn.rpb")]
+    assert len(rpbs) == 32
+    no_rpb = NAAutoencoder(195, relative_position_bias=False)
+    assert not [n for n, _ in no_rpb.named_parameters() if "rpb" in n]
+    assert count - sum(p.numel() for p in no_rpb.parameters()) == sum(
+        p.numel() for n, p in reference_autoencoder.named_parameters() if n.endswith("rpb")
+    )
+    no_na = NAAutoencoder(195, use_neighborhood_attention=False)
+    assert not any(isinstance(m, ResidualNABlock) for m in no_na.modules())
+    assert abs(sum(p.numel() for p in no_na.parameters()) - 5.82e6) < 0.01e6  # convs/deconvs only
+
+
+def test_autoencoder_layout_follows_reference(reference_autoencoder):
+    ae = reference_autoencoder
+    rates = torch.linspace(0, 0.1, 16).tolist()
+
+    def block_info(name):
+        blocks = getattr(ae, name).blocks
+        attn = blocks[0].attn
+        drops = [b.drop_path.drop_prob if hasattr(b.drop_path, "drop_prob") else 0.0 for b in blocks]
+        return len(blocks), attn.dim, attn.num_heads, attn.kernel_size, drops
+
+    assert block_info("g_a1") == (2, 128, 8, 7, rates[0:2])
+    assert block_info("g_a5") == (6, 256, 16, 7, rates[4:10])
+    assert block_info("g_a7") == (2, 320, 20, 7, rates[10:12])
+    assert block_info("h_a1") == (2, 192, 12, 3, rates[12:14])
+    assert block_info("h_a3") == (2, 192, 12, 3, rates[14:16])
+    # decoder: reversed depths slice the same schedule
+    assert block_info("h_s0") == (2, 192, 12, 3, rates[0:2])
+    assert block_info("g_s0") == (2, 320, 20, 7, rates[4:6])
+    assert block_info("g_s2") == (6, 256, 16, 7, rates[6:12])
+    assert block_info("g_s6") == (2, 128, 8, 7, rates[14:16])
+    assert all(m.attn.head_dim == 16 for m in ae.modules() if hasattr(m, "attn"))
+    assert ae.g_a0.kernel_size == (5, 5) and ae.g_s7.kernel_size == (5, 5) and ae.g_s7.out_channels == 195
+
+
+def test_autoencoder_reaches_1x1_bottleneck_and_restores_grid():
+    ae = NAAutoencoder(8, base_channels=32, latent_channels=32).eval()
+    x = torch.randn(1, 8, 64, 128)
+    bottleneck = []
+    ae.h_a2.register_forward_hook(lambda m, i, o: bottleneck.append(o.shape))
+    with torch.no_grad():
+        assert ae(x).shape == x.shape
+    assert bottleneck[0] == (1, 48, 1, 2)
+
+
+def test_backbone_table_and_rotation_ranges():
+    assert resolve_backbone("auto", "carpet") == SWIN_L
+    assert resolve_backbone("auto", "toothbrush") == SWIN_L
+    assert resolve_backbone("auto", "bottle") == RESNET18
+    assert resolve_backbone("auto", None) == RESNET18
+    assert resolve_backbone("auto", "magnetic_tile") == RESNET18
+    assert resolve_backbone("swin_l") == SWIN_L
+    assert resolve_backbone(LITE0) == LITE0
+    assert rotation_range("capsule") == (0.0, 0.0)
+    assert rotation_range("cable") == (-5.0, 5.0)
+    assert rotation_range("grid") == (-90.0, 90.0)
+    assert rotation_range("unknown") == (0.0, 0.0)
+
+
+def test_resnet18_features_have_195_channels_on_a_64_grid():
+    model = NAFRADModel("resnet18", weights=None, **SMALL).eval()
+    assert model.in_channels == 195
+    assert model.input_size_divisor == 256
+    assert model.segmentor.encoder_segment.block1[0].in_channels == 390
+    with torch.no_grad():
+        assert model.get_features(torch.rand(1, 3, 256, 256)).shape == (1, 195, 64, 64)
+
+
+def test_swin_backbone_layer_norms_its_stages():
+    model = NAFRADModel("swin_tiny_patch4_window7_224", weights=None, image_size=(256, 256), **SMALL).eval()
+    assert model.in_channels == 3 + 96 + 192
+    assert model.feature_aggregator.layer_norm
+    with torch.no_grad():
+        features = model.get_features(torch.rand(1, 3, 256, 256))
+    assert features.shape == (1, 291, 64, 64)
+    stage0 = features[:, 3:99]
+    assert stage0.mean(1).abs().max() < 1e-4  # per-token LN without affine -> zero mean over channels
+
+
+def test_bgr_flip_happens_inside_the_model(small_model):
+    rgb = _small_model(channel_order="rgb").eval()
+    rgb.load_state_dict(small_model.state_dict())
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(small_model.eval().get_features(x), rgb.get_features(x.flip(1)))
+        assert not torch.allclose(small_model.get_features(x), rgb.get_features(x))
+        # the image channels come first in F, in BGR order
+        torch.testing.assert_close(
+            small_model.get_features(x)[:, :3],
+            torch.nn.functional.interpolate(x.flip(1), size=64, mode="bilinear", align_corners=True),
+        )
+
+
+# -------------------------------------------------------------------------------------------------- forward / loss
+def test_train_and_eval_outputs(small_model):
+    x = torch.rand(2, 3, 256, 256)
+    augmented = x.clone()
+    augmented[:, :, 64:128, 64:128] = 1.0
+    small_model.train()
+    out = small_model(x, augmented)
+    assert isinstance(out, NAFRADTrainOutput)
+    c = small_model.in_channels
+    assert out.normal_features.shape == out.augmented_features.shape == out.reconstruction.shape == (2, c, 64, 64)
+    assert out.prediction.shape == (2, 1, 64, 64)
+    assert not torch.equal(out.normal_features, out.augmented_features)
+    mask = torch.zeros(2, 1, 256, 256)
+    mask[:, :, 64:128, 64:128] = 1
+    losses = NAFRADLoss()(out.reconstruction, out.normal_features, out.prediction, mask)
+    assert losses["loss"].ndim == 0 and torch.isfinite(losses["loss"])
+    torch.testing.assert_close(losses["loss"], losses["reconstruction"] + losses["focal"] + losses["l1"])
+    losses["loss"].backward()
+    assert small_model.reconstructor.g_a0.weight.grad is not None
+    assert all(p.grad is None for p in small_model.feature_extractor.parameters())
+
+    small_model.eval()
+    with torch.no_grad():
+        pred = small_model(x)
+    assert isinstance(pred, InferenceBatch)
+    assert pred.pred_score.shape == (2,) and pred.anomaly_map.shape == (2, 1, 256, 256)
+    assert pred.pred_score.dtype == pred.anomaly_map.dtype == torch.float32
+    assert pred.anomaly_map.min() >= 0 and pred.anomaly_map.max() <= 1
+    pooled = torch.nn.functional.avg_pool2d(pred.anomaly_map, 32, stride=1, padding=16)
+    torch.testing.assert_close(pred.pred_score, pooled.flatten(1).amax(1))
+
+
+def test_segmentation_gradients_reach_the_autoencoder(small_model):
+    small_model.train()
+    small_model.zero_grad()
+    x = torch.rand(1, 3, 256, 256)
+    out = small_model(x)
+    out.prediction.mean().backward()  # segmentation term only
+    grad = small_model.reconstructor.g_s7.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_mask_downsampling_thresholds_bilinear_average():
+    mask = torch.zeros(1, 1, 256, 256)
+    mask[..., :128, :] = 1
+    mask[..., 128, :] = 1  # a 1-px line misses the bilinear samples of its 4-px cell
+    small = downsample_mask(mask, (64, 64))
+    assert small.shape == (1, 1, 64, 64)
+    assert small[..., :32, :].eq(1).all() and small[..., 32:, :].eq(0).all()
+
+
+def test_ablation_variants_run():
+    x = torch.rand(1, 3, 256, 256)
+    for kwargs in ({"use_neighborhood_attention": False}, {"relative_position_bias": False}):
+        model = _small_model(**kwargs).eval()
+        with torch.no_grad():
+            pred = model(x)
+        assert pred.anomaly_map.shape == (1, 1, 256, 256) and torch.isfinite(pred.pred_score).all()
+        has_rpb = any(n.endswith("rpb") for n, _ in model.named_parameters())
+        assert not has_rpb
+
+
+def test_lightning_module_defaults():
+    module = _small_module()
+    assert module.trainer_arguments == {"num_sanity_val_steps": 0}
+    assert module.learning_type.value == "one_class"
+    transforms = module.pre_processor.transform.transforms
+    assert [type(t).__name__ for t in transforms] == ["Resize"]
+    assert list(transforms[0].size) == [256, 256]
+    normalized = NAFRAD.configure_pre_processor((512, 512), normalize_input=True).transform.transforms
+    assert [type(t).__name__ for t in normalized] == ["Resize", "Normalize"]
+    [optimizer], [scheduler] = module.configure_optimizers()
+    assert optimizer.defaults["lr"] == 1e-4 and optimizer.defaults["weight_decay"] == 1e-8
+    assert dict(scheduler.milestones) == {400: 1, 600: 1} and scheduler.gamma == 0.1
+    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not trained & {id(p) for p in module.model.feature_extractor.parameters()}
+    assert len(trained) == len(list(module.model.reconstructor.parameters())) + len(
+        list(module.model.segmentor.parameters())
+    )
+
+
+def test_synthesis_keeps_normals_and_marks_anomalies():
+    module = _small_module(category="grid", anomaly_probability=1.0)
+    assert module.rotation_degrees == (-90.0, 90.0)
+    torch.manual_seed(0)
+    images = textures(2)
+    normal, augmented, mask = module.synthesize(images)
+    assert normal.shape == augmented.shape == images.shape and mask.shape == (2, 1, 256, 256)
+    assert mask.sum() > 0 and set(mask.unique().tolist()) <= {0.0, 1.0}
+    outside = mask.expand_as(normal) == 0
+    torch.testing.assert_close(augmented[outside], normal[outside])
+    assert not torch.allclose(augmented[~outside], normal[~outside])
+    module = _small_module(anomaly_probability=0.0, rotation_probability=0.0)
+    normal, augmented, mask = module.synthesize(images)
+    assert torch.equal(normal, images) and torch.equal(augmented, images) and mask.sum() == 0
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+def test_clear_errors_on_bad_input(small_model):
+    small_model.eval()
+    with pytest.raises(ValueError, match="3, H, W"):
+        small_model(torch.rand(1, 1, 256, 256))
+    with pytest.raises(ValueError, match="multiple of 256"):
+        small_model(torch.rand(1, 3, 200, 256))
+    nan = torch.rand(1, 3, 256, 256)
+    nan[..., :8, :8] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        small_model(nan)
+    with pytest.raises(ValueError, match="channel_order"):
+        _small_model(channel_order="hsv")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _small_model(base_channels=40)
+    with pytest.raises(ValueError, match="anomaly_source_path"):
+        _small_module(anomaly_source_path="/nonexistent/dtd")
+    with pytest.raises(ValueError, match="rotation_degrees"):
+        _small_module(rotation_degrees=(10.0, -10.0))
+    with pytest.raises(ValueError, match="Unknown timm backbone"):
+        NAFRADModel("not_a_backbone", weights=None)
+
+
+# ------------------------------------------------------------------------------------------------------ learning
+def _real_or_generated_batch(n: int) -> torch.Tensor:
+    files = sorted((MAGNETIC_TILE / "train" / "good").glob("*.jpg"))[:n]
+    if len(files) < n:
+        return textures(n, seed=5)
+    images = [np.asarray(Image.open(f).convert("RGB").resize((256, 256)), dtype=np.float32) / 255 for f in files]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch():
+    """A few Adam steps on one fixed (normal, pseudo-anomalous, mask) batch of real images lower the loss."""
+    module = _small_module(weights="imagenet", lr=1e-3, anomaly_probability=1.0)
+    torch.manual_seed(1)
+    normal, augmented, mask = module.synthesize(_real_or_generated_batch(2))
+    [optimizer], _ = module.configure_optimizers()
+    module.train()
+    history = []
+    for _ in range(6):
+        out = module.model(normal, augmented)
+        loss = module.loss(out.reconstruction, out.normal_features, out.prediction, mask)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert all(b < a for a, b in itertools.pairwise(history)), history
+    assert history[-1] < 0.85 * history[0], history
+
+
+@pytest.mark.slow
+def test_synthetic_anomalies_score_higher_inside_the_mask():
+    """After a short training on textures, maps are higher on unseen synthetic defects than around them."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    module = _small_module(weights="imagenet", lr=1e-3, anomaly_probability=1.0, rotation_probability=0.0)
+    data = textures(16)
+    [optimizer], _ = module.configure_optimizers()
+    torch.manual_seed(0)
+    module.train()
+    for _ in range(30):
+        normal, augmented, mask = module.synthesize(data[torch.randint(0, 16, (4,))])
+        out = module.model(normal, augmented)
+        loss = module.loss(out.reconstruction, out.normal_features, out.prediction, mask)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    module.eval()
+    torch.manual_seed(123)
+    _, augmented, mask = module.synthesize(textures(6, seed=99))
+    with torch.no_grad():
+        amap = module.model(augmented).anomaly_map
+    assert amap[mask > 0].mean() > amap[mask == 0].mean() + 0.03
+    assert binary_auroc(amap.flatten(), mask.flatten().long()) > 0.7
+
+
+# -------------------------------------------------------------------------------------------- export / checkpoint
+@pytest.mark.export
+def test_onnx_and_openvino_export_match_torch(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    module = _small_module(post_processor=False).eval()
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        expected = module(x)
+    path = module.to_onnx(tmp_path, input_size=(256, 256), onnx_kwargs={"opset_version": 18})
+    graph = onnx.load(str(path))
+    assert {n.domain for n in graph.graph.node} <= {"", "ai.onnx"}  # pure NA: standard ops only
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    results = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x.numpy()}), strict=True))
+    np.testing.assert_allclose(results["pred_score"].reshape(-1), expected.pred_score.numpy(), atol=1e-4)
+    np.testing.assert_allclose(results["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
+
+    ov = pytest.importorskip("openvino")
+    compiled = ov.Core().compile_model(str(path), "CPU")
+    ov_out = compiled([x.numpy()])
+    ov_results = {o.get_any_name(): ov_out[o] for o in compiled.outputs}
+    np.testing.assert_allclose(ov_results["pred_score"].reshape(-1), expected.pred_score.numpy(), atol=1e-4)
+    np.testing.assert_allclose(ov_results["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
+
+
+def _write_folder(root: Path) -> None:
+    images = (textures(6, seed=3).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    for sub in ("train/good", "test/good", "test/defect", "ground_truth/defect"):
+        (root / sub).mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(images[i]).save(root / "train/good" / f"{i:03d}.png")
+    Image.fromarray(images[2]).save(root / "test/good/000.png")
+    for i in range(2):
+        img, mask = images[3 + i].copy(), np.zeros((256, 256), np.uint8)
+        img[40:90, 100:160] = 255
+        mask[40:90, 100:160] = 255
+        Image.fromarray(img).save(root / "test/defect" / f"{i:03d}.png")
+        Image.fromarray(mask).save(root / "ground_truth/defect" / f"{i:03d}_mask.png")
+
+
+@pytest.mark.slow
+def test_checkpoint_round_trip_with_safe_loader(tmp_path):
+    from anomalib.data import Folder
+    from anomalib.engine import Engine
+
+    _write_folder(tmp_path / "data")
+    datamodule = Folder(
+        name="tiny",
+        root=tmp_path / "data",
+        normal_dir="train/good",
+        abnormal_dir="test/defect",
+        normal_test_dir="test/good",
+        mask_dir="ground_truth/defect",
+        train_batch_size=2,
+        eval_batch_size=2,
+        num_workers=0,
+    )
+    model = NAFRAD(backbone=LITE0, weights=None, visualizer=False, **SMALL)
+    engine = Engine(max_steps=2, default_root_dir=tmp_path / "results", logger=False, accelerator="cpu")
+    engine.fit(model, datamodule=datamodule)
+    ckpt = next((tmp_path / "results").rglob("*.ckpt"))
+    loaded = NAFRAD.load_from_checkpoint(ckpt)
+    assert loaded.hparams["backbone"] == LITE0 and loaded.hparams["base_channels"] == 32
+    model.eval()
+    loaded.eval()
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    torch.testing.assert_close(a.pred_score, b.pred_score)
+    torch.testing.assert_close(a.anomaly_map, b.anomaly_map)
+    torch.testing.assert_close(loaded.post_processor.image_threshold, model.post_processor.image_threshold)
