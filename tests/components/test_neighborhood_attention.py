@@ -92,22 +92,23 @@ CASES = [  # (H, W, kernel, dilation, with rpb)
 ]
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["gather", "dense"])
 @pytest.mark.parametrize(("H", "W", "ks", "dil", "with_rpb"), CASES)
-def test_pure_matches_reference_fp64_forward_and_backward(H, W, ks, dil, with_rpb, dense):
+def test_pure_matches_reference_fp64_forward_and_backward(H, W, ks, dil, with_rpb):
+    """Both forms of the pure backend (index gather, masked dense) against the loop reference."""
     heads, D = 2, 4
-    q, k, v = _qkv((2, heads, H, W, D), requires_grad=True)
+    q, k, v = _qkv((1, heads, H, W, D), requires_grad=True)
     rpb = torch.randn(heads, 2 * ks - 1, 2 * ks - 1, dtype=torch.float64, requires_grad=True) if with_rpb else None
     scale = 0.37
-    out = na_mod._pure(q, k, v, ks, dil, rpb, scale, 0.0, dense=dense)
-    ref = reference_na(q, k, v, ks, dil, rpb, scale)
-    assert (out - ref).abs().max() < 1e-12
-    grad = torch.randn_like(out)
     inputs = [q, k, v] + ([rpb] if with_rpb else [])
-    g_out = torch.autograd.grad(out, inputs, grad)
+    ref = reference_na(q, k, v, ks, dil, rpb, scale)
+    grad = torch.randn_like(ref)
     g_ref = torch.autograd.grad(ref, inputs, grad)
-    for a, b in zip(g_out, g_ref, strict=True):
-        assert (a - b).abs().max() < 1e-10
+    for dense in (False, True):
+        out = na_mod._pure(q, k, v, ks, dil, rpb, scale, 0.0, dense=dense)
+        assert (out - ref).abs().max() < 1e-12, dense
+        g_out = torch.autograd.grad(out, inputs, grad)
+        for a, b in zip(g_out, g_ref, strict=True):
+            assert (a - b).abs().max() < 1e-10, dense
 
 
 def test_public_function_fp32_and_default_scale():
@@ -287,6 +288,28 @@ def test_forcing_a_backend(monkeypatch):
 
 
 @pytest.mark.skipif(not na_mod._flex_available(), reason="torch has no flex_attention")
+def test_auto_falls_back_when_natten_refuses(monkeypatch):
+    """Under "auto", a natten failure (e.g. no kernel for this head_dim) warns once and uses flex."""
+
+    def broken_natten(*args):
+        raise NotImplementedError("no kernel for head_dim 4")
+
+    monkeypatch.setattr(na_mod, "_resolve_backend", lambda *args: "natten")
+    monkeypatch.setattr(na_mod, "_natten", broken_natten)
+    monkeypatch.setattr(na_mod, "_natten_failures", set())
+    q, k, v = _qkv((1, 2, 8, 8, 4), dtype=torch.float32)
+    with pytest.warns(UserWarning, match="natten failed"):
+        out = neighborhood_attention_2d(q, k, v, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # second call: remembered, no new warning
+        out2 = neighborhood_attention_2d(q, k, v, 3)
+    ref = na_mod._pure(q, k, v, 3, 1, None, 0.5, 0.0)
+    assert (out - ref).abs().max() < 1e-5 and torch.equal(out, out2)
+    with pytest.raises(NotImplementedError):  # an explicit request is not silently replaced
+        neighborhood_attention_2d(q, k, v, 3, backend="natten")
+
+
+@pytest.mark.skipif(not na_mod._flex_available(), reason="torch has no flex_attention")
 def test_flex_refuses_cpu_training_with_clear_error():
     q = torch.randn(1, 2, 8, 8, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="no backward pass on CPU"):
@@ -331,6 +354,15 @@ def test_natten_forward_matches_pure(H, W, ks, dil):
         via_backend = neighborhood_attention_2d(q, k, v, ks, dil, backend="natten")
     assert (out - ref).abs().max() < 1e-5
     assert (via_backend - ref).abs().max() < 1e-5
+
+
+def test_natten_cpu_training_error():
+    version = _natten_version()
+    if version < (0, 20) or na_mod._get_natten().has_cuda:
+        pytest.skip("this natten can train on CPU")
+    q = torch.randn(1, 2, 8, 8, 16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        neighborhood_attention_2d(q, q, q, 3, backend="natten")
 
 
 def test_natten_backend_rpb_support_matches_version():

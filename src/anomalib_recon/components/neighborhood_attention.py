@@ -119,6 +119,7 @@ class _NattenInfo:
 
 
 _natten_probe: list[_NattenInfo | None] = []  # [] = not probed yet
+_natten_failures: set[tuple] = set()  # (head_dim, v_dim, dtype, kernel, dilation) natten refused under "auto"
 
 
 def _parse_version(text: str) -> tuple[int, ...]:
@@ -194,6 +195,10 @@ def available_backends() -> list[str]:
     return names
 
 
+def _needs_grad(q: Tensor, rpb: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or (rpb is not None and rpb.requires_grad))
+
+
 def _resolve_backend(requested: str, q: Tensor, rpb: Tensor | None, attn_dropout: bool) -> str:
     """Turn ``"auto"`` (or a forced name) into the backend that runs this call, checking it can."""
     name = _get_forced_backend() or _check_backend_name(requested)
@@ -221,11 +226,14 @@ def _resolve_backend(requested: str, q: Tensor, rpb: Tensor | None, attn_dropout
                 "'flex' or 'pure', or relative_position_bias=False."
             )
             raise ValueError(msg)
+        if natten.version >= (0, 20) and not (natten.has_cuda and q.is_cuda) and _needs_grad(q, rpb):
+            msg = "natten without its CUDA library (or on CPU tensors) is forward-only; use 'pure' for training."
+            raise RuntimeError(msg)
     if name == "flex":
         if not _flex_available():
             msg = "Backend 'flex' needs torch.nn.attention.flex_attention (PyTorch >= 2.5); use 'pure'."
             raise RuntimeError(msg)
-        if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, rpb) if t is not None):
+        if not q.is_cuda and _needs_grad(q, rpb):
             msg = "PyTorch's flex_attention has no backward pass on CPU; use backend 'pure' for CPU training."
             raise RuntimeError(msg)
     return name
@@ -425,7 +433,8 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, dilation: int, rpb:
         if not _compiled_flex:
             _compiled_flex.append(torch.compile(_flex_na, dynamic=False))
         # Every map size/dtype/batch is one specialisation; allow more than dynamo's default 8 of them.
-        with torch._dynamo.config.patch(recompile_limit=64):
+        limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        with torch._dynamo.config.patch(**{limit_name: 64}):
             out = _compiled_flex[0](*args)
     else:
         with warnings.catch_warnings():
@@ -489,7 +498,17 @@ def _attend(
 ) -> Tensor:
     name = _resolve_backend(backend, q, rpb, dropout_p > 0.0)
     if name == "natten":
-        return _natten(q, k, v, kernel_size, dilation, rpb, scale)
+        if _get_forced_backend() is not None or backend == "natten":
+            return _natten(q, k, v, kernel_size, dilation, rpb, scale)
+        config = (q.shape[-1], v.shape[-1], q.dtype, kernel_size, dilation)
+        if config not in _natten_failures:
+            try:
+                return _natten(q, k, v, kernel_size, dilation, rpb, scale)
+            except (RuntimeError, ValueError, NotImplementedError, TypeError) as error:
+                # "auto" must not fail because natten lacks a kernel for this head_dim/dtype: use flex.
+                _natten_failures.add(config)
+                warnings.warn(f"natten failed ({error}); falling back to flex/pure for {config}.", stacklevel=2)
+        name = "flex" if _flex_available() else "pure"
     if name == "flex":
         return _flex(q, k, v, kernel_size, dilation, rpb, scale)
     return _pure(q, k, v, kernel_size, dilation, rpb, scale, dropout_p)
@@ -627,3 +646,4 @@ def _reset_caches() -> None:
     _neighborhood_cache.clear()
     _block_mask_cache.clear()
     _natten_probe.clear()
+    _natten_failures.clear()
