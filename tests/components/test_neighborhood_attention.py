@@ -430,29 +430,31 @@ def test_onnx_and_openvino_export(tmp_path, ks, example, dynamic, checks):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_backends_match_pure(dtype):
-    tol = 2e-5 if dtype == torch.float32 else 3e-2
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 20, 17, 16, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-    rpb = (0.1 * torch.randn(4, 13, 13, device="cuda")).requires_grad_()
-    ref = neighborhood_attention_2d(q, k, v, 7, 2, rpb, backend="pure", scale=0.3)
-    grads_ref = torch.autograd.grad(ref.float().square().sum(), [q, k, v, rpb])
+    """Compiled flex (and natten when installed) against pure in fp32 on the same values, fwd and bwd."""
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    base = [torch.randn(2, 4, 20, 17, 16, device="cuda", generator=gen).to(dtype) for _ in range(3)]
+    rpb32 = 0.3 * torch.randn(4, 13, 13, device="cuda", generator=gen)
+
+    def run(backend, inputs_dtype, with_rpb):
+        q, k, v = (t.detach().clone().to(inputs_dtype).requires_grad_() for t in base)
+        rpb = rpb32.clone().requires_grad_() if with_rpb else None
+        out = neighborhood_attention_2d(q, k, v, 7, 2, rpb, backend=backend, scale=0.3)
+        leaves = [q, k, v] + ([rpb] if with_rpb else [])
+        return out.float(), [g.float() for g in torch.autograd.grad(out.float().square().sum(), leaves)]
+
     names = ["flex"] + (["natten"] if "natten" in available_backends() else [])
     for name in names:
-        bias = rpb if name == "flex" or na_mod._get_natten().supports_rpb else None
-        if bias is None:
-            ref_nb = neighborhood_attention_2d(q, k, v, 7, 2, None, backend="pure", scale=0.3)
-            out = neighborhood_attention_2d(q, k, v, 7, 2, None, backend=name, scale=0.3)
-            assert (out.float() - ref_nb.float()).abs().max() < tol, name
-            continue
-        out = neighborhood_attention_2d(q, k, v, 7, 2, bias, backend=name, scale=0.3)
-        assert (out.float() - ref.float()).abs().max() < tol, name
-        grads = torch.autograd.grad(out.float().square().sum(), [q, k, v, rpb])
-        for g, g_ref in zip(grads, grads_ref, strict=True):
-            assert (g.float() - g_ref.float()).abs().max() < tol * max(1.0, g_ref.abs().max().item()), name
-    module = NeighborhoodAttention2D(64, 4, 7).cuda()
+        with_rpb = name == "flex" or na_mod._get_natten().supports_rpb
+        ref, g_ref = run("pure", torch.float32, with_rpb)
+        out, grads = run(name, dtype, with_rpb)
+        assert (out - ref).abs().max() < tol * max(1.0, ref.abs().max().item()), name
+        for g, gr in zip(grads, g_ref, strict=True):
+            assert (g - gr).abs().max() < tol * max(1.0, gr.abs().max().item()), name
+    module = NeighborhoodAttention2D(64, 4, 7).cuda()  # 4x4 map: padded to 7x7 inside
     x = torch.randn(2, 4, 4, 64, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         out_auto = module(x)
         module.backend = "pure"
         out_pure = module(x)
-    assert (out_auto.float() - out_pure.float()).abs().max() < tol * 10
+    assert (out_auto.float() - out_pure.float()).abs().max() < tol * max(1.0, out_pure.abs().max().item())

@@ -195,11 +195,13 @@ def available_backends() -> list[str]:
     return names
 
 
-def _needs_grad(q: Tensor, rpb: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and (q.requires_grad or (rpb is not None and rpb.requires_grad))
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _resolve_backend(requested: str, q: Tensor, rpb: Tensor | None, attn_dropout: bool) -> str:
+def _resolve_backend(
+    requested: str, q: Tensor, rpb: Tensor | None, attn_dropout: bool, kv: tuple[Tensor, ...] = ()
+) -> str:
     """Turn ``"auto"`` (or a forced name) into the backend that runs this call, checking it can."""
     name = _get_forced_backend() or _check_backend_name(requested)
     if name == "auto":
@@ -226,14 +228,14 @@ def _resolve_backend(requested: str, q: Tensor, rpb: Tensor | None, attn_dropout
                 "'flex' or 'pure', or relative_position_bias=False."
             )
             raise ValueError(msg)
-        if natten.version >= (0, 20) and not (natten.has_cuda and q.is_cuda) and _needs_grad(q, rpb):
+        if natten.version >= (0, 20) and not (natten.has_cuda and q.is_cuda) and _needs_grad(q, rpb, *kv):
             msg = "natten without its CUDA library (or on CPU tensors) is forward-only; use 'pure' for training."
             raise RuntimeError(msg)
     if name == "flex":
         if not _flex_available():
             msg = "Backend 'flex' needs torch.nn.attention.flex_attention (PyTorch >= 2.5); use 'pure'."
             raise RuntimeError(msg)
-        if not q.is_cuda and _needs_grad(q, rpb):
+        if not q.is_cuda and _needs_grad(q, rpb, *kv):
             msg = "PyTorch's flex_attention has no backward pass on CPU; use backend 'pure' for CPU training."
             raise RuntimeError(msg)
     return name
@@ -496,7 +498,7 @@ def _attend(
     scale: float,
     dropout_p: float = 0.0,
 ) -> Tensor:
-    name = _resolve_backend(backend, q, rpb, dropout_p > 0.0)
+    name = _resolve_backend(backend, q, rpb, dropout_p > 0.0, (k, v))
     if name == "natten":
         if _get_forced_backend() is not None or backend == "natten":
             return _natten(q, k, v, kernel_size, dilation, rpb, scale)
