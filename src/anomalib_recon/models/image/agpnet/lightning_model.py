@@ -1,0 +1,369 @@
+"""AGPNet: Attention-Guided Perturbation Network for industrial anomaly detection.
+
+Paper: Huang et al., *Not All Regions Are Equal: Attention-Guided Perturbation Network for Industrial Anomaly
+Detection* (v1: *Attention-Guided Perturbation for Unsupervised Image Anomaly Detection*), arXiv 2408.07490.
+No public code exists; unknown details follow the ADer/ViTAD defaults (see README.md).
+
+A frozen encoder's multi-layer features are reconstructed by a plain ViT decoder. During training an auxiliary
+branch perturbs the features and the image with Gaussian noise weighted by an attention mask (the encoder's prior
+attention plus the attention of an EMA "mean-teacher" decoder); the noise intensity and the perturbed image area
+grow over training ("easy → hard"). Only the encoder and decoder are used at test time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from anomalib_recon.components import linear_ramp
+
+from .few_shot import dihedral_augment, few_shot_subset
+from .loss import AGPNetLoss
+from .torch_model import AGPNetModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AGPNet"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SCHEDULES = ("linear", "constant")
+
+
+def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) <= 0:
+        msg = f"image_size must be a positive int or (height, width), got {image_size!r}."
+        raise ValueError(msg)
+    return size  # type: ignore[return-value]
+
+
+def _pair(
+    value: Sequence[float], name: str, low: float | None = None, high: float | None = None
+) -> tuple[float, float]:
+    pair = tuple(float(v) for v in value)
+    if len(pair) != 2:
+        msg = f"{name} must be a pair (start, end), got {value!r}."
+        raise ValueError(msg)
+    if (low is not None and min(pair) < low) or (high is not None and max(pair) > high):
+        msg = f"{name} must lie in [{low}, {high}], got {value!r}."
+        raise ValueError(msg)
+    return pair  # type: ignore[return-value]
+
+
+class AGPNet(AnomalibModule):
+    """AGPNet: ViT feature reconstruction trained with attention-guided feature- and image-level noise.
+
+    Args:
+        backbone: Frozen encoder, a timm name. Paper: ``"vit_small_patch16_224.dino"`` (DINO ViT-S/16, input 256).
+            CNNs such as ``"tf_efficientnet_lite0"`` also work (prior attention = channel mean of ``|features|``).
+        layers: Encoder layers: ViT 0-based block indices (default ``[2, 5, 8, 11]``, i.e. blocks 3/6/9/12), CNN
+            ``features_only`` indices (default ``[1, 2, 3]``).
+        weights: ``"imagenet"`` (pretrained, offline-aware), a local weights file, or ``None`` (random init).
+        image_size: Input size of the default pre-processor and of the decoder's position embedding.
+        aggregation: ``"sum"`` of layer-normed layers (paper, ViT default), ``"concat"`` (CNN default) or ``None``.
+        decoder_dim: Decoder width (``None``: the ViT's width, 384 for CNNs).
+        decoder_depth: Decoder blocks (4, paper).
+        decoder_heads: Decoder heads (6).
+        decoder_mlp_ratio: Decoder MLP ratio (4; 7.2 M decoder parameters with ViT-S, the paper reports 4.42 M).
+        feature_noise: Feature-level noise ``"attention"`` (guided), ``"random"`` or ``"none"`` (ablation).
+        image_noise: Image-level noise ``"attention"``, ``"random"`` or ``"none"`` (ablation).
+        attention_source: ``"both"``, ``"prior"`` (encoder only) or ``"learnable"`` (decoder only) (ablation).
+        prior_attention: ViT prior ``"cls"`` (CLS→patch attention) or ``"received"``.
+        use_mean_teacher: Learnable attention from the EMA teacher (True) or from the decoder itself (ablation).
+        ema_decay: Teacher EMA decay η (0.999; the paper's text: 0.9999 every 10 steps, see ``configs/agpnet.yaml``).
+        ema_update_every: Teacher update period in steps.
+        feature_noise_range: ``(min, max)`` intensity α of the guided feature noise (0 → 1).
+        feature_noise_ramp: Fractions of training where α ramps from min to max (paper: epochs 1-400 of 500).
+        feature_noise_schedule: ``"linear"`` ramp or ``"constant"`` (α = max throughout; ablation).
+        feature_noise_floor: Constant noise level β under the guided part.
+        mask_ratio_range: ``(start, end)`` fraction of pixels receiving image-level noise (0.6 → 1.0).
+        mask_ratio_ramp: Fractions of training where the ratio ramps (paper: epochs 100-400 of 500).
+        image_noise_std: σ of the image-level Gaussian noise in [0, 1] pixel units.
+        loss_type: ``"cosine"`` (default) or ``"mse"`` reconstruction distance.
+        distance: Anomaly map distance ``"l2"`` (paper) or ``"cos"``.
+        blur_sigma: Gaussian σ of the anomaly map (4; ``None``/0 = off).
+        score_kernel_size: Average-pool kernel of the image score (16 at 256 px).
+        lr: AdamW learning rate (1e-4).
+        weight_decay: AdamW weight decay (1e-4).
+        betas: AdamW betas.
+        lr_decay_at: Fraction of training after which the learning rate is multiplied by ``lr_decay_gamma``
+            (0.8, ADer; the paper's 200 of 500 epochs is 0.4). ``None`` = constant.
+        lr_decay_gamma: Learning-rate factor (0.1).
+        few_shot_k: Train on only ``k`` normal images (drawn with ``few_shot_seed``), each repeated
+            ``few_shot_folds`` times per epoch with random rotations/flips. ``None`` = all images.
+        few_shot_folds: Replication factor of the few-shot images (32, paper).
+        few_shot_seed: Seed choosing the few-shot images.
+        pre_processor: Pre-processor, or ``True`` for Resize(``image_size``) + ImageNet Normalize.
+        post_processor: Post-processor or flag.
+        evaluator: Evaluator or flag.
+        visualizer: Visualizer or flag.
+
+    Example:
+        >>> from anomalib.engine import Engine
+        >>> model = AGPNet(backbone="tf_efficientnet_lite0")
+        >>> Engine(max_epochs=100).fit(model, datamodule=datamodule)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_small_patch16_224.dino",
+        layers: list[int | str] | None = None,
+        weights: str | None = "imagenet",
+        image_size: int | tuple[int, int] = 256,
+        aggregation: str | None = None,
+        decoder_dim: int | None = None,
+        decoder_depth: int = 4,
+        decoder_heads: int = 6,
+        decoder_mlp_ratio: float = 4.0,
+        feature_noise: str = "attention",
+        image_noise: str = "attention",
+        attention_source: str = "both",
+        prior_attention: str = "cls",
+        use_mean_teacher: bool = True,
+        ema_decay: float = 0.999,
+        ema_update_every: int = 1,
+        feature_noise_range: tuple[float, float] = (0.0, 1.0),
+        feature_noise_ramp: tuple[float, float] = (0.0, 0.8),
+        feature_noise_schedule: str = "linear",
+        feature_noise_floor: float = 0.1,
+        mask_ratio_range: tuple[float, float] = (0.6, 1.0),
+        mask_ratio_ramp: tuple[float, float] = (0.2, 0.8),
+        image_noise_std: float = 0.2,
+        loss_type: str = "cosine",
+        distance: str = "l2",
+        blur_sigma: float | None = 4.0,
+        score_kernel_size: int = 16,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        lr_decay_at: float | None = 0.8,
+        lr_decay_gamma: float = 0.1,
+        few_shot_k: int | None = None,
+        few_shot_folds: int = 32,
+        few_shot_seed: int = 0,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        size = _as_size(image_size)
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size=size)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if feature_noise_schedule not in SCHEDULES:
+            msg = f"feature_noise_schedule must be one of {SCHEDULES}, got {feature_noise_schedule!r}."
+            raise ValueError(msg)
+        self.feature_noise_range = _pair(feature_noise_range, "feature_noise_range", low=0.0)
+        self.feature_noise_ramp = _pair(feature_noise_ramp, "feature_noise_ramp", 0.0, 1.0)
+        self.mask_ratio_range = _pair(mask_ratio_range, "mask_ratio_range", 0.0, 1.0)
+        self.mask_ratio_ramp = _pair(mask_ratio_ramp, "mask_ratio_ramp", 0.0, 1.0)
+        for name, ramp in (("feature_noise_ramp", self.feature_noise_ramp), ("mask_ratio_ramp", self.mask_ratio_ramp)):
+            if ramp[0] > ramp[1]:
+                msg = f"{name} must be (begin, end) with begin <= end, got {ramp}."
+                raise ValueError(msg)
+        if lr_decay_at is not None and not 0.0 < lr_decay_at <= 1.0:
+            msg = f"lr_decay_at must be a fraction of training in (0, 1] or None, got {lr_decay_at}."
+            raise ValueError(msg)
+        if few_shot_k is not None and (few_shot_k < 1 or few_shot_folds < 1):
+            msg = f"few_shot_k and few_shot_folds must be >= 1, got {few_shot_k} and {few_shot_folds}."
+            raise ValueError(msg)
+        if lr <= 0:
+            msg = f"lr must be > 0, got {lr}."
+            raise ValueError(msg)
+
+        self.feature_noise_schedule = feature_noise_schedule
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.betas = _pair(betas, "betas", 0.0, 1.0)
+        self.lr_decay_at = lr_decay_at
+        self.lr_decay_gamma = float(lr_decay_gamma)
+        self.few_shot_k = few_shot_k
+        self.few_shot_folds = int(few_shot_folds)
+        self.few_shot_seed = int(few_shot_seed)
+        self._warned_no_horizon = False
+
+        self.model = AGPNetModel(
+            backbone=backbone,
+            layers=layers,
+            weights=weights,
+            image_size=size,
+            aggregation=aggregation,
+            decoder_dim=decoder_dim,
+            decoder_depth=decoder_depth,
+            decoder_heads=decoder_heads,
+            decoder_mlp_ratio=decoder_mlp_ratio,
+            feature_noise=feature_noise,
+            image_noise=image_noise,
+            attention_source=attention_source,
+            prior_attention=prior_attention,
+            use_mean_teacher=use_mean_teacher,
+            ema_decay=ema_decay,
+            ema_update_every=ema_update_every,
+            feature_noise_floor=feature_noise_floor,
+            image_noise_std=image_noise_std,
+            distance=distance,
+            blur_sigma=blur_sigma,
+            score_kernel_size=score_kernel_size,
+        )
+        self.loss = AGPNetLoss(loss_type)
+        self.set_progress(0.0)
+
+    # ------------------------------------------------------------------------------------------------ configuration
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize to ``image_size`` (256×256) and normalise with the ImageNet statistics."""
+        transform = Compose(
+            [
+                Resize(image_size or (256, 256), antialias=True),
+                Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+            ]
+        )
+        return PreProcessor(transform=transform)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation; epochs/steps are left to the user."""
+        return {"num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Trained on normal images (one-class, multi-class through a concatenating datamodule, or few-shot)."""
+        return LearningType.ONE_CLASS
+
+    def _horizon(self) -> tuple[str, int] | None:
+        """``("epoch", max_epochs)`` or ``("step", max_steps)`` the ramps and the LR decay are spread over.
+
+        Epochs are used whenever ``max_epochs`` is set (> 0); with only ``max_steps`` (``max_epochs=-1``) the
+        schedules follow optimizer steps; with neither (e.g. ``max_time`` only) there is no horizon.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs > 0:
+            return "epoch", int(max_epochs)
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return "step", int(trainer.max_steps)
+        return None
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW on the decoder only; ×``lr_decay_gamma`` after ``lr_decay_at`` of the epochs (or steps)."""
+        optimizer = torch.optim.AdamW(
+            self.model.decoder.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
+        )
+        horizon = self._horizon()
+        if self.lr_decay_at is None or horizon is None:
+            return {"optimizer": optimizer}
+        unit, total = horizon
+        milestone = max(round(self.lr_decay_at * total), 1)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[milestone], gamma=self.lr_decay_gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": unit}}
+
+    # ------------------------------------------------------------------------------------------------ schedules
+    @staticmethod
+    def _ramp(values: tuple[float, float], ramp: tuple[float, float], position: int, total: int) -> float:
+        """Linear ramp between the training fractions ``ramp`` (0-based position of ``total``)."""
+        last = max(total - 1, 0)
+        begin, end = round(ramp[0] * last), round(ramp[1] * last)
+        return linear_ramp(values[0], values[1], position, total, begin_epoch=begin, end_epoch=end)
+
+    def set_progress(self, position: int | float, total: int | None = None) -> None:
+        """Set α (feature-noise intensity) and ρ (image mask ratio) for ``position`` of ``total`` epochs/steps.
+
+        ``total=None`` with a float ``position`` in [0, 1] sets the values at that fraction of training.
+        """
+        if total is None:
+            total = 1001
+            position = round(float(position) * (total - 1))
+        position = int(position)
+        if self.feature_noise_schedule == "constant":
+            alpha = self.feature_noise_range[1]
+        else:
+            alpha = self._ramp(self.feature_noise_range, self.feature_noise_ramp, position, total)
+        self.model.feature_noise_intensity = alpha
+        self.model.mask_ratio = self._ramp(self.mask_ratio_range, self.mask_ratio_ramp, position, total)
+
+    def _update_schedules(self, unit: str) -> None:
+        horizon = self._horizon()
+        if horizon is None:
+            if not self._warned_no_horizon:
+                logger.warning(
+                    "AGPNet: neither max_epochs nor max_steps is set; noise intensity and mask ratio are held at "
+                    "their final values (%s, %s).",
+                    self.feature_noise_range[1],
+                    self.mask_ratio_range[1],
+                )
+                self._warned_no_horizon = True
+            self.set_progress(1.0)
+            return
+        kind, total = horizon
+        if kind == unit:
+            self.set_progress(self.current_epoch if kind == "epoch" else self.global_step, total)
+
+    def on_train_epoch_start(self) -> None:
+        """Evaluate the easy → hard ramps for this epoch (epoch-based training)."""
+        self._update_schedules("epoch")
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        """Evaluate the ramps for this step (step-based training, ``max_epochs=-1``)."""
+        del batch, batch_idx
+        self._update_schedules("step")
+
+    # ------------------------------------------------------------------------------------------------ few-shot
+    def setup(self, stage: str) -> None:
+        """Few-shot: reduce the datamodule's training set to ``few_shot_k`` images × ``few_shot_folds``."""
+        if self.few_shot_k is None or stage != "fit":
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        train_data = getattr(datamodule, "train_data", None)
+        if train_data is None:
+            msg = (
+                "few_shot_k needs an anomalib datamodule passed to Engine.fit(datamodule=...); for plain dataloaders "
+                "reduce the dataset yourself with anomalib_recon.models.image.agpnet.few_shot.few_shot_subset."
+            )
+            raise ValueError(msg)
+        few_shot_subset(train_data, self.few_shot_k, self.few_shot_folds, self.few_shot_seed)
+        logger.info("AGPNet few-shot: %d images x %d folds.", self.few_shot_k, self.few_shot_folds)
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Perturb (attention-guided), reconstruct, return the loss."""
+        del args, kwargs
+        images = batch.image
+        if self.few_shot_k is not None:
+            images = dihedral_augment(images)
+        output = self.model(images)
+        loss = self.loss(output.target, output.reconstructions)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, logger=True)
+        self.log("feature_noise_intensity", self.model.feature_noise_intensity, on_step=False, on_epoch=True)
+        self.log("mask_ratio", self.model.mask_ratio, on_step=False, on_epoch=True)
+        return {"loss": loss}
+
+    def on_train_batch_end(self, outputs: STEP_OUTPUT, batch: Batch, batch_idx: int) -> None:
+        """EMA update of the mean teacher after the optimizer step."""
+        del outputs, batch, batch_idx
+        self.model.update_teacher()
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict maps and scores; the post-processor and evaluator consume the updated batch."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())

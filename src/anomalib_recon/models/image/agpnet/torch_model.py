@@ -1,0 +1,493 @@
+"""PyTorch model of AGPNet (attention-guided perturbation network).
+
+Two branches (paper §3.1):
+
+* **reconstruction branch** (kept for inference): a frozen encoder gives multi-layer features; each layer is
+  layer-normed and the layers are summed (ViT) or concatenated (CNN) into the target ``F`` on a token grid; a
+  plain ViT decoder reconstructs ``F̂``. Anomaly map = per-token ``‖F − F̂‖₂`` (or ``1 − cos``), bilinearly
+  upsampled and Gaussian-smoothed; image score = max of the average-pooled map.
+* **auxiliary branch** (training only): an attention mask ``Φ_norm(Φ_norm(A_prior) + Φ_norm(A_learn))`` from the
+  encoder's attention (prior) and from an EMA "mean-teacher" copy of the decoder (learnable) weights Gaussian noise
+  added to the features (``F + E ⊙ (α·mask + β)``) and, binarised at a growing mask ratio, Gaussian noise added to
+  the image. The decoder learns to map both perturbed versions back to the clean ``F``.
+
+The eval forward touches only ``encoder``, ``aggregate`` and ``decoder``; the teacher and the attention
+recording are used behind ``self.training`` only, so exported graphs contain neither.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from anomalib.data import InferenceBatch
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+from torch.nn import functional as F
+
+from anomalib_recon.components import (
+    AnomalyMapGenerator,
+    EMATeacher,
+    image_region_noise,
+    layer_norm_channels,
+    map_to_tokens,
+    min_max_normalize,
+    reduce_max_avgpool,
+    tokens_to_map,
+    top_fraction_mask,
+    weighted_noise,
+)
+from anomalib_recon.components.feature_extractor import FeatureExtractor
+
+__all__ = [
+    "AGPNetDecoder",
+    "AGPNetModel",
+    "AGPNetTrainOutput",
+    "attention_weights",
+    "count_parameters",
+    "default_layers",
+]
+
+NOISE_MODES = ("attention", "random", "none")
+ATTENTION_SOURCES = ("both", "prior", "learnable")
+PRIOR_MODES = ("cls", "received")
+DISTANCES = ("l2", "cos")
+AGGREGATIONS = ("sum", "concat")
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class AGPNetTrainOutput(NamedTuple):
+    """What the training forward returns.
+
+    Attributes:
+        target: Clean aggregated features ``F`` ``(B, C, h, w)`` (the reconstruction target).
+        reconstructions: ``F̂`` per perturbation branch ``(B, C, h, w)``: feature-level, then image+feature-level
+            (only when image noise is on).
+        attention_mask: The guidance map actually used for the feature noise ``(B, h, w)`` in [0, 1] (all zeros
+            when feature noise is off).
+        image_mask: Binary pixel mask of the image-level noise ``(B, 1, H, W)`` (``None`` without image noise).
+    """
+
+    target: torch.Tensor
+    reconstructions: list[torch.Tensor]
+    attention_mask: torch.Tensor
+    image_mask: torch.Tensor | None
+
+
+def attention_weights(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax attention ``softmax(q kᵀ · scale)`` ``(B, heads, N, N)`` of a timm ``Attention`` on its input ``x``.
+
+    timm computes attention with fused SDPA, which never materialises the weights, so they are recomputed from
+    the module's own ``qkv`` projection.
+    """
+    b, n, _ = x.shape
+    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class AGPNetDecoder(nn.Module):
+    """Plain ViT decoder: (input projection) + learnable position embedding + ``depth`` pre-norm blocks + LN.
+
+    Args:
+        in_dim: Channels of the target features ``C``.
+        dim: Width of the blocks; when it differs from ``in_dim`` linear projections are added at both ends.
+        depth: Number of timm ``Block`` s (paper: 4).
+        num_heads: Attention heads.
+        mlp_ratio: MLP expansion of each block.
+        grid_size: Token grid ``(h, w)`` of the position embedding (resampled bilinearly for other grids).
+    """
+
+    def __init__(
+        self, in_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float, grid_size: tuple[int, int]
+    ) -> None:
+        super().__init__()
+        self.grid_size = tuple(grid_size)
+        self.input_proj = nn.Identity() if in_dim == dim else nn.Linear(in_dim, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1], dim))
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.output_proj = nn.Identity() if in_dim == dim else nn.Linear(dim, in_dim)
+        trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(_init_weights)
+
+    def _pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
+        if grid == self.grid_size:
+            return self.pos_embed
+        h, w = self.grid_size
+        pe = self.pos_embed.reshape(1, h, w, -1).permute(0, 3, 1, 2)
+        pe = F.interpolate(pe, size=grid, mode="bilinear", align_corners=False)
+        return pe.flatten(2).transpose(1, 2)
+
+    def forward(
+        self, tokens: torch.Tensor, grid: tuple[int, int], return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Reconstruct tokens ``(B, L, C)`` on ``grid``; optionally also return each block's attention weights."""
+        x = self.input_proj(tokens) + self._pos_embed(grid)
+        attentions = []
+        for block in self.blocks:
+            if return_attention:
+                attentions.append(attention_weights(block.attn, block.norm1(x)))
+            x = block(x)
+        x = self.output_proj(self.norm(x))
+        return (x, attentions) if return_attention else x
+
+
+def _probe(backbone: str) -> tuple[bool, int]:
+    """Whether a timm model is a ViT (blocks + patch embedding) and its number of blocks; built on the meta device,
+    so nothing is allocated or downloaded."""
+    import timm
+
+    with torch.device("meta"):
+        probe = timm.create_model(backbone, pretrained=False)
+    blocks = getattr(probe, "blocks", None)
+    is_vit = blocks is not None and hasattr(probe, "patch_embed") and hasattr(probe, "forward_intermediates")
+    return is_vit, len(blocks) if is_vit else 0
+
+
+def default_layers(backbone: str) -> list[int]:
+    """Default encoder layers: 4 evenly spaced ViT blocks (``[2, 5, 8, 11]`` for 12 blocks) or CNN stages
+    ``[1, 2, 3]``."""
+    is_vit, depth = _probe(backbone)
+    if is_vit:
+        return sorted({max(depth * i // 4 - 1, 0) for i in (1, 2, 3, 4)})
+    return [1, 2, 3]
+
+
+class AGPNetModel(nn.Module):
+    """AGPNet: frozen encoder + ViT decoder, with the attention-guided perturbation branch for training.
+
+    Args:
+        backbone: timm name of the frozen encoder. ViTs (paper: ``vit_small_patch16_224.dino``) give patch tokens and
+            attention maps; CNNs (e.g. ``tf_efficientnet_lite0``) give feature maps, and their prior attention is the
+            channel mean of ``|features|`` (activation-based spatial attention; the paper gives no rule for CNNs).
+        layers: Encoder layers. ViT: 0-based block indices, default the 4 evenly spaced blocks ``[2, 5, 8, 11]``
+            (blocks 3, 6, 9, 12, "shallow + deep"). CNN: ``features_only`` indices or names, default ``[1, 2, 3]``.
+        weights: ``"imagenet"``, a local weights file, or ``None`` (random init; tests).
+        image_size: Input size ``(H, W)`` the decoder's position embedding (and a ViT's input size) is built for.
+        aggregation: ``"sum"`` of the layer-normed layers (paper; needs equal widths, the ViT default) or ``"concat"``
+            (CNN default). ``None`` = automatic.
+        decoder_dim: Decoder width; ``None`` = the feature width for ViTs, 384 for CNNs.
+        decoder_depth: Decoder blocks (paper: 4).
+        decoder_heads: Decoder attention heads.
+        decoder_mlp_ratio: Decoder MLP ratio (4 gives 7.1 M decoder parameters with ViT-S; the paper reports 4.42 M).
+        feature_noise: ``"attention"`` (guided), ``"random"`` (the mask replaced by uniform noise) or ``"none"``.
+        image_noise: ``"attention"``, ``"random"`` or ``"none"``.
+        attention_source: ``"both"`` (prior + learnable), ``"prior"`` or ``"learnable"``.
+        prior_attention: ViT prior ``"cls"`` (CLS→patch attention) or ``"received"`` (mean attention each patch
+            receives).
+        use_mean_teacher: Read the learnable attention from an EMA copy of the decoder (``False``: from the decoder).
+        ema_decay: EMA decay η of the teacher.
+        ema_update_every: Teacher update period in optimizer steps (paper: 10).
+        feature_noise_floor: Constant noise level β added to ``α·mask``.
+        image_noise_std: Standard deviation of the image-level noise in [0, 1] pixel units (converted with the
+            ImageNet std because the model sees normalised images).
+        distance: Anomaly map distance ``"l2"`` (paper) or ``"cos"``.
+        blur_sigma: Gaussian smoothing σ of the map (``None`` or 0 = off).
+        score_kernel_size: Average-pool kernel of the image score (clamped to the map size).
+
+    Attributes:
+        feature_noise_intensity: α(t), set by the training loop (the easy → hard ramp).
+        mask_ratio: ρ(t), the fraction of pixels receiving image noise, set by the training loop.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_small_patch16_224.dino",
+        layers: Sequence[int | str] | None = None,
+        weights: str | os.PathLike | None = "imagenet",
+        image_size: tuple[int, int] = (256, 256),
+        aggregation: str | None = None,
+        decoder_dim: int | None = None,
+        decoder_depth: int = 4,
+        decoder_heads: int = 6,
+        decoder_mlp_ratio: float = 4.0,
+        feature_noise: str = "attention",
+        image_noise: str = "attention",
+        attention_source: str = "both",
+        prior_attention: str = "cls",
+        use_mean_teacher: bool = True,
+        ema_decay: float = 0.999,
+        ema_update_every: int = 1,
+        feature_noise_floor: float = 0.1,
+        image_noise_std: float = 0.2,
+        distance: str = "l2",
+        blur_sigma: float | None = 4.0,
+        score_kernel_size: int = 16,
+    ) -> None:
+        super().__init__()
+        for name, value, allowed in (
+            ("feature_noise", feature_noise, NOISE_MODES),
+            ("image_noise", image_noise, NOISE_MODES),
+            ("attention_source", attention_source, ATTENTION_SOURCES),
+            ("prior_attention", prior_attention, PRIOR_MODES),
+            ("distance", distance, DISTANCES),
+        ):
+            if value not in allowed:
+                msg = f"{name} must be one of {allowed}, got {value!r}."
+                raise ValueError(msg)
+        if aggregation is not None and aggregation not in AGGREGATIONS:
+            msg = f"aggregation must be one of {AGGREGATIONS} or None, got {aggregation!r}."
+            raise ValueError(msg)
+        image_size = tuple(int(s) for s in image_size)
+        if len(image_size) != 2 or min(image_size) <= 0:
+            msg = f"image_size must be a positive (height, width) pair, got {image_size}."
+            raise ValueError(msg)
+        if decoder_depth < 1 or decoder_heads < 1 or decoder_mlp_ratio <= 0:
+            msg = "decoder_depth and decoder_heads must be >= 1 and decoder_mlp_ratio > 0."
+            raise ValueError(msg)
+        if feature_noise_floor < 0 or image_noise_std < 0:
+            msg = "feature_noise_floor and image_noise_std must be >= 0."
+            raise ValueError(msg)
+        if score_kernel_size < 1:
+            msg = f"score_kernel_size must be >= 1, got {score_kernel_size}."
+            raise ValueError(msg)
+
+        self.image_size: tuple[int, int] = image_size  # type: ignore[assignment]
+        self.feature_noise = feature_noise
+        self.image_noise = image_noise
+        self.attention_source = attention_source
+        self.prior_attention = prior_attention
+        self.feature_noise_floor = float(feature_noise_floor)
+        self.image_noise_std = float(image_noise_std)
+        self.score_kernel_size = int(score_kernel_size)
+        self.feature_noise_intensity = 0.0
+        self.mask_ratio = 1.0
+
+        # ---------------------------------------------------------------- encoder (frozen)
+        import timm
+
+        name = str(backbone)
+        if not timm.is_model(name.split(".")[0]):
+            msg = f"Unknown timm backbone {backbone!r}; pass a timm model name such as 'vit_small_patch16_224.dino'."
+            raise ValueError(msg)
+        is_vit, _ = _probe(name)
+        vit_img = image_size[0] if is_vit and image_size[0] == image_size[1] else None
+        layers = list(layers) if layers is not None else default_layers(name)
+        self.encoder = FeatureExtractor(name, layers=layers, weights=weights, img_size=vit_img)
+        self.is_vit = bool(self.encoder.is_vit)
+        self.layers = list(self.encoder.layers)
+        if aggregation is None:
+            aggregation = "sum" if len(set(self.encoder.out_dims)) == 1 else "concat"
+        if aggregation == "sum" and len(set(self.encoder.out_dims)) != 1:
+            msg = f"aggregation='sum' needs equal layer widths, got {self.encoder.out_dims}; use 'concat'."
+            raise ValueError(msg)
+        self.aggregation = aggregation
+        self.stride = int(max(self.encoder.reductions))
+        if image_size[0] % self.stride or image_size[1] % self.stride:
+            msg = f"image_size {image_size} must be a multiple of the encoder stride {self.stride}."
+            raise ValueError(msg)
+        self.feature_dim = int(self.encoder.out_dims[0]) if aggregation == "sum" else int(sum(self.encoder.out_dims))
+        grid = (image_size[0] // self.stride, image_size[1] // self.stride)
+        self._prior_hooks_active = False
+        self._prior_maps: list[torch.Tensor] = []
+        if self.is_vit:
+            for i in self.encoder.block_idx:
+                self.encoder.model.blocks[i].attn.register_forward_pre_hook(self._record_prior)
+
+        # ---------------------------------------------------------------- decoder (trained) and teacher (EMA)
+        dim = decoder_dim if decoder_dim is not None else (self.feature_dim if self.is_vit else 384)
+        if dim % decoder_heads:
+            msg = f"decoder_dim ({dim}) must be divisible by decoder_heads ({decoder_heads})."
+            raise ValueError(msg)
+        self.decoder = AGPNetDecoder(self.feature_dim, dim, decoder_depth, decoder_heads, decoder_mlp_ratio, grid)
+        self.teacher = (
+            EMATeacher(self.decoder, decay=ema_decay, update_every=ema_update_every) if use_mean_teacher else None
+        )
+        self.anomaly_map_generator = AnomalyMapGenerator(
+            distance="l2" if distance == "l2" else "cos",
+            align_corners=True,
+            blur_sigma=blur_sigma if blur_sigma else None,
+        )
+        self.register_buffer("_pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    # ------------------------------------------------------------------------------------------------ features
+    def _record_prior(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if self._prior_hooks_active:
+            self._prior_maps.append(attention_weights(module, args[0]))
+
+    def aggregate(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``Σ_l LN(F_l)`` (or their concatenation) on the token grid ``(B, C, h, w)``; CNN maps are average-pooled
+        to the coarsest selected resolution first."""
+        grid = tuple(int(s) for s in features[-1].shape[-2:])
+        for f in features:
+            if f.shape[-2] * f.shape[-1] < grid[0] * grid[1]:
+                grid = tuple(int(s) for s in f.shape[-2:])
+        maps = []
+        for f in features:
+            if tuple(f.shape[-2:]) != grid:
+                f = F.adaptive_avg_pool2d(f, grid)
+            maps.append(layer_norm_channels(f))
+        if self.aggregation == "sum":
+            out = maps[0]
+            for m in maps[1:]:
+                out = out + m
+            return out
+        return torch.cat(maps, dim=1)
+
+    def extract(self, images: torch.Tensor, record_prior: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Encoder features aggregated into the target ``(B, C, h, w)``, and the raw per-layer maps."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            msg = f"AGPNet expects an RGB batch (B, 3, H, W), got {tuple(images.shape)}."
+            raise ValueError(msg)
+        if images.shape[-2] % self.stride or images.shape[-1] % self.stride:
+            msg = (
+                f"Input size {tuple(images.shape[-2:])} is not a multiple of the encoder stride {self.stride}; "
+                "resize the images (the default pre-processor resizes to image_size)."
+            )
+            raise ValueError(msg)
+        self._prior_maps = []
+        self._prior_hooks_active = record_prior
+        try:
+            features = self.encoder(images)
+        finally:
+            self._prior_hooks_active = False
+        return self.aggregate(features), features
+
+    def reconstruct(self, target: torch.Tensor) -> torch.Tensor:
+        """Decoder reconstruction ``F̂`` of a ``(B, C, h, w)`` map."""
+        grid = (int(target.shape[-2]), int(target.shape[-1]))
+        return tokens_to_map(self.decoder(map_to_tokens(target), grid), grid)
+
+    # ------------------------------------------------------------------------------------------------ attention
+    def prior_attention_map(self, features: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        """``A_prior`` ``(B, h, w)``, averaged over the selected layers (each layer min-max normalised for CNNs).
+
+        ViT: CLS→patch attention (``"cls"``) or the attention each patch receives (``"received"``), averaged over
+        heads. CNN: channel mean of ``|F_l|`` pooled to the token grid.
+        """
+        if self.is_vit:
+            if not self._prior_maps:
+                msg = "No encoder attention was recorded; call extract(images, record_prior=True) first."
+                raise RuntimeError(msg)
+            p = self.encoder.num_prefix_tokens
+            maps = []
+            for attn in self._prior_maps:
+                attn = attn.mean(dim=1)  # over heads: (B, N, N)
+                if self.prior_attention == "cls":
+                    maps.append(attn[:, 0, p:])
+                else:
+                    maps.append(attn[:, p:, p:].mean(dim=1))
+            return torch.stack(maps, 0).mean(0).reshape(-1, *grid)
+        maps = []
+        for f in features:
+            m = f.abs().mean(dim=1, keepdim=True)
+            if tuple(m.shape[-2:]) != grid:
+                m = F.adaptive_avg_pool2d(m, grid)
+            maps.append(min_max_normalize(m[:, 0]))
+        return torch.stack(maps, 0).mean(0)
+
+    def learnable_attention_map(self, target: torch.Tensor) -> torch.Tensor:
+        """``A_learn`` ``(B, h, w)``: mean attention each token receives in the (teacher) decoder run on clean ``F``."""
+        grid = (int(target.shape[-2]), int(target.shape[-1]))
+        decoder = self.teacher.module if self.teacher is not None else self.decoder
+        with torch.no_grad():
+            _, attentions = decoder(map_to_tokens(target), grid, return_attention=True)
+        received = torch.stack([a.mean(dim=1).mean(dim=1) for a in attentions], 0).mean(0)  # (B, L)
+        return received.reshape(-1, *grid)
+
+    def attention_mask(self, target: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``Φ_norm(Φ_norm(A_prior) + Φ_norm(A_learn))`` ``(B, h, w)`` in [0, 1] (one term for the ablations)."""
+        grid = (int(target.shape[-2]), int(target.shape[-1]))
+        with torch.no_grad():
+            mask = torch.zeros(target.shape[0], *grid, device=target.device, dtype=target.dtype)
+            if self.attention_source in ("both", "prior"):
+                mask = mask + min_max_normalize(self.prior_attention_map(features, grid).to(target.dtype))
+            if self.attention_source in ("both", "learnable"):
+                mask = mask + min_max_normalize(self.learnable_attention_map(target).to(target.dtype))
+            return min_max_normalize(mask)
+
+    # ------------------------------------------------------------------------------------------------ perturbations
+    def perturb_features(self, target: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        """``F + E ⊙ (α·guide + β)`` with ``E ~ N(0, I)`` broadcast over channels (identity when feature noise is
+        off)."""
+        if self.feature_noise == "none":
+            return target
+        weight = self.feature_noise_intensity * guide + self.feature_noise_floor
+        return weighted_noise(target, weight)
+
+    def image_noise_mask(self, guide: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Binary mask ``(B, 1, H, W)``: the top ``mask_ratio`` fraction of pixels of the upsampled guide."""
+        up = F.interpolate(guide.unsqueeze(1), size=size, mode="bilinear", align_corners=True)
+        return top_fraction_mask(up, float(self.mask_ratio))
+
+    def perturb_image(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x + M ⊙ N(0, σ²)`` with σ given in pixel units and converted to the normalised input."""
+        std = (self.image_noise_std / self._pixel_std).to(images.dtype)
+        return image_region_noise(images, mask, std=std)
+
+    # ------------------------------------------------------------------------------------------------ teacher
+    @torch.no_grad()
+    def update_teacher(self) -> bool:
+        """EMA step of the mean teacher towards the decoder; returns whether it moved."""
+        if self.teacher is None:
+            return False
+        return self.teacher.update(self.decoder)
+
+    def train(self, mode: bool = True) -> AGPNetModel:
+        """The encoder (and the teacher) stay in eval mode."""
+        super().train(mode)
+        self.encoder.train(False)
+        return self
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, images: torch.Tensor) -> AGPNetTrainOutput | InferenceBatch:
+        """Train: perturbed reconstructions (:class:`AGPNetTrainOutput`). Eval: ``InferenceBatch`` with
+        ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, 1, H, W)``."""
+        if not self.training:
+            return self.predict(images)
+        needs_attention = "attention" in (self.feature_noise, self.image_noise)
+        needs_prior = needs_attention and self.attention_source in ("both", "prior")
+        target, features = self.extract(images, record_prior=needs_prior and self.is_vit)
+        batch, grid = target.shape[0], (int(target.shape[-2]), int(target.shape[-1]))
+        guide = self.attention_mask(target, features) if needs_attention else None
+        random_guide = None
+        if "random" in (self.feature_noise, self.image_noise):
+            random_guide = min_max_normalize(torch.rand(batch, *grid, device=target.device, dtype=target.dtype))
+
+        def pick(mode: str) -> torch.Tensor:
+            if mode == "attention":
+                return guide
+            if mode == "random":
+                return random_guide
+            return torch.zeros(batch, *grid, device=target.device, dtype=target.dtype)
+
+        feature_guide = pick(self.feature_noise)
+        reconstructions = [self.reconstruct(self.perturb_features(target, feature_guide))]
+        image_mask = None
+        if self.image_noise != "none":
+            image_mask = self.image_noise_mask(pick(self.image_noise), (int(images.shape[-2]), int(images.shape[-1])))
+            with torch.no_grad():
+                noisy_target, _ = self.extract(self.perturb_image(images, image_mask))
+            reconstructions.append(self.reconstruct(self.perturb_features(noisy_target, feature_guide)))
+        return AGPNetTrainOutput(target, reconstructions, feature_guide, image_mask)
+
+    def predict(self, images: torch.Tensor) -> InferenceBatch:
+        """Anomaly map from the per-token reconstruction error (no noise, no teacher)."""
+        target, _ = self.extract(images)
+        recon = self.reconstruct(target)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        anomaly_map = self.anomaly_map_generator([target], [recon], out_size=size)
+        kernel = min(self.score_kernel_size, *size)
+        pred_score = reduce_max_avgpool(anomaly_map, kernel_size=kernel)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (trainable) parameters of a module."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

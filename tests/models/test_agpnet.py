@@ -1,0 +1,503 @@
+"""Tests for AGPNet (attention-guided perturbation network).
+
+Tiny settings keep the file fast on 2 CPU cores: timm's ``test_vit`` (64-d, 6 blocks, 2 heads, random weights) or a
+random EfficientNet-Lite0 as encoder, a 1-2 block decoder, 64-px inputs (a 4×4 token grid).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import InferenceBatch
+from PIL import Image
+
+from anomalib_recon.models.image.agpnet import AGPNet
+from anomalib_recon.models.image.agpnet.few_shot import dihedral_augment, few_shot_subset
+from anomalib_recon.models.image.agpnet.loss import AGPNetLoss
+from anomalib_recon.models.image.agpnet.torch_model import (
+    AGPNetModel,
+    AGPNetTrainOutput,
+    attention_weights,
+    count_parameters,
+    default_layers,
+)
+
+TINY = {
+    "backbone": "test_vit",
+    "weights": None,
+    "image_size": 64,
+    "decoder_dim": 64,
+    "decoder_heads": 2,
+    "decoder_depth": 2,
+}
+TINY_MODEL = {**TINY, "image_size": (64, 64)}
+
+
+def _model(**kwargs) -> AGPNetModel:
+    torch.manual_seed(0)
+    return AGPNetModel(**{**TINY_MODEL, **kwargs})
+
+
+def _module(**kwargs) -> AGPNet:
+    torch.manual_seed(0)
+    return AGPNet(**{**TINY, "evaluator": False, "visualizer": False, **kwargs})
+
+
+def _images(n: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> AGPNetModel:
+    return _model()
+
+
+# ----------------------------------------------------------------------------------------------------- architecture
+def test_default_layers_and_paper_decoder_size():
+    """Blocks 3/6/9/12 of ViT-S (0-based 2/5/8/11), CNN stages 1-3; the default decoder is 4 × 384-d blocks."""
+    assert default_layers("vit_small_patch16_224.dino") == [2, 5, 8, 11]
+    assert default_layers("tf_efficientnet_lite0") == [1, 2, 3]
+    with torch.device("meta"):  # sizes only: nothing allocated or initialised
+        model = AGPNetModel("vit_small_patch16_224.dino", weights=None)
+    assert model.layers == [2, 5, 8, 11] and model.aggregation == "sum" and model.feature_dim == 384
+    per_block = 12 * 384**2 + 13 * 384  # qkv, proj, fc1, fc2 (mlp_ratio 4) + biases + 2 LayerNorms
+    expected = 4 * per_block + 16 * 16 * 384 + 2 * 384  # + position embedding (16×16 grid at 256 px) + final LN
+    assert count_parameters(model.decoder, trainable_only=True) == expected == 7_196_928
+    assert count_parameters(model.teacher) == expected and count_parameters(model.teacher, trainable_only=True) == 0
+    assert count_parameters(model.encoder, trainable_only=True) == 0
+    assert isinstance(model.decoder.input_proj, torch.nn.Identity)  # 384 = 384: no projection
+
+
+def test_recomputed_attention_reproduces_the_block_output(tiny_model):
+    """``attention_weights`` gives the softmax that timm's fused attention applies (so the masks read the real one)."""
+    attn = tiny_model.decoder.blocks[0].attn
+    x = torch.randn(2, 16, 64)
+    weights = attention_weights(attn, x)
+    assert weights.shape == (2, 2, 16, 16)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 16))
+    v = attn.qkv(x).reshape(2, 16, 3, 2, 32).permute(2, 0, 3, 1, 4)[2]
+    manual = attn.proj((weights @ v).transpose(1, 2).reshape(2, 16, 64))
+    torch.testing.assert_close(manual, attn(x), atol=1e-5, rtol=1e-5)
+
+
+def test_masks_have_the_token_grid_and_lie_in_unit_range(tiny_model):
+    images = _images()
+    target, features = tiny_model.extract(images, record_prior=True)
+    assert target.shape == (2, 64, 4, 4)
+    assert len(tiny_model._prior_maps) == 4  # one attention map per selected encoder block
+    prior = tiny_model.prior_attention_map(features, (4, 4))
+    learn = tiny_model.learnable_attention_map(target)
+    assert prior.shape == learn.shape == (2, 4, 4)
+    # CLS→patch attention averaged over heads: non-negative, each row of the softmax sums to at most 1
+    assert prior.min() >= 0 and prior.sum(dim=(1, 2)).max() <= 1 + 1e-5
+    mask = tiny_model.attention_mask(target, features)
+    flat = mask.flatten(1)
+    torch.testing.assert_close(flat.amin(1), torch.zeros(2))
+    torch.testing.assert_close(flat.amax(1), torch.ones(2))
+    # no attention is recorded outside an explicit training extraction
+    tiny_model.extract(images)
+    assert tiny_model._prior_maps == []
+
+
+def test_cnn_prior_is_channel_mean_of_absolute_activations():
+    model = _model(backbone="tf_efficientnet_lite0", decoder_dim=32, decoder_heads=2, decoder_depth=1)
+    assert model.aggregation == "concat" and model.feature_dim == 24 + 40 + 112
+    target, features = model.extract(_images())
+    prior = model.prior_attention_map(features, (4, 4))
+    expected = features[-1].abs().mean(1)  # the deepest stage is already on the 4×4 grid
+    expected = (expected - expected.amin((1, 2), keepdim=True)) / (
+        expected.amax((1, 2), keepdim=True) - expected.amin((1, 2), keepdim=True)
+    )
+    assert prior.shape == (2, 4, 4) and prior.min() >= 0 and prior.max() <= 1
+    assert torch.corrcoef(torch.stack([prior[0].flatten(), expected[0].flatten()]))[0, 1] > 0.3
+    assert target.shape == (2, 176, 4, 4)
+
+
+def test_image_mask_covers_the_ratio_where_attention_is_high(tiny_model):
+    guide = torch.zeros(2, 4, 4)
+    guide[:, :2] = 1.0  # top half attended
+    tiny_model.mask_ratio = 0.5
+    mask = tiny_model.image_noise_mask(guide, (64, 64))
+    assert mask.shape == (2, 1, 64, 64) and mask.dtype == torch.bool
+    assert mask.float().mean().item() == pytest.approx(0.5)
+    assert mask[:, :, :24].all() and not mask[:, :, 40:].any()
+    tiny_model.mask_ratio = 1.0
+    assert tiny_model.image_noise_mask(guide, (64, 64)).all()
+    noisy = tiny_model.perturb_image(torch.zeros(2, 3, 64, 64), mask)
+    assert noisy[:, :, 40:].abs().max() == 0 and noisy[:, :, :24].std() > 0.5  # σ 0.2 px → ≈0.9 normalised
+
+
+def test_feature_noise_follows_the_guide(tiny_model):
+    target = torch.zeros(1, 64, 4, 4)
+    guide = torch.zeros(1, 4, 4)
+    guide[0, 0, 0] = 1.0
+    tiny_model.feature_noise_intensity = 1.0
+    torch.manual_seed(0)
+    noisy = torch.stack([tiny_model.perturb_features(target, guide) for _ in range(20)])
+    std = noisy.std(dim=(0, 2))[0]  # per token
+    assert std[0, 0].item() == pytest.approx(1.1, rel=0.15)  # α·1 + β
+    assert std[1:].mean().item() == pytest.approx(0.1, rel=0.15)  # β only
+
+
+# ----------------------------------------------------------------------------------------------------- training
+def test_train_and_eval_outputs(tiny_model):
+    tiny_model.train()
+    tiny_model.feature_noise_intensity, tiny_model.mask_ratio = 0.5, 0.7
+    out = tiny_model(_images())
+    assert isinstance(out, AGPNetTrainOutput)
+    assert len(out.reconstructions) == 2 and all(r.shape == (2, 64, 4, 4) for r in out.reconstructions)
+    assert out.image_mask.shape == (2, 1, 64, 64) and out.image_mask.float().mean().item() == pytest.approx(
+        0.7, abs=1e-3
+    )
+    loss = AGPNetLoss()(out.target, out.reconstructions)
+    loss.backward()
+    assert all(p.grad is not None for p in tiny_model.decoder.parameters())
+    assert all(p.grad is None for p in tiny_model.teacher.parameters())
+    tiny_model.eval()
+    with torch.no_grad():
+        pred = tiny_model(_images(3))
+    assert isinstance(pred, InferenceBatch)
+    assert pred.pred_score.shape == (3,) and pred.anomaly_map.shape == (3, 1, 64, 64)
+    assert torch.isfinite(pred.anomaly_map).all()
+    tiny_model.train()
+
+
+def test_eval_path_never_touches_the_teacher(tiny_model, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("teacher used at inference")
+
+    monkeypatch.setattr(tiny_model.teacher.module, "forward", boom)
+    tiny_model.eval()
+    with torch.no_grad():
+        tiny_model(_images(1))
+    tiny_model.train()
+    with pytest.raises(AssertionError, match="teacher used"):
+        tiny_model(_images(1))
+
+
+def test_score_is_max_of_average_pooled_blurred_map(tiny_model):
+    tiny_model.eval()
+    with torch.no_grad():
+        pred = tiny_model(_images(2))
+    pooled = torch.nn.functional.avg_pool2d(pred.anomaly_map, 16, stride=1).flatten(1).amax(1)
+    torch.testing.assert_close(pred.pred_score, pooled)
+    tiny_model.train()
+
+
+def test_teacher_moves_by_ema_only():
+    module = _module(ema_decay=0.9)
+    model = module.model
+    optimizer = module.configure_optimizers()["optimizer"]
+    opt_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert opt_params == {id(p) for p in model.decoder.parameters()}
+    before = [p.detach().clone() for p in model.teacher.parameters()]
+    model.train()
+    model.feature_noise_intensity = 0.5
+    loss = module.loss(*model(_images())[:2])
+    loss.backward()
+    optimizer.step()
+    for old, new in zip(before, model.teacher.parameters(), strict=True):
+        torch.testing.assert_close(old, new, rtol=0, atol=0)
+    assert model.update_teacher()
+    for old, student, teacher in zip(before, model.decoder.parameters(), model.teacher.parameters(), strict=True):
+        torch.testing.assert_close(teacher, 0.9 * old + 0.1 * student.detach())
+    assert not _module(use_mean_teacher=False).model.update_teacher()
+
+
+def test_training_steps_lower_the_loss():
+    module = _module(image_size=64, lr=3e-3)
+    model = module.model.train()
+    model.feature_noise_intensity, model.mask_ratio = 0.5, 0.8
+    optimizer = module.configure_optimizers()["optimizer"]
+    images = _images(4, seed=1)
+
+    def measure() -> float:
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return module.loss(*model(images)[:2]).item()
+
+    start = measure()
+    torch.manual_seed(0)
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = module.loss(*model(images)[:2])
+        loss.backward()
+        optimizer.step()
+        model.update_teacher()
+    assert measure() < 0.93 * start  # the decoder starts near identity: only the noise part can be learnt
+
+
+def test_ramps_at_first_middle_and_last_epoch():
+    module = _module()  # paper fractions: α 0→1 over [0, 0.8], ρ 0.6→1 over [0.2, 0.8] of training
+    model = module.model
+    module.set_progress(0, 11)
+    assert (model.feature_noise_intensity, model.mask_ratio) == (0.0, 0.6)
+    module.set_progress(5, 11)  # α ramps over epochs 0..8, ρ over 2..8
+    assert model.feature_noise_intensity == pytest.approx(5 / 8)
+    assert model.mask_ratio == pytest.approx(0.6 + 0.4 * 3 / 6)
+    module.set_progress(10, 11)
+    assert (model.feature_noise_intensity, model.mask_ratio) == (1.0, 1.0)
+    module.set_progress(8, 11)
+    assert (model.feature_noise_intensity, model.mask_ratio) == (1.0, 1.0)
+    constant = _module(feature_noise_schedule="constant", feature_noise_range=(0.0, 1.5))
+    constant.set_progress(0, 11)
+    assert constant.model.feature_noise_intensity == 1.5
+
+
+def test_schedules_follow_steps_when_only_max_steps_is_set():
+    module = _module(feature_noise_ramp=(0.0, 1.0))
+    module._trainer = SimpleNamespace(max_epochs=-1, max_steps=11, global_step=5, current_epoch=0)
+    assert module._horizon() == ("step", 11)
+    module.on_train_epoch_start()  # epoch hook does nothing in step mode
+    assert module.model.feature_noise_intensity == 0.0
+    module.on_train_batch_start(None, 0)
+    assert module.model.feature_noise_intensity == pytest.approx(0.5)
+    config = module.configure_optimizers()
+    assert config["lr_scheduler"]["interval"] == "step"
+    assert config["lr_scheduler"]["scheduler"].milestones == {9: 1}  # round(0.8 · 11)
+    module._trainer = SimpleNamespace(max_epochs=10, max_steps=-1, global_step=0, current_epoch=9)
+    module.on_train_epoch_start()
+    assert module.model.feature_noise_intensity == 1.0
+    assert module.configure_optimizers()["lr_scheduler"]["interval"] == "epoch"
+    module._trainer = SimpleNamespace(max_epochs=-1, max_steps=-1, global_step=0, current_epoch=0)
+    module.on_train_epoch_start()  # no horizon: final values
+    assert (module.model.feature_noise_intensity, module.model.mask_ratio) == (1.0, 1.0)
+    assert "lr_scheduler" not in module.configure_optimizers()
+    module._trainer = None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"feature_noise": "random", "image_noise": "random"},
+        {"feature_noise": "attention", "image_noise": "none"},
+        {"feature_noise": "none", "image_noise": "attention"},
+        {"feature_noise": "none", "image_noise": "none", "loss_type": "mse", "distance": "cos"},
+        {"attention_source": "prior", "prior_attention": "received"},
+        {"attention_source": "learnable", "use_mean_teacher": False},
+        {"backbone": "tf_efficientnet_lite0", "layers": [1, 2], "decoder_depth": 1, "blur_sigma": None},
+    ],
+)
+def test_ablation_switches_run(kwargs):
+    module = _module(**kwargs)
+    model = module.model.train()
+    model.feature_noise_intensity, model.mask_ratio = 1.0, 0.6
+    torch.manual_seed(0)
+    out = model(_images())
+    image_on = model.image_noise != "none"
+    assert len(out.reconstructions) == (2 if image_on else 1)
+    assert (out.image_mask is not None) == image_on
+    if model.feature_noise == "none":
+        assert not out.attention_mask.any()
+    else:
+        assert out.attention_mask.amax().item() == pytest.approx(1.0)
+    loss = module.loss(out.target, out.reconstructions)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    model.eval()
+    with torch.no_grad():
+        pred = model(_images(1))
+    assert pred.anomaly_map.shape == (1, 1, 64, 64)
+    assert (model.teacher is None) == (kwargs.get("use_mean_teacher") is False)
+
+
+def test_random_noise_ignores_attention():
+    model = _model(feature_noise="random")
+    model.train()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("attention computed for random noise")
+
+    model.attention_mask = fail
+    with pytest.raises(AssertionError, match="attention computed"):
+        model(_images())  # image noise is "attention" here, so the mask is needed ...
+    model.image_noise = "random"
+    out = model(_images())  # ... and with both levels random it is not
+    assert out.image_mask is not None and out.attention_mask.min() >= 0 and out.attention_mask.max() <= 1
+
+
+# ----------------------------------------------------------------------------------------------------- few-shot
+def _write_category(root: Path, seed: int, n_train: int = 4) -> None:
+    g = np.random.default_rng(seed)
+    for sub in ("train/good", "test/good", "test/defect", "ground_truth/defect"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+
+    def texture() -> np.ndarray:
+        xx = np.mgrid[0:64, 0:64][1]
+        base = 0.5 + 0.2 * np.sin(2 * math.pi * xx / 8 + g.uniform(0, 6)) + 0.03 * g.standard_normal((64, 64))
+        return (np.clip(np.stack([base] * 3, -1), 0, 1) * 255).astype(np.uint8)
+
+    for i in range(n_train):
+        Image.fromarray(texture()).save(root / "train/good" / f"{i:03d}.png")
+    Image.fromarray(texture()).save(root / "test/good/000.png")
+    for i in range(2):
+        img, mask = texture(), np.zeros((64, 64), np.uint8)
+        img[10:30, 20:40] = 255
+        mask[10:30, 20:40] = 255
+        Image.fromarray(img).save(root / "test/defect" / f"{i:03d}.png")
+        Image.fromarray(mask).save(root / "ground_truth/defect" / f"{i:03d}_mask.png")
+
+
+def _folder(root: Path):
+    from anomalib.data import Folder
+
+    return Folder(
+        name="tiny",
+        root=root,
+        normal_dir="train/good",
+        abnormal_dir="test/defect",
+        normal_test_dir="test/good",
+        mask_dir="ground_truth/defect",
+        train_batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+    )
+
+
+def test_few_shot_keeps_k_images_replicated(tmp_path):
+    _write_category(tmp_path / "data", seed=0, n_train=5)
+    datamodule = _folder(tmp_path / "data")
+    datamodule.setup()
+    module = _module(few_shot_k=2, few_shot_folds=8, few_shot_seed=3)
+    module._trainer = SimpleNamespace(datamodule=datamodule)
+    module.setup("fit")
+    paths = datamodule.train_data.samples.image_path
+    assert len(datamodule.train_data) == 16 and paths.nunique() == 2
+    assert paths.value_counts().tolist() == [8, 8]
+    module.setup("fit")  # idempotent
+    assert len(datamodule.train_data) == 16
+    other = _folder(tmp_path / "data")
+    other.setup()
+    few_shot_subset(other.train_data, k=2, folds=1, seed=3)
+    assert set(other.train_data.samples.image_path) == set(paths)  # same seed, same images
+    with pytest.raises(ValueError, match="larger than the training set"):
+        few_shot_subset(_folder_setup(tmp_path / "data").train_data, k=9)
+    module._trainer = SimpleNamespace(datamodule=None)
+    with pytest.raises(ValueError, match="datamodule"):
+        module.setup("fit")
+    module._trainer = None
+
+
+def _folder_setup(root: Path):
+    datamodule = _folder(root)
+    datamodule.setup()
+    return datamodule
+
+
+def test_dihedral_augmentation_rotates_and_flips():
+    image = torch.arange(2 * 16, dtype=torch.float32).reshape(1, 2, 4, 4)
+    batch = image.repeat(64, 1, 1, 1)
+    out = dihedral_augment(batch, generator=torch.Generator().manual_seed(0))
+    assert out.shape == batch.shape
+    variants = {tuple(o.flatten().tolist()) for o in out}
+    assert len(variants) == 8  # the dihedral group of the square
+    assert all(sorted(v) == sorted(image.flatten().tolist()) for v in variants)
+    rect = dihedral_augment(torch.rand(16, 3, 4, 6))
+    assert rect.shape == (16, 3, 4, 6)
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+def test_clear_errors_on_bad_input(tiny_model):
+    with pytest.raises(ValueError, match="feature_noise must be one of"):
+        _model(feature_noise="gaussian")
+    with pytest.raises(ValueError, match="attention_source"):
+        _model(attention_source="encoder")
+    with pytest.raises(ValueError, match="multiple of the encoder stride"):
+        _model(image_size=(60, 64))
+    with pytest.raises(ValueError, match="divisible by decoder_heads"):
+        _model(decoder_dim=66, decoder_heads=4)
+    with pytest.raises(ValueError, match="aggregation='sum' needs equal layer widths"):
+        _model(backbone="tf_efficientnet_lite0", aggregation="sum")
+    with pytest.raises(ValueError, match="Unknown timm backbone"):
+        _model(backbone="no_such_net")
+    with pytest.raises(ValueError, match="RGB batch"):
+        tiny_model(torch.rand(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="not a multiple of the encoder stride"):
+        tiny_model.eval()(torch.rand(1, 3, 72, 60))
+    with pytest.raises(ValueError, match="feature_noise_ramp must be"):
+        _module(feature_noise_ramp=(0.8, 0.2))
+    with pytest.raises(ValueError, match="mask_ratio_range must lie in"):
+        _module(mask_ratio_range=(0.6, 1.2))
+    with pytest.raises(ValueError, match="lr_decay_at"):
+        _module(lr_decay_at=1.5)
+    with pytest.raises(ValueError, match="loss_type"):
+        AGPNetLoss("l1")
+    tiny_model.train()
+
+
+# ----------------------------------------------------------------------------------------------------- export / ckpt
+@pytest.mark.export
+def test_onnx_and_openvino_export_match_torch_without_teacher(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    module = _module(post_processor=False, layers=[0, 1], decoder_depth=1).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = module(x)
+    path = module.to_onnx(tmp_path, input_size=(64, 64), opset_version=18)
+    graph = onnx.load(str(path))
+    names = [init.name for init in graph.graph.initializer]
+    assert any(n.startswith("model.decoder.") for n in names)
+    assert not [n for n in names if "teacher" in n or "averaged" in n]
+    assert not [n for n in names if n.startswith("model.encoder.model.blocks.2")]  # unused deeper blocks pruned
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
+    results = dict(zip(outputs, session.run(None, {session.get_inputs()[0].name: x.numpy()}), strict=True))
+    np.testing.assert_allclose(results["pred_score"].reshape(-1), expected.pred_score.numpy(), atol=1e-4)
+    np.testing.assert_allclose(results["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
+
+    ov = pytest.importorskip("openvino")
+    compiled = ov.Core().compile_model(ov.convert_model(str(path)), "CPU")
+    ov_out = compiled([x.numpy()])
+    ov_results = {o.get_any_name(): ov_out[o] for o in compiled.outputs}
+    np.testing.assert_allclose(ov_results["pred_score"].reshape(-1), expected.pred_score.numpy(), atol=1e-4)
+    np.testing.assert_allclose(ov_results["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_multi_class_fit_test_and_safe_checkpoint_round_trip(tmp_path):
+    """Engine fit (2 steps) + test on a two-category MultiCategory union, then ``load_from_checkpoint``."""
+    from anomalib.engine import Engine
+
+    from anomalib_recon.data import MultiCategory
+
+    for i, name in enumerate(("a", "b")):
+        _write_category(tmp_path / "data" / name, seed=i)
+    datamodule = MultiCategory(
+        root=tmp_path / "data", categories=["a", "b"], train_batch_size=4, eval_batch_size=4, num_workers=0
+    )
+    model = AGPNet(**{**TINY, "decoder_depth": 1}, visualizer=False)
+    engine = Engine(
+        max_steps=2,
+        default_root_dir=tmp_path / "results",
+        logger=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    engine.fit(model, datamodule=datamodule)
+    assert engine.trainer.global_step == 2
+    # step-based ramps (max_epochs=-1): the last step is past 80 % of training, so both ramps are at their end
+    assert (model.model.feature_noise_intensity, model.model.mask_ratio) == (1.0, 1.0)
+    (results,) = engine.test(model, datamodule=datamodule)
+    assert {"image_AUROC", "a/image_AUROC", "b/image_AUROC"} <= set(results)
+
+    ckpt = next((tmp_path / "results").rglob("*.ckpt"))
+    loaded = AGPNet.load_from_checkpoint(ckpt)  # anomalib's loader: weights_only=True
+    assert loaded.hparams["backbone"] == "test_vit" and loaded.hparams["decoder_depth"] == 1
+    for a, b in zip(model.model.teacher.parameters(), loaded.model.teacher.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    model.eval()
+    loaded.eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        first, second = model(x), loaded(x)
+    torch.testing.assert_close(first.pred_score, second.pred_score)
+    torch.testing.assert_close(first.anomaly_map, second.anomaly_map)
