@@ -32,6 +32,7 @@ from .neighborhood_attention import (
     na_backend,
     neighborhood_attention_2d,
 )
+from .patch_embed import MultiScalePatchEmbed, PatchEmbed, TokenToFeatureHead, init_conv_as_linear, patchify, unpatchify
 from .perturbation import (
     gather_tokens,
     gaussian_feature_noise,
@@ -46,6 +47,7 @@ from .perturbation import (
     top_fraction_mask,
     weighted_noise,
 )
+from .position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
 from .schedules import EpochSchedule, cosine_ramp, linear_ramp
 
 __all__ = [
@@ -54,7 +56,11 @@ __all__ = [
     "EMATeacher",
     "EpochSchedule",
     "FeatureAggregator",
+    "MultiScalePatchEmbed",
     "NeighborhoodAttention2D",
+    "PatchEmbed",
+    "SinCosPositionEmbedding2D",
+    "TokenToFeatureHead",
     "available_backends",
     "cosine_distance",
     "cosine_ramp",
@@ -64,8 +70,10 @@ __all__ = [
     "focal_loss_on_probs",
     "gather_tokens",
     "gaussian_feature_noise",
+    "get_2d_sincos_pos_embed",
     "image_region_noise",
     "image_score",
+    "init_conv_as_linear",
     "l1_loss_on_probs",
     "layer_norm_channels",
     "linear_ramp",
@@ -78,6 +86,7 @@ __all__ = [
     "norm_cosine_distance",
     "norm_scaled_jitter",
     "pairwise_center_diversity",
+    "patchify",
     "random_partition",
     "random_token_mask",
     "reduce_max",
@@ -93,5 +102,6 @@ __all__ = [
     "token_mask",
     "tokens_to_map",
     "top_fraction_mask",
+    "unpatchify",
     "weighted_noise",
 ]
