@@ -42,6 +42,7 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "available_backends": na.available_backends(),
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     natten = na._get_natten()
     info["natten"] = None if natten is None else ".".join(map(str, natten.version))
@@ -174,13 +175,14 @@ def main() -> None:
                     row = bench_one(backend, size, getattr(torch, dtype_name), mode, args, device)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
+    machine = machine_info()  # load average right after the runs: this machine may be shared
     table = markdown(rows)
     print(table)
     name = args.name or f"na_backends_{device.type}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "machine": machine_info(),
+        "machine": machine,
         "config": {k: v for k, v in vars(args).items() if k != "name"} | {"dtypes": dtypes, "backends": backends},
         "rows": rows,
         "table_markdown": table,
