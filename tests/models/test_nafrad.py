@@ -344,6 +344,7 @@ def test_synthetic_anomalies_score_higher_inside_the_mask():
 
 
 # -------------------------------------------------------------------------------------------- export / checkpoint
+@pytest.mark.slow
 @pytest.mark.export
 def test_onnx_and_openvino_export_match_torch(tmp_path):
     ort = pytest.importorskip("onnxruntime")
@@ -353,7 +354,7 @@ def test_onnx_and_openvino_export_match_torch(tmp_path):
     x = torch.rand(2, 3, 256, 256)
     with torch.no_grad():
         expected = module(x)
-    path = module.to_onnx(tmp_path, input_size=(256, 256), onnx_kwargs={"opset_version": 18})
+    path = module.to_onnx(tmp_path, input_size=(256, 256), opset_version=18)
     graph = onnx.load(str(path))
     assert {n.domain for n in graph.graph.node} <= {"", "ai.onnx"}  # pure NA: standard ops only
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -385,7 +386,6 @@ def _write_folder(root: Path) -> None:
         Image.fromarray(mask).save(root / "ground_truth/defect" / f"{i:03d}_mask.png")
 
 
-@pytest.mark.slow
 def test_checkpoint_round_trip_with_safe_loader(tmp_path):
     from anomalib.data import Folder
     from anomalib.engine import Engine

@@ -267,9 +267,10 @@ class NAFRAD(AnomalibModule):
         normal, augmented, mask = self.synthesize(batch.image)
         output = self.model(normal, augmented)
         losses = self.loss(output.reconstruction, output.normal_features, output.prediction, mask)
-        self.log("train_loss", losses["loss"], on_step=True, on_epoch=True, prog_bar=True, logger=True)
+        size = normal.shape[0]
+        self.log("train_loss", losses["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         for name in ("reconstruction", "focal", "l1"):
-            self.log(f"train_{name}_loss", losses[name], on_step=False, on_epoch=True, logger=True)
+            self.log(f"train_{name}_loss", losses[name], on_step=False, on_epoch=True, batch_size=size)
         return {"loss": losses["loss"]}
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
