@@ -30,7 +30,8 @@ DEFAULT_MT_ROOT = ROOT.parent / "shared" / "datasets" / "magnetic_tile"
 METRICS = ["image_AUROC", "image_F1Max", "pixel_AUROC", "pixel_AUPRO", "pixel_AUPR"]
 
 # Layer choice per (model, backbone family). Built-ins take timm feature-module names.
-LITE_LAYERS = {"Padim": ["blocks.1", "blocks.2", "blocks.3"], "Patchcore": ["blocks.2", "blocks.3"]}
+# EfficientNet-Lite feature modules: blocks.1 (24 ch, /4), blocks.2 (40, /8), blocks.4 (112, /16).
+LITE_LAYERS = {"Padim": ["blocks.1", "blocks.2", "blocks.4"], "Patchcore": ["blocks.2", "blocks.4"]}
 RESNET_LAYERS = {"Padim": ["layer1", "layer2", "layer3"], "Patchcore": ["layer2", "layer3"]}
 
 
@@ -95,13 +96,20 @@ def build_model(name: str, args: argparse.Namespace):
     cls = getattr(am, name)
     size = (args.image_size, args.image_size)
     lite = "lite" in args.backbone
-    kwargs: dict = {"evaluator": evaluator, "pre_processor": cls.configure_pre_processor(image_size=size)}
+    kwargs: dict = {
+        "evaluator": evaluator,
+        "pre_processor": cls.configure_pre_processor(image_size=size),
+        "visualizer": False,  # metrics only; `anomalib predict` produces the images
+    }
     if cls.__module__.startswith("anomalib_recon"):
         kwargs |= {"backbone": args.backbone, "weights": "imagenet"}
     elif name in {"Padim", "Patchcore"}:
         kwargs |= {"backbone": args.backbone, "layers": (LITE_LAYERS if lite else RESNET_LAYERS)[name]}
-    elif name == "ReverseDistillation":
-        kwargs |= {"backbone": args.backbone, "layers": ["blocks.1", "blocks.2", "blocks.3"] if lite else None}
+        if name == "Padim" and lite:
+            kwargs["n_features"] = 100  # random subset of the 176 channels, as Padim does for resnet18 (100 of 448)
+    elif name == "ReverseDistillation" and lite:
+        msg = "ReverseDistillation needs a ResNet-family backbone (its decoder mirrors ResNet stages)."
+        raise ValueError(msg)
     kwargs |= args.model_args.get(name, {})
     return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
@@ -233,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(line)
             if line.startswith("RESULT "):
                 row = json.loads(line[len("RESULT ") :])
-        proc.wait()
+        if proc.wait() != 0 and "error" in row:
+            row["error"] = f"exit code {proc.returncode}"
         rows.append(row)
     header = {
         "name": name,
