@@ -352,9 +352,10 @@ class AGPNet(AnomalibModule):
             images = dihedral_augment(images)
         output = self.model(images)
         loss = self.loss(output.target, output.reconstructions)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, logger=True)
-        self.log("feature_noise_intensity", self.model.feature_noise_intensity, on_step=False, on_epoch=True)
-        self.log("mask_ratio", self.model.mask_ratio, on_step=False, on_epoch=True)
+        size = images.shape[0]
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, logger=True, batch_size=size)
+        self.log("feature_noise_intensity", self.model.feature_noise_intensity, on_epoch=True, batch_size=size)
+        self.log("mask_ratio", self.model.mask_ratio, on_epoch=True, batch_size=size)
         return {"loss": loss}
 
     def on_train_batch_end(self, outputs: STEP_OUTPUT, batch: Batch, batch_idx: int) -> None:
