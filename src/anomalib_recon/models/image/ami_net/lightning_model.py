@@ -1,0 +1,236 @@
+"""AMI-Net: Adaptive Mask Inpainting Network for industrial anomaly detection and localization.
+
+Paper: W. Luo et al., *AMI-Net: Adaptive Mask Inpainting Network for Industrial Anomaly Detection and
+Localization*, IEEE T-ASE 2024 (arXiv 2412.11802). Reference code: github.com/luow23/AMI-Net (MIT).
+
+Frozen WideResNet-50 features are inpainted by a ViT trained with random positional and quantitative masks;
+at inference an adaptive mask generator (cluster centres + per-cluster outlier threshold) masks the likely
+anomalous tokens so that they are reconstructed as normal, and the residual becomes the anomaly map.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from .loss import AMINetLoss
+from .torch_model import AMINetModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AMINet"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = (256, 256)
+
+
+class AMINet(AnomalibModule):
+    """AMI-Net (T-ASE 2024): adaptive-mask feature inpainting.
+
+    Settings of the reference: one-class (one model per category, batch 8, 300 epochs), multi-class (one model on
+    the union of categories, e.g. ``anomalib_recon.data.MultiCategory``, batch 16) and few-shot (``few_shot_k``
+    random normal images, batch 1, 300 epochs).
+
+    Args:
+        backbone: timm CNN; ``wide_resnet50_2.tv_in1k`` (torchvision weights) as in the paper.
+        layers: Backbone layers (names or ``features_only`` indices). ``None`` = the layers at strides 4, 8, 16:
+            ``layer1``-``layer3`` for ResNets, ``blocks.1, blocks.2, blocks.4`` for EfficientNet-Lite.
+        weights: ``"imagenet"`` (offline-aware, see ``anomalib_recon.components.weights``), a local weights file,
+            or ``None`` (random init, for tests).
+        patch_size: Patch size of both patch embeddings (4 → 16×16 tokens at 256 px).
+        embed_dim: Token width (768).
+        depth: Inpainting ViT blocks (8).
+        num_heads: Attention heads (12).
+        aux_depth: Mask-generator ViT blocks (1).
+        mlp_ratio: Block MLP ratio (4).
+        num_centers: Cluster-centre tokens (8).
+        sigma: Adaptive-mask threshold ``mean + σ·std`` per cluster (0.5).
+        jitter_scale: Norm-scaled feature jitter in training (20).
+        adaptive_mask_at_inference: Use the adaptive mask at inference (True, the paper); ``False`` = no mask.
+        blur_sigma: Gaussian σ of the map smoothing (4, kernel 33).
+        direction_weight: Weight of the cosine (direction) loss (5).
+        diversity_weight: Weight of the centre-diversity term in the auxiliary loss (0.1).
+        lr: AdamW learning rate (1e-4, constant).
+        betas: AdamW betas ((0.9, 0.95)).
+        weight_decay: AdamW weight decay (0.01, PyTorch's default the reference ends up with).
+        few_shot_k: Few-shot setting: train on ``k`` normal images drawn (seeded) from the datamodule's training
+            set (the reference uses k = 2 and batch 1). ``None`` = all images.
+        few_shot_seed: Seed of that draw.
+        accumulate_grads_forever: Reproduce the reference loop, which never zeroes gradients (off; for
+            reproduction studies only).
+        pre_processor: Pre-processor, or ``True`` for Resize(256) + ImageNet Normalize.
+        post_processor: Post-processor or flag.
+        evaluator: Evaluator or flag.
+        visualizer: Visualizer or flag.
+
+    Example:
+        >>> from anomalib.engine import Engine
+        >>> model = AMINet()                                               # paper settings
+        >>> Engine(max_epochs=300).fit(model, datamodule=datamodule)       # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2.tv_in1k",
+        layers: list[int | str] | None = None,
+        weights: str | None = "imagenet",
+        patch_size: int = 4,
+        embed_dim: int = 768,
+        depth: int = 8,
+        num_heads: int = 12,
+        aux_depth: int = 1,
+        mlp_ratio: float = 4.0,
+        num_centers: int = 8,
+        sigma: float = 0.5,
+        jitter_scale: float = 20.0,
+        adaptive_mask_at_inference: bool = True,
+        blur_sigma: float = 4.0,
+        direction_weight: float = 5.0,
+        diversity_weight: float = 0.1,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.01,
+        few_shot_k: int | None = None,
+        few_shot_seed: int = 0,
+        accumulate_grads_forever: bool = False,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if few_shot_k is not None and few_shot_k < 1:
+            msg = f"few_shot_k must be a positive number of normal images or None, got {few_shot_k}."
+            raise ValueError(msg)
+        if lr <= 0 or weight_decay < 0 or len(betas) != 2:
+            msg = f"need lr > 0, weight_decay >= 0 and two betas; got {lr}, {weight_decay}, {betas}."
+            raise ValueError(msg)
+        input_size = self.input_size
+        if input_size is None:
+            logger.warning("AMINet: no Resize in the pre-processor; building for %s inputs.", DEFAULT_IMAGE_SIZE)
+            input_size = DEFAULT_IMAGE_SIZE
+        self.lr = float(lr)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.weight_decay = float(weight_decay)
+        self.few_shot_k = few_shot_k
+        self.few_shot_seed = int(few_shot_seed)
+        self.accumulate_grads_forever = bool(accumulate_grads_forever)
+
+        self.model = AMINetModel(
+            backbone=backbone,
+            layers=layers,
+            weights=weights,
+            input_size=(int(input_size[0]), int(input_size[1])),
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            aux_depth=aux_depth,
+            mlp_ratio=mlp_ratio,
+            num_centers=num_centers,
+            sigma=sigma,
+            jitter_scale=jitter_scale,
+            adaptive_mask_at_inference=adaptive_mask_at_inference,
+            blur_sigma=blur_sigma,
+        )
+        self.loss = AMINetLoss(direction_weight=direction_weight, diversity_weight=diversity_weight)
+
+    # ------------------------------------------------------------------------------------------------ configuration
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize to ``image_size`` (256×256) and normalise with ImageNet statistics; no augmentation."""
+        transform = Compose(
+            [Resize(image_size or DEFAULT_IMAGE_SIZE, antialias=True), Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        )
+        return PreProcessor(transform=transform)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation; epochs/steps are left to the user (the paper trains 300 epochs)."""
+        return {"num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Trained on normal images (also in the few-shot setting, which only shrinks the training set)."""
+        return LearningType.ONE_CLASS
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW with a constant learning rate on the trainable parts (the backbone is frozen)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Zero gradients every step, unless ``accumulate_grads_forever`` reproduces the reference loop."""
+        if not self.accumulate_grads_forever:
+            optimizer.zero_grad()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the pre-processor, then re-target the model to its input size (position-embedding cache)."""
+        super().on_load_checkpoint(checkpoint)
+        if self.input_size is not None:
+            self.model.set_input_size(tuple(self.input_size))
+
+    # ------------------------------------------------------------------------------------------------ few-shot
+    def setup(self, stage: str) -> None:
+        """Few-shot: keep ``few_shot_k`` seeded random normal images of the datamodule's training set."""
+        if self.few_shot_k is None or stage != "fit":
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        train_data = getattr(datamodule, "train_data", None)
+        if train_data is None or not hasattr(train_data, "subsample"):
+            msg = (
+                "few_shot_k needs an anomalib datamodule passed to fit (Engine.fit(model, datamodule=...)); "
+                "with plain dataloaders, build the k-image training set yourself and set few_shot_k=None."
+            )
+            raise ValueError(msg)
+        n = len(train_data)
+        if n < self.few_shot_k:
+            msg = f"few_shot_k={self.few_shot_k} but the training set has only {n} images."
+            raise ValueError(msg)
+        if n == self.few_shot_k:
+            return
+        generator = torch.Generator().manual_seed(self.few_shot_seed)
+        indices = sorted(torch.randperm(n, generator=generator)[: self.few_shot_k].tolist())
+        datamodule.train_data = train_data.subsample(indices)
+        logger.info("AMINet few-shot: %d of %d normal images (seed %d).", len(indices), n, self.few_shot_seed)
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Random-mask inpainting of the normal batch; returns the total loss."""
+        del args, kwargs
+        out = self.model(batch.image)
+        losses = self.loss(out.pred_tokens, out.target_tokens, out.token_scores, out.centers)
+        self.log("train_loss", losses["loss"], on_step=True, on_epoch=True, prog_bar=True, logger=True)
+        for name in ("direction", "distance", "compactness", "diversity"):
+            self.log(f"train_{name}", losses[name], on_step=False, on_epoch=True, logger=True)
+        return {"loss": losses["loss"]}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Adaptive-mask inpainting → ``pred_score`` and ``anomaly_map`` for the post-processor and metrics."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    @property
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable and frozen parameter counts."""
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return {"trainable": trainable, "frozen": total - trainable, "total": total}

@@ -1,0 +1,412 @@
+"""PyTorch model of AMI-Net: adaptive mask inpainting of frozen CNN features.
+
+Frozen backbone features ``F`` (three CNN stages resized to the stride-4 grid, 3×3-smoothed, concatenated) are
+cut into ``p × p`` patches by two patch embeddings:
+
+* the **mask generator** branch (``auxi_embed``): ``num_centers`` learnable cluster-centre tokens and the patch
+  tokens pass one ViT block; the centres come out image-conditioned. Each token's anomaly score is
+  ``s_i = min_k d(t_i, c_k)`` with ``d(a, b) = ‖a − b‖ · (1 − cos(a, b))``; at inference a token is masked when
+  its score reaches ``mean + σ·std`` of the scores of its cluster (clusters with more than one token only);
+* the **inpainting** branch (``patch_embed``): masked tokens are replaced by a learnable mask token, a ViT
+  reconstructs every token, a linear head + unpatchify gives ``F̂``.
+
+In training the mask is random in position and quantity (``⌊N·r⌋`` tokens, ``r ~ U(0, 1)`` per image) and both
+branches get norm-scaled feature jitter. The anomaly map is the product of the blurred squared-error map and the
+blurred cosine-distance map; the image score is the map's standard deviation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import timm
+import torch
+from anomalib.data import InferenceBatch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from anomalib_recon.components.aggregation import FeatureAggregator
+from anomalib_recon.components.anomaly_map import AnomalyMapGenerator, reduce_std
+from anomalib_recon.components.feature_extractor import FeatureExtractor
+from anomalib_recon.components.losses import norm_cosine_distance
+from anomalib_recon.components.patch_embed import PatchEmbed, TokenToFeatureHead, patchify
+from anomalib_recon.components.perturbation import norm_scaled_jitter, random_token_mask, token_mask
+from anomalib_recon.components.position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
+
+__all__ = ["AMINetDetails", "AMINetModel", "AMINetTrainOutput", "adaptive_mask", "resolve_layers"]
+
+FEATURE_STRIDES = (4, 8, 16)
+"""Strides of the default feature layers (WRN50 layer1-3, the paper's φ2-φ4)."""
+
+
+def _tracing() -> bool:
+    """True under torch.export / torch.compile / ONNX export, where data-dependent checks must be skipped."""
+    return bool(
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def resolve_layers(backbone: str, layers: Sequence[int | str] | None) -> list[int | str]:
+    """The layers to extract: ``layers`` as given, or for ``None`` the last feature layer at strides 4, 8 and 16.
+
+    That is ``layer1``-``layer3`` for ResNets (the paper's choice) and e.g. ``blocks.1, blocks.2, blocks.4`` for
+    EfficientNet-Lite.
+    """
+    if layers is not None:
+        layers = list(layers)
+        if not layers:
+            msg = "layers must name at least one backbone layer, e.g. ['layer1', 'layer2', 'layer3'] or [1, 2, 3]."
+            raise ValueError(msg)
+        return layers
+    if not timm.is_model(backbone.split(".")[0]):
+        msg = f"Unknown timm backbone '{backbone}'. See timm.list_models() for valid names."
+        raise ValueError(msg)
+    info = list(getattr(timm.create_model(backbone, pretrained=False), "feature_info", []))
+    chosen: list[int | str] = []
+    for stride in FEATURE_STRIDES:
+        names = [entry["module"] for entry in info if entry.get("reduction") == stride]
+        if not names:
+            found = [(entry["module"], entry.get("reduction")) for entry in info]
+            msg = (
+                f"Cannot pick default layers for '{backbone}': no feature layer at stride {stride} "
+                f"(found {found}). Pass layers explicitly, e.g. layers=[1, 2, 3]."
+            )
+            raise ValueError(msg)
+        chosen.append(names[-1])
+    return chosen
+
+
+def adaptive_mask(scores: torch.Tensor, clusters: torch.Tensor, num_clusters: int, sigma: float) -> torch.Tensor:
+    """AMI-Net's adaptive mask: per cluster, mask tokens with ``s ≥ mean + σ·std`` (unbiased std).
+
+    Written with one-hot sums instead of boolean indexing, so it has static shapes and exports to ONNX.
+
+    Args:
+        scores: Token anomaly scores ``(B, N)``.
+        clusters: Index of each token's nearest centre ``(B, N)``.
+        num_clusters: Number of centres ``K``.
+        sigma: Threshold multiplier σ (0.5 in the paper).
+
+    Returns:
+        Bool mask ``(B, N)``, True = mask (replace by the mask token). Clusters with at most one token mask nothing.
+    """
+    one_hot = (clusters.unsqueeze(-1) == torch.arange(num_clusters, device=clusters.device)).to(scores.dtype)
+    count = one_hot.sum(dim=1)  # (B, K)
+    mean = (one_hot * scores.unsqueeze(-1)).sum(dim=1) / count.clamp_min(1)
+    sq_dev = one_hot * (scores.unsqueeze(-1) - mean.unsqueeze(1)) ** 2
+    std = (sq_dev.sum(dim=1) / (count - 1).clamp_min(1)).sqrt()
+    threshold = mean + sigma * std  # (B, K)
+    token_threshold = torch.gather(threshold, 1, clusters)
+    token_count = torch.gather(count, 1, clusters)
+    return (scores >= token_threshold) & (token_count > 1)
+
+
+class AMINetTrainOutput(NamedTuple):
+    """What the loss needs from a training forward pass."""
+
+    pred_tokens: torch.Tensor
+    """Inpainted tokens ``(B, N, p·p·C)``."""
+    target_tokens: torch.Tensor
+    """Patchified frozen features ``(B, N, p·p·C)``."""
+    token_scores: torch.Tensor
+    """``s_i = min_k d(t_i, c_k)`` of the clean tokens ``(B, N)``."""
+    centers: torch.Tensor
+    """Image-conditioned cluster centres ``(B, K, D)``."""
+    mask: torch.Tensor
+    """Random training mask ``(B, N)``."""
+
+
+class AMINetDetails(NamedTuple):
+    """Intermediate results of one inference pass (for analysis and visualisation)."""
+
+    features: torch.Tensor
+    """Frozen target features ``F`` ``(B, C, H/s, W/s)``."""
+    reconstruction: torch.Tensor
+    """Inpainted features ``F̂``, same shape."""
+    token_scores: torch.Tensor
+    """Token anomaly scores ``(B, h, w)``."""
+    clusters: torch.Tensor
+    """Nearest centre of each token ``(B, h, w)``."""
+    mask: torch.Tensor
+    """Inference mask ``(B, h, w)`` (all False without the adaptive mask)."""
+    anomaly_map: torch.Tensor
+    """``(B, 1, H, W)``."""
+    pred_score: torch.Tensor
+    """``(B,)``."""
+
+
+class AMINetModel(nn.Module):
+    """AMI-Net: frozen features → adaptive mask generator + inpainting transformer → residual maps.
+
+    Args:
+        backbone: timm CNN name; the paper uses ``wide_resnet50_2.tv_in1k`` (torchvision weights).
+        layers: Backbone layers (timm feature-module names or ``features_only`` indices); ``None`` = the layers
+            at strides 4, 8, 16 (:func:`resolve_layers`).
+        weights: ``"imagenet"``, a local weights file, or ``None`` (random init).
+        input_size: ``(H, W)`` expected after pre-processing: checked at construction (the feature grid, ``H/4 ×
+            W/4`` with the default layers, must be divisible by ``patch_size``) and used to cache the position
+            embedding. Other sizes work too (the embedding is then computed on the fly); no weight depends on it.
+        patch_size: Patch size ``p`` of both patch embeddings (4).
+        embed_dim: Token width ``D`` (768); divisible by 4 and by ``num_heads``.
+        depth: ViT blocks of the inpainting branch (8).
+        num_heads: Attention heads (12).
+        aux_depth: ViT blocks of the mask-generator branch (1).
+        mlp_ratio: MLP width ratio of the blocks (4).
+        num_centers: Cluster-centre tokens ``K`` (8).
+        sigma: Threshold multiplier σ of the adaptive mask (0.5).
+        jitter_scale: Scale of the norm-scaled feature jitter in training (20).
+        adaptive_mask_at_inference: Mask tokens with the adaptive mask generator at inference (the paper);
+            ``False`` inpaints without any mask (the paper's main ablation).
+        blur_sigma: σ of the Gaussian smoothing of both maps (4; kernel ``2·⌊4σ+0.5⌋+1`` = 33).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2.tv_in1k",
+        layers: Sequence[int | str] | None = None,
+        weights: str | None = "imagenet",
+        input_size: tuple[int, int] = (256, 256),
+        patch_size: int = 4,
+        embed_dim: int = 768,
+        depth: int = 8,
+        num_heads: int = 12,
+        aux_depth: int = 1,
+        mlp_ratio: float = 4.0,
+        num_centers: int = 8,
+        sigma: float = 0.5,
+        jitter_scale: float = 20.0,
+        adaptive_mask_at_inference: bool = True,
+        blur_sigma: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self._check_args(patch_size, embed_dim, depth, num_heads, aux_depth, mlp_ratio, num_centers, sigma, blur_sigma)
+        if jitter_scale < 0:
+            msg = f"jitter_scale must be >= 0, got {jitter_scale}."
+            raise ValueError(msg)
+        self.patch_size = int(patch_size)
+        self.embed_dim = int(embed_dim)
+        self.num_centers = int(num_centers)
+        self.sigma = float(sigma)
+        self.jitter_scale = float(jitter_scale)
+        self.adaptive_mask_at_inference = bool(adaptive_mask_at_inference)
+
+        self.feature_extractor = FeatureExtractor(backbone, layers=resolve_layers(backbone, layers), weights=weights)
+        self.aggregator = FeatureAggregator(out_size=None, mode="concat", align_corners=True, smooth=True)
+        size = (int(input_size[0]), int(input_size[1]))
+        self.feature_channels, feature_size = self._probe_features(size)
+        self._set_grid(size, feature_size)
+
+        # mask-generator branch
+        self.auxi_embed = PatchEmbed(self.feature_channels, embed_dim, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, num_centers, embed_dim))  # the K cluster-centre tokens
+        self.auxiliary = nn.ModuleList(self._block(embed_dim, num_heads, mlp_ratio) for _ in range(aux_depth))
+        self.norm_auxi = nn.LayerNorm(embed_dim)
+        # inpainting branch
+        self.patch_embed = PatchEmbed(self.feature_channels, embed_dim, patch_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.blocks = nn.ModuleList(self._block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = TokenToFeatureHead(embed_dim, self.feature_channels, patch_size)
+        self.pos_embed = SinCosPositionEmbedding2D(embed_dim, self.grid_size)  # cache for ``input_size``
+
+        self.anomaly_map_generator = AnomalyMapGenerator(
+            distance="cos*l2sq", align_corners=True, blur_sigma=blur_sigma, product_after_blur=True
+        )
+        self._init_weights()
+
+    # ------------------------------------------------------------------------------------------------ construction
+    @staticmethod
+    def _check_args(
+        patch_size: int,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        aux_depth: int,
+        mlp_ratio: float,
+        num_centers: int,
+        sigma: float,
+        blur_sigma: float,
+    ) -> None:
+        for name, value, low in (
+            ("patch_size", patch_size, 1),
+            ("embed_dim", embed_dim, 4),
+            ("depth", depth, 1),
+            ("num_heads", num_heads, 1),
+            ("aux_depth", aux_depth, 1),
+            ("num_centers", num_centers, 2),
+        ):
+            if not isinstance(value, int) or value < low:
+                msg = f"{name} must be an int >= {low}, got {value!r}."
+                raise ValueError(msg)
+        if embed_dim % 4:
+            msg = f"embed_dim must be divisible by 4 (2-D sin-cos position embedding), got {embed_dim}."
+            raise ValueError(msg)
+        if embed_dim % num_heads:
+            msg = f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})."
+            raise ValueError(msg)
+        if mlp_ratio <= 0 or sigma < 0 or blur_sigma <= 0:
+            msg = f"need mlp_ratio > 0, sigma >= 0 and blur_sigma > 0; got {mlp_ratio}, {sigma}, {blur_sigma}."
+            raise ValueError(msg)
+
+    @staticmethod
+    def _block(dim: int, heads: int, mlp_ratio: float) -> Block:
+        return Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
+
+    def _probe_features(self, input_size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+        """Channels and size of ``F`` for an input size (one dry run of the frozen backbone)."""
+        with torch.no_grad():
+            target = self.aggregator(self.feature_extractor(torch.zeros(1, 3, *input_size)))
+        return int(target.shape[1]), (int(target.shape[2]), int(target.shape[3]))
+
+    def _token_grid(self, feature_size: tuple[int, int], input_size: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Token grid of a feature map, with a clear error when the patch size does not divide it."""
+        h, w = feature_size
+        if h % self.patch_size or w % self.patch_size or h < self.patch_size or w < self.patch_size:
+            where = f"Input size {input_size[0]}x{input_size[1]} gives" if input_size else "The input gives"
+            msg = (
+                f"{where} a {h}x{w} feature grid, which is not divisible by patch_size={self.patch_size}. "
+                "Use an input size whose feature grid (input / 4 with the default layers) is a multiple of the "
+                "patch size, e.g. 256x256."
+            )
+            raise ValueError(msg)
+        return h // self.patch_size, w // self.patch_size
+
+    def _set_grid(self, input_size: tuple[int, int], feature_size: tuple[int, int]) -> None:
+        grid = self._token_grid(feature_size, input_size)
+        if grid[0] * grid[1] < 2:
+            msg = f"Input size {input_size} gives only {grid[0] * grid[1]} token(s); use a larger input."
+            raise ValueError(msg)
+        self.input_size, self.feature_size, self.grid_size = input_size, feature_size, grid
+        self.num_tokens = grid[0] * grid[1]
+
+    def set_input_size(self, input_size: tuple[int, int]) -> None:
+        """Re-target the model to another input size (checks the grid, rebuilds the position-embedding cache).
+
+        No weight depends on the input size; other sizes also work without this call (the fixed position
+        embedding is then computed on the fly).
+        """
+        size = (int(input_size[0]), int(input_size[1]))
+        if size == self.input_size:
+            return
+        _, feature_size = self._probe_features(size)
+        self._set_grid(size, feature_size)
+        device = self.mask_token.device
+        self.pos_embed = SinCosPositionEmbedding2D(self.embed_dim, self.grid_size).to(device)
+
+    def add_position(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Add the fixed sin-cos position embedding of a ``grid`` of tokens."""
+        if tuple(grid) == self.pos_embed.grid_size:
+            return self.pos_embed(tokens)
+        return tokens + get_2d_sincos_pos_embed(self.embed_dim, grid).to(device=tokens.device, dtype=tokens.dtype)
+
+    def _init_weights(self) -> None:
+        """MAE/AMI-Net init: xavier-uniform Linear (zero bias), LayerNorm 1/0, centres N(0, 0.02), mask token 0."""
+        for module in (self.auxiliary, self.blocks, self.norm_auxi, self.norm):
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.zeros_(self.mask_token)
+
+    # ------------------------------------------------------------------------------------------------ pieces
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen target features ``F`` ``(B, C, H/s, W/s)`` with shape and finiteness checks."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            msg = f"AMI-Net expects an RGB batch (B, 3, H, W), got {tuple(images.shape)}."
+            raise ValueError(msg)
+        features = self.aggregator(self.feature_extractor(images))
+        feature_size = (int(features.shape[-2]), int(features.shape[-1]))
+        self._token_grid(feature_size, (int(images.shape[-2]), int(images.shape[-1])))
+        if not _tracing() and not bool(torch.isfinite(features).all()):
+            msg = (
+                "AMI-Net: the backbone features contain NaN or inf; check the input images (normalised, finite) "
+                "and the backbone weights."
+            )
+            raise ValueError(msg)
+        return features
+
+    def grid_of(self, features: torch.Tensor) -> tuple[int, int]:
+        """Token grid ``(h, w)`` of a feature map ``F``."""
+        return self._token_grid((int(features.shape[-2]), int(features.shape[-1])))
+
+    def token_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mask-generator branch: ``(scores (B, N), clusters (B, N), centers (B, K, D))``.
+
+        In training the tokens that condition the centres are jittered; the scored tokens are always clean.
+        """
+        grid = self.grid_of(features)
+        tokens = self.auxi_embed(features)
+        clean = self.add_position(tokens, grid)
+        noisy = self.add_position(norm_scaled_jitter(tokens, self.jitter_scale), grid) if self.training else clean
+        x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), noisy], dim=1)
+        for block in self.auxiliary:
+            x = block(x)
+        centers = self.norm_auxi(x[:, : self.num_centers])
+        distances = norm_cosine_distance(clean.unsqueeze(2), centers.unsqueeze(1), dim=-1)  # (B, N, K)
+        scores, clusters = distances.min(dim=2)
+        return scores, clusters, centers
+
+    def inpaint(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Inpainting branch: masked tokens → ViT → per-token predictions ``(B, N, p·p·C)``."""
+        x = token_mask(self.patch_embed(features), mask, self.mask_token)
+        if self.training:
+            x = norm_scaled_jitter(x, self.jitter_scale)
+        x = self.add_position(x, self.grid_of(features))
+        for block in self.blocks:
+            x = block(x)
+        return self.head.project(self.norm(x))
+
+    def training_mask(self, batch_size: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """Random positional & quantitative mask: ``⌊N·r⌋`` random tokens per image, ``r ~ U(0, 1)``."""
+        ratio = torch.rand(batch_size, device=device)
+        return random_token_mask(batch_size, num_tokens, ratio, device=device, rounding="floor")
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def details(self, images: torch.Tensor, adaptive: bool | None = None) -> AMINetDetails:
+        """Inference with all intermediate results; ``adaptive`` overrides ``adaptive_mask_at_inference``."""
+        adaptive = self.adaptive_mask_at_inference if adaptive is None else adaptive
+        features = self.extract(images)
+        scores, clusters, _ = self.token_scores(features)
+        if adaptive:
+            mask = adaptive_mask(scores, clusters, self.num_centers, self.sigma)
+        else:
+            mask = torch.zeros_like(scores, dtype=torch.bool)
+        grid = self.grid_of(features)
+        reconstruction = self.head.to_map(self.inpaint(features, mask), grid)
+        anomaly_map = self.anomaly_map_generator([features], [reconstruction], out_size=tuple(images.shape[-2:]))
+        b, (h, w) = images.shape[0], grid
+        return AMINetDetails(
+            features=features,
+            reconstruction=reconstruction,
+            token_scores=scores.reshape(b, h, w),
+            clusters=clusters.reshape(b, h, w),
+            mask=mask.reshape(b, h, w),
+            anomaly_map=anomaly_map,
+            pred_score=reduce_std(anomaly_map),
+        )
+
+    def forward(self, images: torch.Tensor) -> AMINetTrainOutput | InferenceBatch:
+        """Training: :class:`AMINetTrainOutput` for the loss. Inference: ``InferenceBatch(pred_score, anomaly_map)``."""
+        if not self.training:
+            out = self.details(images)
+            return InferenceBatch(pred_score=out.pred_score, anomaly_map=out.anomaly_map)
+        features = self.extract(images)
+        scores, _, centers = self.token_scores(features)
+        h, w = self.grid_of(features)
+        mask = self.training_mask(images.shape[0], h * w, images.device)
+        return AMINetTrainOutput(
+            pred_tokens=self.inpaint(features, mask),
+            target_tokens=patchify(features, self.patch_size),
+            token_scores=scores,
+            centers=centers,
+            mask=mask,
+        )
