@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import venv
 from importlib import metadata
@@ -80,7 +81,7 @@ import anomalib.models as am
 from anomalib.models import get_model, AnomalibModule
 from anomalib.models import _get_model_class_by_name
 from anomalib.models.components.base.anomalib_module import AnomalibModule as Base
-tiny = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {TINY}
+tiny = json.loads({TINY!r})
 out = {{}}
 for name, kwargs in tiny.items():
     cls = getattr(am, name)
@@ -138,7 +139,11 @@ def test_datamodule_aliases_load_with_the_models():
 
 @pytest.mark.slow
 def test_wheel_in_a_fresh_environment_registers(tmp_path):
-    """Build the wheel, install it (no deps) into a fresh venv that borrows this one's packages."""
+    """Build the wheel, install it (no deps) into a fresh venv that borrows this environment's packages.
+
+    The borrowed site-packages is put on ``sys.path`` by a plain path line, so its own ``.pth`` files (an
+    editable install of this package, for one) are not processed: only the wheel's hook can register.
+    """
     _entry_points()
     wheel_dir = tmp_path / "dist"
     subprocess.run(
@@ -149,8 +154,10 @@ def test_wheel_in_a_fresh_environment_registers(tmp_path):
     )
     wheel = next(wheel_dir.glob("anomalib_recon-*.whl"))
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    venv.create(env_dir, with_pip=False)
     python = str(env_dir / "bin" / "python")
+    site = Path(_run("import sysconfig; print(sysconfig.get_paths()['purelib'])", python=python).strip())
+    (site / "zz_borrowed_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", str(wheel)],
         check=True,

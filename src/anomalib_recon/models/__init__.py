@@ -6,5 +6,6 @@ models are.
 """
 
 from anomalib_recon import data  # noqa: F401 - registers the datamodules with anomalib's CLI
+from anomalib_recon.models.image.nafrad import NAFRAD
 
-__all__: list[str] = []
+__all__ = ["NAFRAD"]
