@@ -14,6 +14,7 @@ Example (offline, Magnetic Tile from ../shared, EfficientNet-Lite0 weights)::
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -103,6 +104,8 @@ def build_model(name: str, args: argparse.Namespace):
     }
     if cls.__module__.startswith("anomalib_recon"):
         kwargs |= {"backbone": args.backbone, "weights": "imagenet"}
+        if "image_size" in inspect.signature(cls.__init__).parameters:
+            kwargs["image_size"] = args.image_size
     elif name in {"Padim", "Patchcore"}:
         kwargs |= {"backbone": args.backbone, "layers": (LITE_LAYERS if lite else RESNET_LAYERS)[name]}
         if name == "Padim" and lite:
@@ -121,6 +124,8 @@ def run_single(args: argparse.Namespace) -> dict:
     from lightning.pytorch import seed_everything
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seed_everything(args.seed, workers=True)
     name = args.single
     datamodule = build_datamodule(args)
@@ -219,6 +224,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help='extra init args per model, JSON: {"NAFRAD": {"layers": [1, 2]}}',
     )
     p.add_argument("--cpu", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

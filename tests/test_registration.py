@@ -23,6 +23,14 @@ DIST = "anomalib-recon"
 
 # Cheap constructor arguments per model (random-init backbone, no network) for instantiation checks.
 TINY_KWARGS: dict[str, dict] = {
+    "AGPNet": {
+        "backbone": "test_vit",
+        "weights": None,
+        "image_size": 64,
+        "decoder_dim": 64,
+        "decoder_heads": 2,
+        "decoder_depth": 1,
+    },
     "NAFRAD": {"backbone": "tf_efficientnet_lite0", "layers": [1, 2], "weights": None},
 }
 

@@ -6,6 +6,7 @@ models are.
 """
 
 from anomalib_recon import data  # noqa: F401 - registers the datamodules with anomalib's CLI
+from anomalib_recon.models.image.agpnet import AGPNet
 from anomalib_recon.models.image.nafrad import NAFRAD
 
-__all__ = ["NAFRAD"]
+__all__ = ["AGPNet", "NAFRAD"]
