@@ -164,3 +164,14 @@ def test_install_hf_cache_makes_timm_and_anomalib_load_offline(tmp_path):
     run = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "OK 296" in run.stdout
+
+
+def test_checkpoint_restore_needs_no_pretrained_weights(offline):
+    """Inside restoring_from_checkpoint a non-Lite backbone builds offline: the checkpoint brings its weights."""
+    from anomalib_recon.components.weights import restoring_from_checkpoint
+
+    with restoring_from_checkpoint():
+        extractor = FeatureExtractor("resnet18", layers=["layer1"], weights="imagenet")
+    assert extractor.out_dims == [64]
+    with pytest.raises(OfflineWeightsError):  # and only inside it
+        FeatureExtractor("resnet18", layers=["layer1"], weights="imagenet")

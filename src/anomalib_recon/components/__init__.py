@@ -13,6 +13,7 @@ from .anomaly_map import (
     reduce_topk_mean,
 )
 from .ema import EMATeacher
+from .feature_extractor import FeatureExtractor
 from .losses import (
     cosine_distance,
     dice_loss,
@@ -49,15 +50,19 @@ from .perturbation import (
 )
 from .position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
 from .schedules import EpochSchedule, cosine_ramp, linear_ramp
+from .weights import CheckpointBackboneMixin, OfflineWeightsError, restoring_from_checkpoint
 
 __all__ = [
     "NA_BACKEND_ENV_VAR",
     "AnomalyMapGenerator",
+    "CheckpointBackboneMixin",
     "EMATeacher",
     "EpochSchedule",
     "FeatureAggregator",
+    "FeatureExtractor",
     "MultiScalePatchEmbed",
     "NeighborhoodAttention2D",
+    "OfflineWeightsError",
     "PatchEmbed",
     "SinCosPositionEmbedding2D",
     "TokenToFeatureHead",
@@ -95,6 +100,7 @@ __all__ = [
     "reduce_std",
     "reduce_topk_mean",
     "restore_order",
+    "restoring_from_checkpoint",
     "scatter_tokens",
     "smooth_map",
     "soft_mining_cosine",

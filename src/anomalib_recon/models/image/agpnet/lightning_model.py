@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from anomalib_recon.components import linear_ramp
+from anomalib_recon.components import CheckpointBackboneMixin, linear_ramp
 
 from .few_shot import dihedral_augment, few_shot_subset
 from .loss import AGPNetLoss
@@ -63,7 +63,7 @@ def _pair(
     return pair  # type: ignore[return-value]
 
 
-class AGPNet(AnomalibModule):
+class AGPNet(CheckpointBackboneMixin, AnomalibModule):
     """AGPNet: ViT feature reconstruction trained with attention-guided feature- and image-level noise.
 
     Args:
