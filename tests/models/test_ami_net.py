@@ -16,6 +16,16 @@ from anomalib_recon.models.image.ami_net import AMINet
 from anomalib_recon.models.image.ami_net.loss import AMINetLoss
 from anomalib_recon.models.image.ami_net.torch_model import adaptive_mask, resolve_layers
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and avoids OpenMP spin-waits on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY = {"backbone": "tf_efficientnet_lite0", "weights": None, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
 
@@ -300,7 +310,6 @@ def _engine(tmp_path: Path, steps: int):
     )
 
 
-@pytest.mark.slow
 def test_engine_few_shot_fit_and_safe_checkpoint_round_trip(tmp_path):
     from anomalib.data import Folder
 
@@ -337,7 +346,6 @@ def test_engine_few_shot_fit_and_safe_checkpoint_round_trip(tmp_path):
     assert b.anomaly_map.shape == (2, 1, 64, 64)
 
 
-@pytest.mark.slow
 def test_engine_multi_category(tmp_path):
     from anomalib_recon.data import MultiCategory
 
@@ -456,3 +464,11 @@ def test_other_input_sizes_share_the_weights():
     assert net.grid_size == (8, 8)
     assert cached.anomaly_map.shape == (1, 1, 128, 128)
     torch.testing.assert_close(on_the_fly.anomaly_map, cached.anomaly_map)
+
+
+def test_image_size_argument_builds_the_default_pre_processor():
+    model = AMINet(**TINY, image_size=96, visualizer=False)
+    assert tuple(model.input_size) == (96, 96)
+    assert model.model.grid_size == (6, 6)
+    with pytest.raises(ValueError, match="image_size"):
+        AMINet(**TINY, image_size=(0, 64))

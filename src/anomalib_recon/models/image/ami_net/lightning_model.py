@@ -11,6 +11,7 @@ anomalous tokens so that they are reconstructed as normal, and the residual beco
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -36,6 +37,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = (256, 256)
 
 
+def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) <= 0:
+        msg = f"image_size must be a positive int or (height, width), got {image_size!r}."
+        raise ValueError(msg)
+    return size  # type: ignore[return-value]
+
+
 class AMINet(AnomalibModule):
     """AMI-Net (T-ASE 2024): adaptive-mask feature inpainting.
 
@@ -49,6 +58,9 @@ class AMINet(AnomalibModule):
             ``layer1``-``layer3`` for ResNets, ``blocks.1, blocks.2, blocks.4`` for EfficientNet-Lite.
         weights: ``"imagenet"`` (offline-aware, see ``anomalib_recon.components.weights``), a local weights file,
             or ``None`` (random init, for tests).
+        image_size: Input size of the default pre-processor (``None`` = 256×256). Ignored when a pre-processor is
+            passed: the model then takes its size from that pre-processor's Resize. With the default layers the
+            size must be a multiple of 4 × ``patch_size`` (16).
         patch_size: Patch size of both patch embeddings (4 → 16×16 tokens at 256 px).
         embed_dim: Token width (768).
         depth: Inpainting ViT blocks (8).
@@ -86,6 +98,7 @@ class AMINet(AnomalibModule):
         backbone: str = "wide_resnet50_2.tv_in1k",
         layers: list[int | str] | None = None,
         weights: str | None = "imagenet",
+        image_size: int | tuple[int, int] | None = None,
         patch_size: int = 4,
         embed_dim: int = 768,
         depth: int = 8,
@@ -110,6 +123,8 @@ class AMINet(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        if image_size is not None and pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size=_as_size(image_size))
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -217,9 +232,10 @@ class AMINet(AnomalibModule):
         del args, kwargs
         out = self.model(batch.image)
         losses = self.loss(out.pred_tokens, out.target_tokens, out.token_scores, out.centers)
-        self.log("train_loss", losses["loss"], on_step=True, on_epoch=True, prog_bar=True, logger=True)
+        size = int(batch.image.shape[0])
+        self.log("train_loss", losses["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         for name in ("direction", "distance", "compactness", "diversity"):
-            self.log(f"train_{name}", losses[name], on_step=False, on_epoch=True, logger=True)
+            self.log(f"train_{name}", losses[name], on_step=False, on_epoch=True, batch_size=size)
         return {"loss": losses["loss"]}
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
