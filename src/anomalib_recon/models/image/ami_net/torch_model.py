@@ -258,8 +258,9 @@ class AMINetModel(nn.Module):
 
     def _probe_features(self, input_size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
         """Channels and size of ``F`` for an input size (one dry run of the frozen backbone)."""
+        device = next(self.feature_extractor.parameters(), torch.empty(0)).device
         with torch.no_grad():
-            target = self.aggregator(self.feature_extractor(torch.zeros(1, 3, *input_size)))
+            target = self.aggregator(self.feature_extractor(torch.zeros(1, 3, *input_size, device=device)))
         return int(target.shape[1]), (int(target.shape[2]), int(target.shape[3]))
 
     def _token_grid(self, feature_size: tuple[int, int], input_size: tuple[int, int] | None = None) -> tuple[int, int]:
