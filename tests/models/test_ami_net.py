@@ -325,13 +325,18 @@ def test_engine_few_shot_fit_and_safe_checkpoint_round_trip(tmp_path):
         eval_batch_size=4,
         num_workers=0,
     )
-    model = tiny(few_shot_k=3, evaluator=False)
+    import timm
+
+    backbone_file = tmp_path / "lite0_random.pth"  # a local weights file that is gone when the checkpoint loads
+    torch.save(timm.create_model("tf_efficientnet_lite0").state_dict(), backbone_file)
+    model = tiny(few_shot_k=3, evaluator=False, weights=str(backbone_file))
     engine = _engine(tmp_path, steps=2)
     engine.fit(model, datamodule=datamodule)
     assert len(datamodule.train_data) == 3
     assert engine.trainer.global_step == 2
     ckpt = tmp_path / "ami_net.ckpt"
     engine.trainer.save_checkpoint(ckpt)
+    backbone_file.unlink()
 
     loaded = AMINet.load_from_checkpoint(ckpt, weights_only=True, visualizer=False, evaluator=False)
     assert loaded.hparams["few_shot_k"] == 3

@@ -25,6 +25,8 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from anomalib_recon.components.weights import CheckpointBackboneMixin
+
 from .loss import AMINetLoss
 from .torch_model import AMINetModel
 
@@ -45,8 +47,10 @@ def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
-class AMINet(AnomalibModule):
+class AMINet(CheckpointBackboneMixin, AnomalibModule):
     """AMI-Net (T-ASE 2024): adaptive-mask feature inpainting.
+
+    ``load_from_checkpoint`` restores the frozen backbone from the checkpoint alone (no weight download).
 
     Settings of the reference: one-class (one model per category, batch 8, 300 epochs), multi-class (one model on
     the union of categories, e.g. ``anomalib_recon.data.MultiCategory``, batch 16) and few-shot (``few_shot_k``
