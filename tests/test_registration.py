@@ -31,6 +31,14 @@ TINY_KWARGS: dict[str, dict] = {
         "decoder_heads": 2,
         "decoder_depth": 1,
     },
+    "AMINet": {
+        "backbone": "tf_efficientnet_lite0",
+        "weights": None,
+        "embed_dim": 32,
+        "depth": 1,
+        "num_heads": 2,
+        "image_size": 64,
+    },
     "NAFRAD": {"backbone": "tf_efficientnet_lite0", "layers": [1, 2], "weights": None},
 }
 

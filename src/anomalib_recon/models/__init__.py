@@ -7,6 +7,7 @@ models are.
 
 from anomalib_recon import data  # noqa: F401 - registers the datamodules with anomalib's CLI
 from anomalib_recon.models.image.agpnet import AGPNet
+from anomalib_recon.models.image.ami_net import AMINet
 from anomalib_recon.models.image.nafrad import NAFRAD
 
-__all__ = ["AGPNet", "NAFRAD"]
+__all__ = ["AGPNet", "AMINet", "NAFRAD"]
