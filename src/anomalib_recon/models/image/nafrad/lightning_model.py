@@ -28,6 +28,8 @@ from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 from torchvision.transforms.v2 import functional as TF
 
+from anomalib_recon.components import CheckpointBackboneMixin
+
 from .loss import NAFRADLoss
 from .torch_model import NAFRADModel, resolve_backbone, rotation_range
 
@@ -47,7 +49,7 @@ def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
-class NAFRAD(AnomalibModule):
+class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
     """NAFRAD (TOMM 2026): NA-autoencoder feature reconstruction + segmentation of the residual.
 
     Args:
