@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .preprocessing import as_image_size
+
 DISTANCES = ("cos", "l2", "l2sq_mean", "l2sq_sum", "cos*l2sq")
 COMBINES = ("mean", "sum", "prod")
 SCORE_METHODS = ("max", "max_avgpool", "topk_mean", "std", "mean")
@@ -49,14 +51,6 @@ def distance_map(target: torch.Tensor, recon: torch.Tensor, distance: str = "cos
     if distance == "l2sq_mean":
         return l2sq
     return l2sq * (1 - F.cosine_similarity(target, recon, dim=1, eps=eps)).unsqueeze(1)
-
-
-def _as_size(size: int | Sequence[int]) -> tuple[int, int]:
-    size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) <= 0:
-        msg = f"out_size must be a positive int or (height, width), got {size}."
-        raise ValueError(msg)
-    return size  # type: ignore[return-value]
 
 
 def make_blur(sigma: float, kernel_size: int | None = None) -> nn.Module:
@@ -129,7 +123,7 @@ def _residual_map(
         msg = f"distance must be one of {DISTANCES}, got {distance!r}."
         raise ValueError(msg)
     size = (
-        _as_size(out_size)
+        as_image_size(out_size)
         if out_size is not None
         else max((tuple(int(s) for s in t.shape[-2:]) for t in targets), key=lambda hw: hw[0] * hw[1])
     )
@@ -214,7 +208,7 @@ class AnomalyMapGenerator(nn.Module):
             msg = f"combine must be one of {COMBINES} or a list of weights, got {combine!r}."
             raise ValueError(msg)
         self.distance = distance
-        self.out_size = None if out_size is None else _as_size(out_size)
+        self.out_size = None if out_size is None else as_image_size(out_size)
         self.align_corners = align_corners
         self.combine = combine if isinstance(combine, str) else [float(w) for w in combine]
         self.scale_stats = None if scale_stats is None else [(float(m), float(s)) for m, s in scale_stats]

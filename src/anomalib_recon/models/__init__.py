@@ -10,4 +10,4 @@ from anomalib_recon.models.image.agpnet import AGPNet
 from anomalib_recon.models.image.ami_net import AMINet
 from anomalib_recon.models.image.nafrad import NAFRAD
 
-__all__ = ["AGPNet", "AMINet", "NAFRAD"]
+__all__ = ["NAFRAD", "AGPNet", "AMINet"]

@@ -25,9 +25,9 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_recon.components import CheckpointBackboneMixin, linear_ramp
+from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
 
 from .few_shot import dihedral_augment, few_shot_subset
 from .loss import AGPNetLoss
@@ -37,17 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["AGPNet"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SCHEDULES = ("linear", "constant")
-
-
-def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-    if len(size) != 2 or min(size) <= 0:
-        msg = f"image_size must be a positive int or (height, width), got {image_size!r}."
-        raise ValueError(msg)
-    return size  # type: ignore[return-value]
 
 
 def _pair(
@@ -159,7 +149,7 @@ class AGPNet(CheckpointBackboneMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        size = _as_size(image_size)
+        size = as_image_size(image_size)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size=size)
         super().__init__(
@@ -230,13 +220,7 @@ class AGPNet(CheckpointBackboneMixin, AnomalibModule):
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
         """Resize to ``image_size`` (256×256) and normalise with the ImageNet statistics."""
-        transform = Compose(
-            [
-                Resize(image_size or (256, 256), antialias=True),
-                Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
-            ]
-        )
-        return PreProcessor(transform=transform)
+        return resize_pre_processor(image_size)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

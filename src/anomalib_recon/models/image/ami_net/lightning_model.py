@@ -11,7 +11,6 @@ anomalous tokens so that they are reconstructed as normal, and the residual beco
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,8 +22,8 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
 from anomalib_recon.components.weights import CheckpointBackboneMixin
 
 from .loss import AMINetLoss
@@ -34,17 +33,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["AMINet"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = (256, 256)
-
-
-def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-    if len(size) != 2 or min(size) <= 0:
-        msg = f"image_size must be a positive int or (height, width), got {image_size!r}."
-        raise ValueError(msg)
-    return size  # type: ignore[return-value]
 
 
 class AMINet(CheckpointBackboneMixin, AnomalibModule):
@@ -128,7 +117,7 @@ class AMINet(CheckpointBackboneMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         if image_size is not None and pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size=_as_size(image_size))
+            pre_processor = self.configure_pre_processor(image_size=as_image_size(image_size))
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -175,10 +164,7 @@ class AMINet(CheckpointBackboneMixin, AnomalibModule):
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
         """Resize to ``image_size`` (256×256) and normalise with ImageNet statistics; no augmentation."""
-        transform = Compose(
-            [Resize(image_size or DEFAULT_IMAGE_SIZE, antialias=True), Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        )
-        return PreProcessor(transform=transform)
+        return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

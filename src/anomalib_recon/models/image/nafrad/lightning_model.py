@@ -25,10 +25,11 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
-from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+from torchvision.transforms.v2 import InterpolationMode, Normalize
 from torchvision.transforms.v2 import functional as TF
 
 from anomalib_recon.components import CheckpointBackboneMixin
+from anomalib_recon.components.preprocessing import IMAGENET_MEAN, IMAGENET_STD, as_image_size, resize_pre_processor
 
 from .loss import NAFRADLoss
 from .torch_model import NAFRADModel, resolve_backbone, rotation_range
@@ -36,17 +37,6 @@ from .torch_model import NAFRADModel, resolve_backbone, rotation_range
 logger = logging.getLogger(__name__)
 
 __all__ = ["NAFRAD"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-    if len(size) != 2 or min(size) <= 0:
-        msg = f"image_size must be a positive int or (height, width), got {image_size!r}."
-        raise ValueError(msg)
-    return size  # type: ignore[return-value]
 
 
 class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
@@ -132,7 +122,7 @@ class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        size = _as_size(image_size)
+        size = as_image_size(image_size)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size=size, normalize_input=normalize_input)
         super().__init__(
@@ -209,10 +199,7 @@ class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
         cls, image_size: tuple[int, int] | None = None, normalize_input: bool = False
     ) -> PreProcessor:
         """Resize only (the reference feeds [0, 1] images to the backbone); ImageNet Normalize if asked."""
-        transforms: list[nn.Module] = [Resize(image_size or (256, 256), antialias=True)]
-        if normalize_input:
-            transforms.append(Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)))
-        return PreProcessor(transform=Compose(transforms))
+        return resize_pre_processor(image_size, normalize=normalize_input)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -1,0 +1,32 @@
+"""Input-size and pre-processor helpers shared by the Lightning modules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from anomalib.pre_processing import PreProcessor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def as_image_size(size: int | Sequence[int], name: str = "image_size") -> tuple[int, int]:
+    """``256`` or ``(256, 256)`` -> ``(256, 256)``; anything else is one clear ``ValueError``."""
+    pair = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+    if len(pair) != 2 or min(pair) <= 0:
+        msg = f"{name} must be a positive int or (height, width), got {size!r}."
+        raise ValueError(msg)
+    return pair  # type: ignore[return-value]
+
+
+def resize_pre_processor(image_size: tuple[int, int] | None = None, normalize: bool = True) -> PreProcessor:
+    """anomalib ``PreProcessor``: Resize (default 256×256), then ImageNet ``Normalize`` unless ``normalize=False``."""
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    transforms: list = [Resize(image_size or (256, 256), antialias=True)]
+    if normalize:
+        transforms.append(Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)))
+    return PreProcessor(transform=Compose(transforms))
