@@ -14,12 +14,9 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
+from .tracing import is_tracing as _tracing
+
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-def _tracing() -> bool:
-    """True under torch.compile/export, TorchScript tracing or ONNX export (no data-dependent checks there)."""
-    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
 
 
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor, name: str) -> None:

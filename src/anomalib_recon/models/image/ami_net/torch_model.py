@@ -33,21 +33,12 @@ from anomalib_recon.components.losses import norm_cosine_distance
 from anomalib_recon.components.patch_embed import PatchEmbed, TokenToFeatureHead, patchify
 from anomalib_recon.components.perturbation import norm_scaled_jitter, random_token_mask, token_mask
 from anomalib_recon.components.position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
+from anomalib_recon.components.tracing import is_tracing as _tracing
 
 __all__ = ["AMINetDetails", "AMINetModel", "AMINetTrainOutput", "adaptive_mask", "resolve_layers"]
 
 FEATURE_STRIDES = (4, 8, 16)
 """Strides of the default feature layers (WRN50 layer1-3, the paper's φ2-φ4)."""
-
-
-def _tracing() -> bool:
-    """True under torch.export / torch.compile / ONNX export, where data-dependent checks must be skipped."""
-    return bool(
-        torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
-        or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-    )
 
 
 def resolve_layers(backbone: str, layers: Sequence[int | str] | None) -> list[int | str]:

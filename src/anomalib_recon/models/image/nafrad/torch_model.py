@@ -28,6 +28,7 @@ from anomalib_recon.components.aggregation import FeatureAggregator
 from anomalib_recon.components.anomaly_map import reduce_max_avgpool
 from anomalib_recon.components.feature_extractor import FeatureExtractor
 from anomalib_recon.components.neighborhood_attention import NeighborhoodAttention2D
+from anomalib_recon.components.tracing import is_tracing as _tracing
 
 RESNET18 = "resnet18.tv_in1k"
 SWIN_L = "swin_large_patch4_window7_224.ms_in22k_ft_in1k"
@@ -88,16 +89,6 @@ def default_layers(backbone: str) -> list[int | str]:
 def rotation_range(category: str | None) -> tuple[float, float]:
     """Rotation range of the reference for a category; ``(0, 0)`` (no rotation) when unknown."""
     return ROTATION_DEGREES.get((category or "").lower(), (0.0, 0.0))
-
-
-def _tracing() -> bool:
-    """True while exporting/compiling: data-dependent checks must be skipped then."""
-    return bool(
-        torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
-        or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------- autoencoder
