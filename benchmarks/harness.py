@@ -32,8 +32,16 @@ METRICS = ["image_AUROC", "image_F1Max", "pixel_AUROC", "pixel_AUPRO", "pixel_AU
 
 # Layer choice per (model, backbone family). Built-ins take timm feature-module names.
 # EfficientNet-Lite feature modules: blocks.1 (24 ch, /4), blocks.2 (40, /8), blocks.4 (112, /16).
-LITE_LAYERS = {"Padim": ["blocks.1", "blocks.2", "blocks.4"], "Patchcore": ["blocks.2", "blocks.4"]}
-RESNET_LAYERS = {"Padim": ["layer1", "layer2", "layer3"], "Patchcore": ["layer2", "layer3"]}
+LITE_LAYERS = {
+    "Padim": ["blocks.1", "blocks.2", "blocks.4"],
+    "Patchcore": ["blocks.2", "blocks.4"],
+    "Stfpm": ["blocks.1", "blocks.2", "blocks.4"],
+}
+RESNET_LAYERS = {
+    "Padim": ["layer1", "layer2", "layer3"],
+    "Patchcore": ["layer2", "layer3"],
+    "Stfpm": ["layer1", "layer2", "layer3"],
+}
 
 
 def machine_info() -> dict:
@@ -76,8 +84,40 @@ def build_datamodule(args: argparse.Namespace):
             num_workers=args.workers,
             seed=args.seed,
         )
+    if args.dataset == "folder":
+        return _folder_datamodule(args)
     msg = f"unknown dataset {args.dataset}"
     raise ValueError(msg)
+
+
+def _folder_datamodule(args: argparse.Namespace):
+    """Any MVTec-style category folder (``train/good``, ``test/good``, ``test/<defect>``, ``ground_truth/<defect>``)."""
+    from anomalib.data import Folder
+
+    if not args.data_root:
+        msg = "--dataset folder needs --data-root PATH (an MVTec-style category folder)."
+        raise SystemExit(msg)
+    root = Path(args.data_root).expanduser()
+    test = root / "test"
+    if not (root / "train" / "good").is_dir() or not test.is_dir():
+        msg = f"{root} is not an MVTec-style category folder: it needs train/good and test/<class> sub-folders."
+        raise SystemExit(msg)
+    defects = sorted(d.name for d in test.iterdir() if d.is_dir() and d.name != "good")
+    masks = bool(defects) and all((root / "ground_truth" / d).is_dir() for d in defects)
+    return Folder(
+        name=root.name,
+        root=root,
+        normal_dir="train/good",
+        normal_test_dir="test/good" if (test / "good").is_dir() else None,
+        abnormal_dir=[f"test/{d}" for d in defects],
+        mask_dir=[f"ground_truth/{d}" for d in defects] if masks else None,
+        train_batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        num_workers=args.workers,
+        test_split_mode="from_dir",
+        val_split_mode="same_as_test",
+        seed=args.seed,
+    )
 
 
 def build_model(name: str, args: argparse.Namespace):
@@ -106,13 +146,15 @@ def build_model(name: str, args: argparse.Namespace):
         kwargs |= {"backbone": args.backbone, "weights": "imagenet"}
         if "image_size" in inspect.signature(cls.__init__).parameters:
             kwargs["image_size"] = args.image_size
-    elif name in {"Padim", "Patchcore"}:
+    elif name in {"Padim", "Patchcore", "Stfpm"}:
         kwargs |= {"backbone": args.backbone, "layers": (LITE_LAYERS if lite else RESNET_LAYERS)[name]}
         if name == "Padim" and lite:
             kwargs["n_features"] = 100  # random subset of the 176 channels, as Padim does for resnet18 (100 of 448)
-    elif name == "ReverseDistillation" and lite:
-        msg = "ReverseDistillation needs a ResNet-family backbone (its decoder mirrors ResNet stages)."
-        raise ValueError(msg)
+    elif name == "ReverseDistillation":
+        if not args.backbone.startswith(("resnet", "wide_resnet")):
+            msg = "n/a: ReverseDistillation needs a ResNet-family backbone (its decoder mirrors ResNet stages)."
+            raise ValueError(msg)
+        kwargs |= {"backbone": args.backbone, "layers": RESNET_LAYERS["Padim"]}
     kwargs |= args.model_args.get(name, {})
     return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
@@ -175,7 +217,7 @@ def run_single(args: argparse.Namespace) -> dict:
 
 def to_markdown(rows: list[dict], header: dict) -> str:
     """A results table plus how it was produced."""
-    cols = ["model", *METRICS, "train_s", "steps", "infer_img_per_s", "peak_rss_mb", "params_m"]
+    cols = ["model", *METRICS, "train_s", "test_s", "steps", "infer_img_per_s", "peak_rss_mb", "params_m"]
     lines = [
         f"# {header['name']}",
         "",
@@ -204,8 +246,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["NAFRAD", "Padim"])
-    p.add_argument("--dataset", choices=["magnetic_tile", "elpv"], default="magnetic_tile")
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--dataset", choices=["magnetic_tile", "elpv", "folder"], default="magnetic_tile")
+    p.add_argument("--data-root", default=None, help="dataset folder (magnetic_tile: optional; folder: required)")
     p.add_argument("--cell-type", default="mono")
     p.add_argument("--backbone", default="tf_efficientnet_lite0")
     p.add_argument("--image-size", type=int, default=256)
@@ -217,6 +259,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None)
     p.add_argument("--work-dir", default="/tmp/anomalib_recon_bench")
+    p.add_argument("--results-dir", default=str(RESULTS), help="where the JSON and markdown go")
     p.add_argument(
         "--model-args",
         type=json.loads,
@@ -237,19 +280,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = args.name or f"{args.dataset}_{args.backbone}_{args.image_size}"
     command = "python benchmarks/harness.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    rows = []
-    for model in args.models:
-        print(f"=== {model} ===", flush=True)
-        child = [sys.executable, __file__, *(argv or sys.argv[1:]), "--single", model]
-        proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        row = {"model": model, "error": "no result"}
-        for line in proc.stdout:  # progress stays visible
-            sys.stdout.write(line)
-            if line.startswith("RESULT "):
-                row = json.loads(line[len("RESULT ") :])
-        if proc.wait() != 0 and "error" in row:
-            row["error"] = f"exit code {proc.returncode}"
-        rows.append(row)
     header = {
         "name": name,
         "command": command,
@@ -258,10 +288,28 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "batch_size": args.batch_size,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
-    table = to_markdown(rows, header)
-    (RESULTS / f"{name}.md").write_text(table)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, model in enumerate(args.models, 1):
+        print(f"=== [{index}/{len(args.models)}] {model} ===", flush=True)
+        child = [sys.executable, __file__, *(argv or sys.argv[1:]), "--single", model]
+        proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        row = {"model": model, "error": "no result"}
+        last_error = ""
+        for line in proc.stdout:  # progress stays visible
+            sys.stdout.write(line)
+            if line.startswith("RESULT "):
+                row = json.loads(line[len("RESULT ") :])
+            elif "Error: " in line:
+                last_error = line.strip()
+        if proc.wait() != 0 and "error" in row:
+            row["error"] = last_error or f"exit code {proc.returncode}"
+        rows.append(row)
+        # Written after every model, so a long run that is stopped keeps what it finished.
+        (results / f"{name}.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
+        table = to_markdown(rows, header)
+        (results / f"{name}.md").write_text(table)
     print(table)
     return 0
 
