@@ -51,10 +51,10 @@ def machine_info() -> dict:
 
 
 def make_call(backend: str, kernel_size: int):
-    """Return fn(q, k, v, rpb) for one benchmark backend name (pure-gather/pure-dense are pure's two forms)."""
-    if backend in ("pure-gather", "pure-dense"):
-        dense = backend == "pure-dense"
-        return lambda q, k, v, rpb: na._pure(q, k, v, kernel_size, 1, rpb, q.shape[-1] ** -0.5, 0.0, dense=dense)
+    """Return fn(q, k, v, rpb) for one benchmark backend name (pure-gather/-dense/-blocked are pure's forms)."""
+    if backend.startswith("pure-"):
+        form = backend.removeprefix("pure-")
+        return lambda q, k, v, rpb: na._pure(q, k, v, kernel_size, 1, rpb, q.shape[-1] ** -0.5, 0.0, form=form)
     return lambda q, k, v, rpb: na.neighborhood_attention_2d(q, k, v, kernel_size, 1, rpb, backend=backend)
 
 
@@ -165,6 +165,7 @@ def main() -> None:
         "pure",
         "pure-gather",
         "pure-dense",
+        "pure-blocked",
     ]
     warnings.filterwarnings("ignore")
     rows = []

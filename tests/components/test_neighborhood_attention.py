@@ -94,7 +94,7 @@ CASES = [  # (H, W, kernel, dilation, with rpb)
 
 @pytest.mark.parametrize(("H", "W", "ks", "dil", "with_rpb"), CASES)
 def test_pure_matches_reference_fp64_forward_and_backward(H, W, ks, dil, with_rpb):
-    """Both forms of the pure backend (index gather, masked dense) against the loop reference."""
+    """All forms of the pure backend (index gather, masked dense, blocked) against the loop reference."""
     heads, D = 2, 4
     q, k, v = _qkv((1, heads, H, W, D), requires_grad=True)
     rpb = torch.randn(heads, 2 * ks - 1, 2 * ks - 1, dtype=torch.float64, requires_grad=True) if with_rpb else None
@@ -103,12 +103,13 @@ def test_pure_matches_reference_fp64_forward_and_backward(H, W, ks, dil, with_rp
     ref = reference_na(q, k, v, ks, dil, rpb, scale)
     grad = torch.randn_like(ref)
     g_ref = torch.autograd.grad(ref, inputs, grad)
-    for dense in (False, True):
-        out = na_mod._pure(q, k, v, ks, dil, rpb, scale, 0.0, dense=dense)
-        assert (out - ref).abs().max() < 1e-12, dense
+    # tile 3/4 make several blocks (and an overlapping last block) on these small maps
+    for form, tile in (("gather", 8), ("dense", 8), ("blocked", 3), ("blocked", 4), ("blocked", 8)):
+        out = na_mod._pure(q, k, v, ks, dil, rpb, scale, 0.0, form=form, tile=tile)
+        assert (out - ref).abs().max() < 1e-12, (form, tile)
         g_out = torch.autograd.grad(out, inputs, grad)
         for a, b in zip(g_out, g_ref, strict=True):
-            assert (a - b).abs().max() < 1e-10, dense
+            assert (a - b).abs().max() < 1e-10, (form, tile)
 
 
 def test_public_function_fp32_and_default_scale():
@@ -458,3 +459,18 @@ def test_gpu_backends_match_pure(dtype):
         module.backend = "pure"
         out_pure = module(x)
     assert (out_auto.float() - out_pure.float()).abs().max() < tol * max(1.0, out_pure.abs().max().item())
+
+
+def test_auto_form_on_large_maps_equals_gather_form(monkeypatch):
+    """Above the dense limit the eager default is the blocked form; it must equal the export (gather) form."""
+    q, k, v = _qkv((2, 2, 20, 17, 4))
+    rpb = torch.randn(2, 13, 13, dtype=torch.float64)
+    seen = []
+    original = na_mod._pure_blocked
+    monkeypatch.setattr(na_mod, "_pure_blocked", lambda *a: seen.append(a[-1]) or original(*a))
+    auto = na_mod._pure(q, k, v, 7, 1, rpb, 0.5, 0.0)
+    gather = na_mod._pure(q, k, v, 7, 1, rpb, 0.5, 0.0, form="gather")
+    assert seen == [8]  # blocked, with the 7x7 tile choice
+    assert (auto - gather).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="form must be"):
+        na_mod._pure(q, k, v, 7, 1, rpb, 0.5, 0.0, form="sparse")

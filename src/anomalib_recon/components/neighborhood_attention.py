@@ -50,8 +50,9 @@ __all__ = [
 
 NA_BACKEND_ENV_VAR = "ANOMALIB_RECON_NA_BACKEND"
 _BACKENDS = ("auto", "natten", "flex", "pure")
-# "pure" switches from the gather form (O(N k^2 D) memory) to a masked dense product (O(N^2) per head)
-# when the map has at most this many tokens; both are exact, the dense form is faster on small maps.
+# "pure" has three exact forms: a masked dense product (O(N^2) per head) for maps of at most this many tokens,
+# a blocked form (query blocks against the key block that holds their windows) for larger eager maps, and an
+# index-gather form (O(N k^2 D) memory) for tracing/export, where sizes may be symbolic.
 _DENSE_MAX_TOKENS = 256
 
 _forced_backend: ContextVar[str | None] = ContextVar("anomalib_recon_na_backend", default=None)
@@ -303,6 +304,96 @@ def _softmax(logits: Tensor, out_dtype: torch.dtype) -> Tensor:
     return torch.softmax(logits, dim=-1).to(out_dtype)
 
 
+def _axis_tiles(length: int, kernel_size: int, dilation: int, tile: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Query tiles along one axis and the key span that holds all their windows (blocked form).
+
+    Returns query positions ``(n_tiles, tile)``, key positions ``(n_tiles, span)``, the per-axis bias index of each
+    (query, key) pair or ``-1`` where the key is outside the query's window ``(n_tiles, tile, span)``, and for every
+    position the flat ``tile_index * tile + offset`` that holds its output (the last tile may overlap its neighbour).
+    """
+    keys_ax, bias_ax = _axis_neighborhood(length, kernel_size, dilation, device)
+    tile = min(tile, length)
+    starts = list(range(0, length - tile + 1, tile))
+    if starts[-1] + tile < length:
+        starts.append(length - tile)
+    starts_t = torch.tensor(starts, device=device)
+    q_pos = starts_t[:, None] + torch.arange(tile, device=device)
+    windows = keys_ax[q_pos]  # (n_tiles, tile, k)
+    k_min = windows.amin(dim=(1, 2))
+    span = min(length, int((windows.amax(dim=(1, 2)) - k_min).max()) + 1)
+    k_pos = k_min.clamp(max=length - span)[:, None] + torch.arange(span, device=device)
+    match = windows[..., None] == k_pos[:, None, None, :]  # (n_tiles, tile, k, span)
+    bias = torch.where(match.any(2), (bias_ax[q_pos][..., None] * match).sum(2), -1)
+    owner = torch.empty(length, dtype=torch.long, device=device)
+    for index, start in enumerate(starts):  # later tiles overwrite: each position has exactly one owner
+        owner[start : start + tile] = index * tile + torch.arange(tile, device=device)
+    return q_pos, k_pos, bias, owner
+
+
+_tiles_cache: dict[tuple, tuple[Tensor, ...]] = {}
+
+
+def _tiles_2d(height: int, width: int, kernel_size: int, dilation: int, tile: int, device: torch.device) -> tuple:
+    """2-D tiling: per-axis query/key positions and owners, plus the flat bias index ``(tiles, T*T, S*S)``.
+
+    The bias index points into the ``(2k-1)**2`` relative position table; ``(2k-1)**2`` marks keys outside the window.
+    """
+    key = (height, width, kernel_size, dilation, tile, str(device))
+    if key in _tiles_cache:
+        return _tiles_cache[key]
+    qh, kh, bh, oh = _axis_tiles(height, kernel_size, dilation, tile, device)
+    qw, kw, bw, ow = _axis_tiles(width, kernel_size, dilation, tile, device)
+    side = 2 * kernel_size - 1
+    inside = (bh[:, None, :, None, :, None] >= 0) & (bw[None, :, None, :, None, :] >= 0)
+    flat = bh[:, None, :, None, :, None] * side + bw[None, :, None, :, None, :]
+    index = torch.where(inside, flat, side * side)  # (th, tw, Th, Tw, Sh, Sw)
+    nth, ntw, Th, Tw, Sh, Sw = index.shape
+    index = index.reshape(nth * ntw, Th * Tw, Sh * Sw)
+    if len(_tiles_cache) > 64:
+        _tiles_cache.clear()
+    _tiles_cache[key] = out = (qh, kh, oh, qw, kw, ow, index)
+    return out
+
+
+def _tile(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``(B, heads, H, W, D)`` -> ``(B, heads, tiles, rows_per_tile * cols_per_tile, D)``."""
+    B, heads, _, _, D = x.shape
+    (nth, r), (ntw, c) = rows.shape, cols.shape
+    x = x.index_select(2, rows.reshape(-1)).index_select(3, cols.reshape(-1))
+    return x.reshape(B, heads, nth, r, ntw, c, D).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, heads, nth * ntw, r * c, D)
+
+
+def _pure_blocked(
+    q: Tensor, k: Tensor, v: Tensor, kernel_size: int, dilation: int, rpb: Tensor | None, scale: float, tile: int
+) -> tuple[Tensor, Tensor]:
+    """Blocked form: each ``tile x tile`` block of queries attends densely to the small key block holding all
+    its windows; keys outside a query's window are masked. Same result as the gather form, far less memory
+    traffic on CPU (no per-query copy of the k*k neighbours). Returns the attention logits and value blocks.
+    """
+    heads, H, W = q.shape[1:4]
+    qh, kh, _, qw, kw, _, index = _tiles_2d(H, W, kernel_size, dilation, tile, q.device)
+    acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    logits = (_tile(q * scale, qh, qw) @ _tile(k, kh, kw).transpose(-1, -2)).to(acc_dtype)  # (B, h, tiles, TT, SS)
+    table = rpb.reshape(heads, -1).to(acc_dtype) if rpb is not None else q.new_zeros((1, 1), dtype=acc_dtype)
+    table = table.expand(table.shape[0], (2 * kernel_size - 1) ** 2)
+    table = torch.cat([table, table.new_full((table.shape[0], 1), float("-inf"))], dim=1)
+    return logits + table[:, index], _tile(v, kh, kw)
+
+
+def _untile(out: Tensor, qh: Tensor, qw: Tensor, oh: Tensor, ow: Tensor) -> Tensor:
+    """Inverse of :func:`_tile` for the query blocks, keeping each position's owning block."""
+    B, heads, _, _, D = out.shape
+    (nth, r), (ntw, c) = qh.shape, qw.shape
+    out = out.reshape(B, heads, nth, ntw, r, c, D).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, heads, nth * r, ntw * c, D)
+    return out.index_select(2, oh).index_select(3, ow)
+
+
+def _block_tile(kernel_size: int, dilation: int) -> int:
+    """Query block side for the blocked form, tuned on a 2-core CPU (``benchmarks/na_backends.py``): 4 for
+    3x3 windows, 8 for 7x7 (the key block is ``tile + dilation * (kernel_size - 1)`` wide)."""
+    return 4 if dilation * (kernel_size - 1) <= 3 else 8
+
+
 def _pure(
     q: Tensor,
     k: Tensor,
@@ -312,20 +403,35 @@ def _pure(
     rpb: Tensor | None,
     scale: float,
     dropout_p: float,
-    dense: bool | None = None,
+    form: str | None = None,
+    tile: int | None = None,
 ) -> Tensor:
-    """Exact pure-PyTorch NA. ``dense=None`` picks the masked dense form for small maps (eager only)."""
+    """Exact pure-PyTorch NA in one of three forms with identical results.
+
+    ``form=None`` picks: masked ``"dense"`` for small maps, ``"blocked"`` for larger ones (eager), and the
+    index ``"gather"`` form when tracing for export (symbolic sizes; its graph exports cleanly).
+    """
     B, heads, H, W, D = q.shape
     n = H * W
-    keys, bias_idx = _neighborhood_2d(H, W, kernel_size, dilation, q.device)
-    if dense is None:
-        dense = not _is_tracing() and isinstance(n, int) and n <= _DENSE_MAX_TOKENS
+    if form is None and (_is_tracing() or not isinstance(n, int)):
+        form = "gather"
+    elif form is None:
+        form = "dense" if n <= _DENSE_MAX_TOKENS else "blocked"
     acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    if form == "blocked":
+        tile = tile or _block_tile(kernel_size, dilation)
+        logits, v_blocks = _pure_blocked(q, k, v, kernel_size, dilation, rpb, scale, tile)
+        attn = _softmax(logits, v.dtype)
+        if dropout_p > 0.0:
+            attn = F.dropout(attn, p=dropout_p)
+        qh, _, oh, qw, _, ow, _ = _tiles_2d(H, W, kernel_size, dilation, tile, q.device)
+        return _untile(attn @ v_blocks, qh, qw, oh, ow)
+    keys, bias_idx = _neighborhood_2d(H, W, kernel_size, dilation, q.device)
     qf = (q * scale).reshape(B, heads, n, D)
     kf = k.reshape(B, heads, n, D)
     vf = v.reshape(B, heads, n, v.shape[-1])
     rpb_g = None if rpb is None else rpb.reshape(heads, -1)[:, bias_idx].to(acc_dtype)  # (heads, n, k*k)
-    if dense:
+    if form == "dense":
         logits = (qf @ kf.transpose(-1, -2)).to(acc_dtype)  # (B, heads, n, n)
         src = rpb_g if rpb_g is not None else torch.zeros((), dtype=acc_dtype, device=q.device).expand(1, *keys.shape)
         index = keys.expand(src.shape[0], *keys.shape)
@@ -335,7 +441,7 @@ def _pure(
         if dropout_p > 0.0:
             attn = F.dropout(attn, p=dropout_p)
         out = attn @ vf
-    else:
+    elif form == "gather":
         k2 = keys.shape[-1]
         flat = keys.reshape(-1)
         k_nb = torch.index_select(kf, 2, flat).reshape(B, heads, n, k2, D)
@@ -347,6 +453,9 @@ def _pure(
         if dropout_p > 0.0:
             attn = F.dropout(attn, p=dropout_p)
         out = (attn.unsqueeze(-2) @ v_nb).squeeze(-2)
+    else:
+        msg = f"form must be 'dense', 'gather', 'blocked' or None, got {form!r}"
+        raise ValueError(msg)
     return out.reshape(B, heads, H, W, v.shape[-1])
 
 
@@ -646,6 +755,7 @@ class NeighborhoodAttention2D(nn.Module):
 def _reset_caches() -> None:
     """Forget cached neighborhoods, block masks and the natten probe (tests, device changes)."""
     _neighborhood_cache.clear()
+    _tiles_cache.clear()
     _block_mask_cache.clear()
     _natten_probe.clear()
     _natten_failures.clear()
