@@ -1,0 +1,386 @@
+"""Tests for INP-Former++ (InpFormerPP) on anomalib's INP-Former blocks.
+
+Tiny settings keep the file fast on one CPU thread: a random EfficientNet-Lite0 encoder (stages 1-3 concatenated on
+the stride-8 grid: 176 channels, 8×8 tokens at 64 px), 2 decoder blocks, a 16/8-channel head; timm's ``test_vit``
+(64-d, 6 blocks) for the ViT path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import InferenceBatch
+from anomalib.models.image.inp_former.torch_model import InpFormerModel
+from PIL import Image
+from torch.nn import functional as F
+
+from anomalib_recon.models.image.inp_former_pp import InpFormerPP
+from anomalib_recon.models.image.inp_former_pp.lightning_model import few_shot_augment
+from anomalib_recon.models.image.inp_former_pp.loss import (
+    InpFormerPPLoss,
+    hard_inp_coherence,
+    soft_inp_coherence,
+)
+from anomalib_recon.models.image.inp_former_pp.torch_model import InpFormerPPModel, ResidualSegHead
+
+LITE0 = "tf_efficientnet_lite0"
+TINY = {"backbone": LITE0, "weights": None, "image_size": 64, "decoder_depth": 2, "seg_channels": (16, 8)}
+
+
+def _module(**kwargs) -> InpFormerPP:
+    torch.manual_seed(0)
+    return InpFormerPP(**{**TINY, "evaluator": False, "visualizer": False, **kwargs})
+
+
+def _images(n: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> InpFormerPP:
+    return _module()
+
+
+# ----------------------------------------------------------------------------------------------------- losses
+def test_soft_coherence_tends_to_hard_coherence_and_spreads_the_gradient():
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 16, 8, generator=g)
+    prototypes = torch.randn(2, 4, 8, generator=g, requires_grad=True)
+    hard = hard_inp_coherence(query, prototypes)
+    manual = (1 - F.cosine_similarity(query[:, :, None], prototypes[:, None], dim=-1)).amin(-1).mean()
+    torch.testing.assert_close(hard, manual)  # anomalib's get_inp_loss is the base's min-distance loss
+    gaps = [abs(soft_inp_coherence(query, prototypes, tau=t) - hard).item() for t in (1.0, 0.1, 0.01, 1e-4)]
+    assert gaps[0] > 1e-2 and gaps[-1] < 1e-5
+    assert gaps[0] > gaps[1] > gaps[2] > gaps[3]
+    assert soft_inp_coherence(query, prototypes, reduction="none").shape == (2, 16)
+
+    # the collapse fix: when every token is nearest to one INP, the hard loss moves only that INP, the soft one all
+    anchor = prototypes.detach()[:, :1]
+    collapsed = anchor + 0.05 * torch.randn(2, 16, 8, generator=g)
+    nearest = F.cosine_similarity(collapsed[:, :, None], prototypes[:, None], dim=-1).argmax(-1)
+    assert (nearest == 0).all()
+    (hard_grad,) = torch.autograd.grad(hard_inp_coherence(collapsed, prototypes), prototypes)
+    (soft_grad,) = torch.autograd.grad(soft_inp_coherence(collapsed, prototypes, tau=1.0), prototypes)
+    unused = torch.tensor([False, True, True, True]).expand(2, 4)
+    assert hard_grad[unused].abs().max() == 0
+    assert soft_grad.norm(dim=-1).min() > 0
+
+
+def test_mse_soft_mining_scales_each_positions_gradient():
+    """Switching the MSE term on adds exactly the MSE gradient times ``(e_i / mean e)^3`` per position."""
+    g = torch.Generator().manual_seed(1)
+    en = [torch.randn(2, 6, 4, 4, generator=g) for _ in range(2)]
+    base = [torch.randn(2, 6, 4, 4, generator=g) for _ in range(2)]
+
+    def grads(loss_fn: InpFormerPPLoss) -> list[torch.Tensor]:
+        de = [b.clone().requires_grad_(True) for b in base]
+        terms = loss_fn.reconstruction_loss(en, de)
+        sum(terms.values()).backward()
+        return [d.grad for d in de]
+
+    with_mse = grads(InpFormerPPLoss(mse_mining=True))
+    without = grads(InpFormerPPLoss(mse_mining=False))
+    for e, d, on, off in zip(en, base, with_mse, without, strict=True):
+        err = ((e - d) ** 2).mean(dim=1, keepdim=True)
+        weights = (err / err.mean()) ** 3
+        expected = 2 * (d - e) / d.numel() / len(en) * weights
+        torch.testing.assert_close(on - off, expected, atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(with_mse[0] - without[0], 2 * (base[0] - en[0]) / base[0].numel() / 2)
+
+
+# ----------------------------------------------------------------------------------------------------- architecture
+def test_paper_defaults_and_shapes():
+    with torch.device("meta"):  # sizes only, nothing downloaded or allocated
+        paper = InpFormerPPModel(weights=None)
+    assert paper.is_vit and paper.layers == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert (paper.embed_dim, paper.num_heads, len(paper.decoder)) == (768, 12, 8)
+    assert paper.encoder_groups == paper.decoder_groups == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert tuple(paper.prototype_tokens.shape) == (6, 768)
+    head = [m for m in paper.seg_head.layers if hasattr(m, "weight") and m.weight.dim() == 4]
+    assert [tuple(m.weight.shape[:2]) for m in head] == [(768, 256), (256, 64), (1, 64)]  # ConvT: (in, out)
+    assert paper.fusion == "mean" and paper.rec_map == "cos"
+
+    vit = InpFormerPPModel("test_vit", weights=None, image_size=(64, 64), decoder_depth=2, seg_channels=(8, 8)).train()
+    out = vit(_images(), _images(seed=1))
+    assert [tuple(e.shape) for e in out.encoder_features] == [(2, 64, 4, 4)] * 2  # 6 blocks in two groups
+    assert tuple(out.prototypes.shape) == (2, 6, 64) and tuple(out.query.shape) == (2, 16, 64)
+    assert tuple(out.seg_prediction.shape) == (2, 1, 64, 64) and tuple(out.residual.shape) == (2, 64, 4, 4)
+    assert out.seg_prediction.min() >= 0 and out.seg_prediction.max() <= 1
+
+    head = ResidualSegHead(176, (16, 8))
+    assert tuple(head(torch.randn(3, 176, 8, 8), (70, 50)).shape) == (3, 1, 70, 50)
+
+
+def test_cnn_target_is_layer_normed_concatenation_on_one_grid(tiny):
+    model = tiny.model
+    assert (model.embed_dim, model.num_heads, model.stride) == (24 + 40 + 112, 8, 8)
+    (target,) = model.extract(_images())
+    assert tuple(target.shape) == (2, 176, 8, 8)
+    # every stage is layer-normed per position: each channel slice has zero mean over its channels
+    for lo, hi in ((0, 24), (24, 64), (64, 176)):
+        assert target[:, lo:hi].mean(1).abs().max() < 1e-4
+    model.eval()
+    with torch.no_grad():
+        pred = model(_images(3))
+    assert isinstance(pred, InferenceBatch)
+    assert tuple(pred.pred_score.shape) == (3,) and tuple(pred.anomaly_map.shape) == (3, 1, 64, 64)
+
+
+def test_fusion_map_and_top_one_percent_score():
+    module = _module(blur_sigma=None, rec_map="cos_l2")
+    model = module.model.eval()
+    x = _images()
+    with torch.no_grad():
+        rec, seg = model.predict_maps(x)
+        en, de, _, _ = model.reconstruct(model.extract(x))
+        pred = model(x)
+    cos, _ = InpFormerModel.calculate_anomaly_maps(en, de, out_size=(64, 64))
+    l2 = torch.stack([torch.linalg.vector_norm(e - d, dim=1, keepdim=True) for e, d in zip(en, de, strict=True)])
+    l2 = F.interpolate(l2.mean(0), size=(64, 64), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(rec, 0.5 * (cos + l2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pred.anomaly_map, 0.5 * (rec + seg))
+    top = pred.anomaly_map.flatten(1).topk(40, dim=1).values.mean(1)  # 1 % of 4096 pixels
+    torch.testing.assert_close(pred.pred_score, top)
+
+
+def test_plus_plus_off_is_base_inp_former():
+    module = _module(plus_plus=False)
+    model = module.model.eval()
+    assert module.loss.coherence == "hard" and not module.loss.mse_mining
+    assert model.seg_head is None and model.fusion == "rec" and module.augmenter is None
+    x = _images()
+    with torch.no_grad():
+        pred = model(x)
+        en, de, _, _ = model.reconstruct(model.extract(x))
+    base_map, _ = InpFormerModel.calculate_anomaly_maps(en, de, out_size=(64, 64))
+    torch.testing.assert_close(pred.anomaly_map, model.blur(base_map))
+    partial = _module(plus_plus=False, coherence="soft", mse_mining=True)
+    assert partial.loss.coherence == "soft" and partial.loss.mse_mining and partial.model.seg_head is None
+
+
+# ----------------------------------------------------------------------------------------------------- training
+def test_residual_head_sends_no_gradient_upstream():
+    for stop_gradient in (True, False):
+        module = _module(seg_stop_gradient=stop_gradient)
+        model = module.model.train()
+        out = model(_images(), _images(seed=3))
+        module.loss.segmentation_loss(out.seg_prediction, torch.zeros_like(out.seg_prediction)).backward()
+        upstream = [model.prototype_tokens, *model.aggregation.parameters(), *model.bottleneck.parameters()]
+        upstream += list(model.decoder.parameters())
+        assert all(p.grad is not None for p in model.seg_head.parameters())
+        assert all(not p.requires_grad for p in model.encoder.parameters())
+        if stop_gradient:
+            assert all(p.grad is None for p in upstream)
+            assert not out.residual.requires_grad
+        else:  # the switch works: without the stop-gradient the head's loss reaches the decoder
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+
+
+def test_training_steps_lower_the_loss():
+    module = _module(warmup_iters=2, lr=2e-3)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=30)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    model = module.model.train()
+    images = _images(4, seed=5)
+    torch.manual_seed(7)
+    augmented, masks = module.synthesize(images)
+    assert masks.shape == (4, 1, 64, 64) and set(masks.unique().tolist()) <= {0.0, 1.0}
+
+    def total() -> torch.Tensor:
+        out = model(images, augmented)
+        terms = module.loss.normal_loss(out.encoder_features, out.decoder_features, out.query, out.prototypes)
+        return terms["loss"] + module.loss.segmentation_loss(out.seg_prediction, masks)
+
+    start = total().item()
+    for _ in range(12):
+        optimizer.zero_grad()
+        total().backward()
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] < 2e-3  # warm-up done, cosine decay under way
+    assert total().item() < 0.8 * start
+    module._trainer = None
+
+
+def test_two_stage_schedule_switches_at_seg_start():
+    module = _module(schedule="two_stage", seg_start=0.5)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10, global_step=4)
+    assert module._stage() == "reconstruction"
+    module._trainer.global_step = 5
+    assert module._stage() == "head"
+    assert _module()._stage() == "joint"
+    module._trainer = None
+
+
+def _write_real_anomalies(root: Path) -> None:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    image = np.full((80, 80, 3), 255, np.uint8)
+    mask = np.zeros((80, 80), np.uint8)
+    mask[20:40, 30:50] = 255
+    Image.fromarray(image).save(root / "images" / "a.png")
+    Image.fromarray(mask).save(root / "masks" / "a_mask.png")
+
+
+def test_semi_supervised_pastes_real_anomalous_regions(tmp_path):
+    _write_real_anomalies(tmp_path / "real")
+    module = _module(real_anomaly_path=str(tmp_path / "real"), real_anomaly_probability=1.0, anomaly_probability=0.0)
+    images = torch.zeros(3, 3, 64, 64)  # the normalised mean colour
+    augmented, masks = module.synthesize(images)
+    white = (1 - module._mean) / module._std  # the pasted source, normalised
+    area = masks.flatten(1).sum(1)
+    assert torch.all(area == 16 * 16)  # 20×20 of 80 px resized to 64 px, rotated/flipped but kept whole
+    inside = masks.expand_as(augmented).bool()
+    torch.testing.assert_close(augmented[inside], white.expand_as(augmented)[inside])
+    assert augmented[~inside].abs().max() == 0
+    with pytest.raises(ValueError, match="must contain 'images/'"):
+        _module(real_anomaly_path=str(tmp_path))
+
+
+def test_few_shot_augmentation_keeps_shape_and_changes_images():
+    torch.manual_seed(0)
+    images = _images(4)
+    out = few_shot_augment(images, gray_probability=1.0)
+    assert out.shape == images.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, images)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    rgb = out * std + mean  # grey images: equal channels after de-normalisation
+    torch.testing.assert_close(rgb[:, 0], rgb[:, 1], atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+def test_clear_errors_on_bad_input(tiny):
+    model = tiny.model.eval()
+    with pytest.raises(ValueError, match="RGB batch"):
+        model(torch.rand(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="too small"):
+        model(torch.rand(1, 3, 24, 24))
+    with pytest.raises(TypeError, match="float image"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="NaN/inf features"):
+        model(torch.full((1, 3, 64, 64), float("nan")))
+    with pytest.raises(ValueError, match="needs the segmentation head"):
+        _module(plus_plus=False, fusion="mean")
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        _module(tau=0.0)
+    with pytest.raises(ValueError, match="crop_size"):
+        _module(crop_size=96)
+    with pytest.raises(ValueError, match="divide the embedding width"):
+        _module(num_heads=5)
+    with pytest.raises(ValueError, match="two_stage"):
+        _module(plus_plus=False, schedule="two_stage")
+    with pytest.raises(ValueError, match="Unknown timm backbone"):
+        _module(backbone="no_such_net")
+    with pytest.raises(ValueError, match="anomaly_source_path"):
+        _module(anomaly_source_path="/no/such/folder")
+    with pytest.raises(ValueError, match="finite training length"):
+        _module().configure_optimizers()
+
+
+def test_paper_pre_processor_resizes_448_and_crops_392():
+    transforms = InpFormerPP.configure_pre_processor().transform.transforms
+    assert [type(t).__name__ for t in transforms] == ["Resize", "CenterCrop", "Normalize"]
+    assert list(transforms[1].size) == [392, 392]
+    no_crop = InpFormerPP.configure_pre_processor(image_size=(128, 128)).transform.transforms
+    assert [type(t).__name__ for t in no_crop] == ["Resize", "Normalize"]
+
+
+# ----------------------------------------------------------------------------------------------------- export / ckpt
+@pytest.mark.export
+def test_onnx_and_openvino_export_match_torch(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    # a 2-block random ViT keeps the export fast (a dynamic-batch EfficientNet takes ~25 s more to decompose)
+    module = _module(backbone="test_vit", layers=[0, 1], decoder_depth=1, post_processor=False).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = module(x)
+    path = module.to_onnx(tmp_path, input_size=(64, 64), opset_version=18)
+    names = [init.name for init in onnx.load(str(path)).graph.initializer]
+    for part in ("model.seg_head.", "model.decoder.", "model.aggregation.", "model.bottleneck.", "model.encoder."):
+        assert any(n.startswith(part) for n in names), part
+    assert not [n for n in names if "augmenter" in n or n.startswith("loss.")]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
+    results = dict(zip(outputs, session.run(None, {session.get_inputs()[0].name: x.numpy()}), strict=True))
+    np.testing.assert_allclose(results["pred_score"].reshape(-1), expected.pred_score.numpy(), atol=1e-4)
+    np.testing.assert_allclose(results["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
+
+    ov = pytest.importorskip("openvino")
+    compiled = ov.Core().compile_model(str(path), "CPU")  # OpenVINO's ONNX frontend
+    ov_out = compiled([x.numpy()])
+    ov_results = {o.get_any_name(): ov_out[o] for o in compiled.outputs}
+    np.testing.assert_allclose(ov_results["pred_score"].reshape(-1), expected.pred_score.numpy(), atol=1e-4)
+    np.testing.assert_allclose(ov_results["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
+
+
+def _write_category(root: Path, seed: int = 0) -> None:
+    g = np.random.default_rng(seed)
+    for sub in ("train/good", "test/good", "test/defect", "ground_truth/defect"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+
+    def texture() -> np.ndarray:
+        xx = np.mgrid[0:64, 0:64][1]
+        base = 0.5 + 0.2 * np.sin(2 * math.pi * xx / 8 + g.uniform(0, 6)) + 0.03 * g.standard_normal((64, 64))
+        return (np.clip(np.stack([base] * 3, -1), 0, 1) * 255).astype(np.uint8)
+
+    for i in range(4):
+        Image.fromarray(texture()).save(root / "train/good" / f"{i:03d}.png")
+    Image.fromarray(texture()).save(root / "test/good/000.png")
+    img, mask = texture(), np.zeros((64, 64), np.uint8)
+    img[10:30, 20:40] = 255
+    mask[10:30, 20:40] = 255
+    Image.fromarray(img).save(root / "test/defect/000.png")
+    Image.fromarray(mask).save(root / "ground_truth/defect/000_mask.png")
+
+
+def test_engine_fit_and_safe_checkpoint_round_trip(tmp_path):
+    """Two Engine steps (StableAdamW + warm-cosine, grad clip 0.1), then anomalib's weights_only loader."""
+    from anomalib.data import Folder
+    from anomalib.engine import Engine
+
+    _write_category(tmp_path / "data")
+    datamodule = Folder(
+        name="tiny",
+        root=tmp_path / "data",
+        normal_dir="train/good",
+        abnormal_dir="test/defect",
+        normal_test_dir="test/good",
+        mask_dir="ground_truth/defect",
+        train_batch_size=2,
+        eval_batch_size=2,
+        num_workers=0,
+        val_split_mode="same_as_test",
+    )
+    model = _module(rec_normalization="minmax", warmup_iters=1)
+    engine = Engine(
+        max_steps=2,
+        default_root_dir=tmp_path / "results",
+        logger=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    engine.fit(model, datamodule=datamodule)
+    assert engine.trainer.global_step == 2 and engine.trainer.gradient_clip_val == 0.1
+    assert int(model.model.rec_stats_updates) == 2 and model.model.rec_max > model.model.rec_min
+    ckpt = next((tmp_path / "results").rglob("*.ckpt"))
+    loaded = InpFormerPP.load_from_checkpoint(ckpt)  # anomalib's loader: weights_only=True
+    assert loaded.hparams["backbone"] == LITE0 and loaded.hparams["rec_normalization"] == "minmax"
+    torch.testing.assert_close(loaded.model.rec_max, model.model.rec_max)
+    model.eval()
+    loaded.eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        first, second = model(x), loaded(x)
+    torch.testing.assert_close(first.pred_score, second.pred_score)
+    torch.testing.assert_close(first.anomaly_map, second.anomaly_map)
