@@ -361,7 +361,10 @@ def test_engine_fit_and_safe_checkpoint_round_trip(tmp_path):
         num_workers=0,
         val_split_mode="same_as_test",
     )
-    model = _module(rec_normalization="minmax", warmup_iters=1)
+    textures = tmp_path / "textures"
+    textures.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(textures / "t.png")
+    model = _module(rec_normalization="minmax", warmup_iters=1, anomaly_source_path=str(textures))
     engine = Engine(
         max_steps=2,
         default_root_dir=tmp_path / "results",
@@ -374,6 +377,8 @@ def test_engine_fit_and_safe_checkpoint_round_trip(tmp_path):
     assert engine.trainer.global_step == 2 and engine.trainer.gradient_clip_val == 0.1
     assert int(model.model.rec_stats_updates) == 2 and model.model.rec_max > model.model.rec_min
     ckpt = next((tmp_path / "results").rglob("*.ckpt"))
+    (textures / "t.png").unlink()
+    textures.rmdir()  # training data is not needed to restore the model elsewhere
     loaded = InpFormerPP.load_from_checkpoint(ckpt)  # anomalib's loader: weights_only=True
     assert loaded.hparams["backbone"] == LITE0 and loaded.hparams["rec_normalization"] == "minmax"
     torch.testing.assert_close(loaded.model.rec_max, model.model.rec_max)

@@ -13,6 +13,7 @@ them off, leaving the base INP-Former on anomalib's blocks.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,7 @@ DEFAULT_IMAGE_SIZE = 448
 DEFAULT_CROP_SIZE = 392
 SCHEDULES = ("joint", "two_stage")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+_LOADING_CHECKPOINT = contextvars.ContextVar("inp_former_pp_loading_checkpoint", default=False)
 
 
 def few_shot_augment(
@@ -272,7 +274,9 @@ class InpFormerPP(CheckpointBackboneMixin, AnomalibModule):
         if few_shot_k is not None and (few_shot_k < 1 or few_shot_folds < 1):
             msg = f"few_shot_k and few_shot_folds must be >= 1, got {few_shot_k} and {few_shot_folds}."
             raise ValueError(msg)
-        if anomaly_source_path is not None and not Path(anomaly_source_path).expanduser().is_dir():
+        # training-data folders are checked when building a model to train, not when restoring one elsewhere
+        loading = _LOADING_CHECKPOINT.get()
+        if anomaly_source_path is not None and not Path(anomaly_source_path).expanduser().is_dir() and not loading:
             msg = (
                 f"anomaly_source_path {anomaly_source_path!r} is not a folder; pass a folder of texture images "
                 "(e.g. DTD's images/) or None for Perlin-noise textures."
@@ -294,7 +298,7 @@ class InpFormerPP(CheckpointBackboneMixin, AnomalibModule):
         self.real_anomaly_path = real_anomaly_path
         self.real_anomaly_probability = float(real_anomaly_probability)
         self._real_anomalies: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        if real_anomaly_path is not None:
+        if real_anomaly_path is not None and not loading:
             self._real_anomalies = load_real_anomalies(real_anomaly_path)  # fail early on a bad folder
         self._total_steps: int | None = None
 
@@ -337,11 +341,21 @@ class InpFormerPP(CheckpointBackboneMixin, AnomalibModule):
             if residual_head
             else None
         )
-        if anomaly_source_path is not None and not self.augmenter.anomaly_source_paths:
+        if anomaly_source_path is not None and not self.augmenter.anomaly_source_paths and not loading:
             msg = f"anomaly_source_path {anomaly_source_path!r} contains no images."
             raise ValueError(msg)
         self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> InpFormerPP:
+        """anomalib's safe loader, offline (no backbone download) and without requiring the training-data folders
+        (``anomaly_source_path``, ``real_anomaly_path``) to exist on this machine."""
+        token = _LOADING_CHECKPOINT.set(True)
+        try:
+            return super().load_from_checkpoint(*args, **kwargs)
+        finally:
+            _LOADING_CHECKPOINT.reset(token)
 
     # ------------------------------------------------------------------------------------------------ configuration
     @staticmethod
@@ -463,6 +477,8 @@ class InpFormerPP(CheckpointBackboneMixin, AnomalibModule):
         if self.augmenter is None:
             msg = "No segmentation head (residual_head=False): nothing to synthesize anomalies for."
             raise RuntimeError(msg)
+        if self._real_anomalies is None and self.real_anomaly_path is not None:
+            self._real_anomalies = load_real_anomalies(self.real_anomaly_path)
         raw = (images * self._std + self._mean).clamp(0, 1)
         augmented, masks = self.augmenter(raw)
         augmented = ((augmented.to(images.dtype) - self._mean) / self._std).to(images.dtype)
