@@ -23,6 +23,13 @@ DIST = "anomalib-recon"
 
 # Cheap constructor arguments per model (random-init backbone, no network) for instantiation checks.
 TINY_KWARGS: dict[str, dict] = {
+    "InpFormerPP": {
+        "backbone": "tf_efficientnet_lite0",
+        "weights": None,
+        "image_size": 64,
+        "decoder_depth": 2,
+        "seg_channels": [16, 8],
+    },
     "AGPNet": {
         "backbone": "test_vit",
         "weights": None,

@@ -8,6 +8,7 @@ models are.
 from anomalib_recon import data  # noqa: F401 - registers the datamodules with anomalib's CLI
 from anomalib_recon.models.image.agpnet import AGPNet
 from anomalib_recon.models.image.ami_net import AMINet
+from anomalib_recon.models.image.inp_former_pp import InpFormerPP
 from anomalib_recon.models.image.nafrad import NAFRAD
 
-__all__ = ["NAFRAD", "AGPNet", "AMINet"]
+__all__ = ["NAFRAD", "AGPNet", "AMINet", "InpFormerPP"]
