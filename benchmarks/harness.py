@@ -236,9 +236,12 @@ def to_markdown(rows: list[dict], header: dict) -> str:
     for row in rows:
         cells = []
         for col in cols:
-            value = row.get(col, row.get("error", "") if col == "model" else "")
+            value = row.get(col, "")
             cells.append(f"{value:.4f}" if isinstance(value, float) and col in METRICS else str(value))
         lines.append("| " + " | ".join(cells) + " |")
+    errors = [f"- {row['model']}: {row['error']}" for row in rows if row.get("error")]
+    if errors:
+        lines += ["", "Models without a result:", "", *errors]
     return "\n".join(lines) + "\n"
 
 
