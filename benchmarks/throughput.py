@@ -105,8 +105,8 @@ def build(name: str, args: argparse.Namespace, harness):
                 images = torch.rand(count, 3, args.image_size, args.image_size, generator=generator)
                 module.model(module.pre_processor(images) if module.pre_processor else images)
         module.fit()
-        module._is_fitted = torch.tensor([True])
-        info["fitted_on_random_images"] = args.fit_images  # what anomalib's fit hooks set after fit()
+        module._is_fitted = torch.tensor([True])  # what anomalib's fit hooks set after fit()
+        info["fitted_on_random_images"] = args.fit_images
         bank = getattr(module.model, "memory_bank", None)
         if isinstance(bank, torch.Tensor) and bank.ndim == 2:
             info["memory_bank"] = list(bank.shape)
@@ -126,7 +126,8 @@ def torch_rows(module, name: str, args: argparse.Namespace, device: str, precisi
             x = torch.rand(batch, 3, args.image_size, args.image_size, device=device)
 
             def call(x=x):
-                with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=precision == "bf16"):
+                # no_grad, not inference_mode: inference tensors cached by a model would break the export after it
+                with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=precision == "bf16"):
                     module(x)
                 sync()
 
@@ -299,6 +300,9 @@ def to_markdown(rows: list[dict], header: dict) -> str:
     lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         lines.append("| " + " | ".join(str(row.get(col, "")).replace("|", "/") for col in COLUMNS) + " |")
+    notes = {f"{row['model']} {row['backend']}": row["note"] for row in rows if row.get("note")}
+    if notes:
+        lines += ["", "Static-batch fallbacks:", ""] + [f"- {where}: {note}" for where, note in notes.items()]
     return "\n".join(lines) + "\n"
 
 
