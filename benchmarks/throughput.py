@@ -269,8 +269,11 @@ def run_model(name: str, args: argparse.Namespace, harness, cuda: bool) -> tuple
             rows += torch_rows(module, name, args, "cuda", "bf16")
     exported = [b for b in args.backends if b != "torch"]
     if exported:
-        work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="anomalib_recon_throughput_"))
-        rows += exported_rows(module, name, args, exported, work / name)
+        if args.work_dir:
+            rows += exported_rows(module, name, args, exported, Path(args.work_dir) / name)
+        else:  # exported graphs take hundreds of MB per model at 256 px: removed once measured
+            with tempfile.TemporaryDirectory(prefix="anomalib_recon_throughput_") as work:
+                rows += exported_rows(module, name, args, exported, Path(work))
     return rows, info
 
 
@@ -336,7 +339,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-args", type=json.loads, default={}, help="extra init args per model, JSON")
     p.add_argument("--name", default=None, help="results name (default: cpu_<size> or cuda_<size>)")
     p.add_argument("--results-dir", default=str(RESULTS))
-    p.add_argument("--work-dir", default=None, help="where the exported graphs go (default: a temporary folder)")
+    p.add_argument("--work-dir", default=None, help="keep exported graphs here (default: temporary)")
     args = p.parse_args(argv)
     if min(args.batch_sizes) < 1 or args.image_size < 1 or args.fit_images < 1:
         p.error("--batch-sizes, --image-size and --fit-images must be positive")
