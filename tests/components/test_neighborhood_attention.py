@@ -474,3 +474,17 @@ def test_auto_form_on_large_maps_equals_gather_form(monkeypatch):
     assert (auto - gather).abs().max() < 1e-12
     with pytest.raises(ValueError, match="form must be"):
         na_mod._pure(q, k, v, 7, 1, rpb, 0.5, 0.0, form="sparse")
+
+
+@pytest.mark.parametrize("size", [12, 20])  # dense form / blocked form
+def test_training_after_an_inference_mode_forward(size):
+    """Index tensors cached under inference_mode (Lightning's validation) must not leak into a later backward."""
+    na_mod._reset_caches()
+    layer = NeighborhoodAttention2D(8, 2, 7, backend="pure")
+    x = torch.rand(1, size, size, 8)  # channels-last
+    with torch.inference_mode():
+        expected = layer(x)
+    out = layer(x.clone().requires_grad_(True))
+    out.sum().backward()
+    assert torch.allclose(out.detach(), expected, atol=1e-6)
+    assert layer.qkv.weight.grad is not None and layer.qkv.weight.grad.abs().sum() > 0

@@ -280,7 +280,8 @@ def _neighborhood_2d(
 ) -> tuple[Tensor, Tensor]:
     """Flat key indices ``(H*W, k*k)`` into the ``H*W`` tokens and flat bias indices into ``(2k-1)**2``."""
     cacheable = not (_is_tracing() or _is_compiling()) and isinstance(height, int) and isinstance(width, int)
-    key = (height, width, kernel_size, dilation, str(device))
+    # Tensors made under inference_mode cannot be saved for backward later: cache them separately.
+    key = (height, width, kernel_size, dilation, str(device), torch.is_inference_mode_enabled())
     if cacheable and key in _neighborhood_cache:
         return _neighborhood_cache[key]
     keys_h, bias_h = _axis_neighborhood(height, kernel_size, dilation, device)
@@ -338,7 +339,7 @@ def _tiles_2d(height: int, width: int, kernel_size: int, dilation: int, tile: in
 
     The bias index points into the ``(2k-1)**2`` relative position table; ``(2k-1)**2`` marks keys outside the window.
     """
-    key = (height, width, kernel_size, dilation, tile, str(device))
+    key = (height, width, kernel_size, dilation, tile, str(device), torch.is_inference_mode_enabled())
     if key in _tiles_cache:
         return _tiles_cache[key]
     qh, kh, bh, oh = _axis_tiles(height, kernel_size, dilation, tile, device)
@@ -497,7 +498,7 @@ def _flex_block_mask(height: int, width: int, kernel_size: int, dilation: int, d
     """BlockMask of the neighborhoods (cached per map size), from arithmetic on the token indices."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (height, width, kernel_size, dilation, str(device))
+    key = (height, width, kernel_size, dilation, str(device), torch.is_inference_mode_enabled())
     cached = _block_mask_cache.get(key)
     if cached is not None:
         return cached
