@@ -90,18 +90,24 @@ def build_datamodule(args: argparse.Namespace):
     raise ValueError(msg)
 
 
-def _folder_datamodule(args: argparse.Namespace):
-    """Any MVTec-style category folder (``train/good``, ``test/good``, ``test/<defect>``, ``ground_truth/<defect>``)."""
-    from anomalib.data import Folder
-
+def check_folder_root(args: argparse.Namespace) -> Path:
+    """The ``--dataset folder`` root, or one clear error (checked before any model subprocess starts)."""
     if not args.data_root:
         msg = "--dataset folder needs --data-root PATH (an MVTec-style category folder)."
         raise SystemExit(msg)
     root = Path(args.data_root).expanduser()
-    test = root / "test"
-    if not (root / "train" / "good").is_dir() or not test.is_dir():
+    if not (root / "train" / "good").is_dir() or not (root / "test").is_dir():
         msg = f"{root} is not an MVTec-style category folder: it needs train/good and test/<class> sub-folders."
         raise SystemExit(msg)
+    return root
+
+
+def _folder_datamodule(args: argparse.Namespace):
+    """Any MVTec-style category folder (``train/good``, ``test/good``, ``test/<defect>``, ``ground_truth/<defect>``)."""
+    from anomalib.data import Folder
+
+    root = check_folder_root(args)
+    test = root / "test"
     defects = sorted(d.name for d in test.iterdir() if d.is_dir() and d.name != "good")
     masks = bool(defects) and all((root / "ground_truth" / d).is_dir() for d in defects)
     return Folder(
@@ -281,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.single:
         print("RESULT " + json.dumps(run_single(args)), flush=True)
         return 0
+    if args.dataset == "folder":
+        check_folder_root(args)
     name = args.name or f"{args.dataset}_{args.backbone}_{args.image_size}"
     command = "python benchmarks/harness.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     header = {

@@ -83,3 +83,12 @@ def test_folder_dataset_rejects_non_mvtec_folder(harness: ModuleType, tmp_path: 
     (tmp_path / "flat" / "train" / "good").rename(tmp_path / "flat" / "train" / "ok")
     with pytest.raises(SystemExit, match="train/good"):
         harness.build_datamodule(harness.parse(["--dataset", "folder", "--data-root", str(tmp_path / "flat")]))
+
+
+def test_bad_data_root_fails_before_any_model_runs(harness: ModuleType, tmp_path: Path) -> None:
+    """One clear error from the parent, not one failing subprocess per model."""
+    argv = ["--dataset", "folder", "--data-root", str(tmp_path / "missing"), "--models", "Padim", "AGPNet"]
+    argv += ["--results-dir", str(tmp_path / "results")]
+    with pytest.raises(SystemExit, match="not an MVTec-style category folder"):
+        harness.main(argv)
+    assert not (tmp_path / "results").exists()
