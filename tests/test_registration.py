@@ -191,3 +191,19 @@ def test_wheel_in_a_fresh_environment_registers(tmp_path):
     assert str(env_dir) in where, f"the wheel's package is not the one imported: {where}"
     out = _run(CHECK_REGISTRATION.format(TINY=json.dumps(TINY_KWARGS)), env={"HF_HUB_OFFLINE": "1"}, python=python)
     assert "REGISTERED" in out
+
+
+def test_importing_our_models_first_still_registers_them_without_warnings():
+    """``from anomalib_recon.models import ...`` before anomalib.models: no circular-import warning, same classes."""
+    _entry_points()
+    code = """
+    import warnings
+    warnings.filterwarnings("error", message="Could not load anomalib plugin")
+    import anomalib_recon.models as ours
+    import anomalib.models as am
+    from anomalib.models import NAFRAD, get_model
+    assert NAFRAD is ours.NAFRAD and "anomalib_recon.models" in am.ALLOWED_MODULES
+    assert all(getattr(am, name) is getattr(ours, name) for name in ours.__all__)
+    print("FIRST OK")
+    """
+    assert "FIRST OK" in _run(code)

@@ -17,8 +17,13 @@ _GROUP = "anomalib.models"
 _TRUSTED_MODULES = ("anomalib_recon.models",)
 
 
-def load_plugins(models_module=None):  # noqa: ANN001 - no typing import on the start-up path
-    """Load the ``anomalib.models`` entry points onto ``anomalib.models`` (idempotent)."""
+def load_plugins(models_module=None, ready=()):  # noqa: ANN001 - no typing import on the start-up path
+    """Load the ``anomalib.models`` entry points onto ``anomalib.models`` (idempotent).
+
+    An entry point whose module is being imported right now (``import anomalib_recon.models`` imports
+    ``anomalib.models`` half-way through) is skipped instead of failing with a circular import; that module
+    calls this function again, naming itself in ``ready``, once its classes exist.
+    """
     import os
     import warnings
     from importlib.metadata import entry_points
@@ -43,6 +48,10 @@ def load_plugins(models_module=None):  # noqa: ANN001 - no typing import on the 
         name = entry_point.name
         if name.lower() in builtins:
             warnings.warn(f"anomalib plugin model '{name}' would shadow an anomalib built-in; skipped.", stacklevel=2)
+            continue
+        module = sys.modules.get(entry_point.module)
+        initializing = getattr(getattr(module, "__spec__", None), "_initializing", False)
+        if module is not None and initializing and entry_point.module not in ready:
             continue
         try:
             cls = entry_point.load()

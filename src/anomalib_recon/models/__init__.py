@@ -12,3 +12,11 @@ from anomalib_recon.models.image.inp_former_pp import InpFormerPP
 from anomalib_recon.models.image.nafrad import NAFRAD
 
 __all__ = ["NAFRAD", "AGPNet", "AMINet", "InpFormerPP"]
+
+try:  # the start-up hook the wheel installs; absent when running from a bare source tree
+    from _anomalib_recon_hook import load_plugins as _load_plugins
+except ImportError:
+    _load_plugins = None
+if _load_plugins is not None:
+    # Imported before anomalib.models: the hook skipped us half-way through (circular import); register now.
+    _load_plugins(ready=(__name__,))
