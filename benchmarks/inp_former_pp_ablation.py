@@ -81,6 +81,40 @@ def run_variant(args: argparse.Namespace) -> dict:
     return {**row, "model": f"InpFormerPP ({args.single})"}
 
 
+def evaluate_fusion(args: argparse.Namespace) -> dict:
+    """Re-test a trained variant's checkpoint with another inference fusion (no training): separates what the head
+    adds at inference from what the ++ losses changed in the reconstruction branch."""
+    import time
+
+    import anomalib.models as am
+    import torch
+    from anomalib.engine import Engine
+
+    from anomalib_recon.models.image.inp_former_pp import InpFormerPP
+
+    am.InpFormerPP = InpFormerPP
+    hargs = harness.parse([*_harness_argv(args, args.single), "--single", "InpFormerPP"])
+    if hargs.threads:
+        torch.set_num_threads(hargs.threads)
+    work = Path(hargs.work_dir) / "InpFormerPP"
+    ckpts = sorted(work.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not ckpts:
+        msg = f"no checkpoint of variant {args.single!r} under {work}; train it first (without --evaluate-only)."
+        raise SystemExit(msg)
+    model = harness.build_model("InpFormerPP", hargs)  # same evaluator and pre-processor as the training run
+    model.load_state_dict(InpFormerPP.load_from_checkpoint(ckpts[-1]).state_dict())
+    model.model.fusion = args.single_fusion
+    engine = Engine(accelerator="cpu", devices=1, default_root_dir=str(work / "refuse"), logger=False)
+    start = time.perf_counter()
+    results = engine.test(model=model, datamodule=harness.build_datamodule(hargs))[0]
+    return {
+        "model": f"InpFormerPP ({args.single}, fusion={args.single_fusion})",
+        **{m: float(results[m]) for m in harness.METRICS if m in results},
+        "test_s": round(time.perf_counter() - start, 1),
+        "checkpoint": str(ckpts[-1]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the variants one after another (each in a subprocess) and write JSON + markdown."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -97,10 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-args", default="{}", help="extra InpFormerPP init args (JSON) for every variant")
     p.add_argument("--work-dir", default="/tmp/inp_former_pp_bench")
     p.add_argument("--name", default="mt_lite0_128_300steps")
+    p.add_argument(
+        "--fusions",
+        nargs="*",
+        default=[],
+        choices=["mean", "rec", "seg"],
+        help="after training, re-test each variant with a head using these inference fusions",
+    )
+    p.add_argument("--evaluate-only", action="store_true", help="skip training: re-test existing checkpoints only")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--single-fusion", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.single:
-        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        result = evaluate_fusion(args) if args.single_fusion else run_variant(args)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
 
     raw = argv if argv is not None else sys.argv[1:]
@@ -123,19 +167,25 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     header["machine"]["torch_threads"] = args.threads  # what each variant's subprocess ran with
+    header["fusions"] = args.fusions
+    header["evaluate_only"] = args.evaluate_only
+    jobs = [] if args.evaluate_only else [(v, None) for v in args.variants]
+    with_head = [v for v in args.variants if VARIANTS[v].get("plus_plus", True)]
+    jobs += [(v, f) for v in with_head for f in args.fusions]
     rows = []
-    for variant in args.variants:
-        print(f"=== InpFormerPP {variant} ===", flush=True)
+    for variant, fusion in jobs:
+        print(f"=== InpFormerPP {variant} {fusion or ''} ===", flush=True)
         child = [sys.executable, __file__, *raw, "--single", variant]
+        child += ["--single-fusion", fusion] if fusion else []
         proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        row = {"model": f"InpFormerPP ({variant})", "error": "no result"}
+        row = {"model": f"InpFormerPP ({variant}{', fusion=' + fusion if fusion else ''})", "error": "no result"}
         for line in proc.stdout:
             sys.stdout.write(line)
             if line.startswith("RESULT "):
                 row = json.loads(line[len("RESULT ") :])
         proc.wait()
         rows.append(row)
-        _write(header, rows)  # after every variant, so a long run leaves partial results
+        _write(header, rows)  # after every job, so a long run leaves partial results
     print((harness.RESULTS / f"{header['name']}.md").read_text())
     return 0
 
