@@ -17,12 +17,11 @@ pre-processor (Resize) and the post-processor (min-max normalisation around the 
 normalisation divides by the validation spread ``max - min``, which magnifies float32 rounding of the raw outputs:
 the comparison is stricter than on raw scores, and needs a backbone whose scores actually differ between cells.
 
-Why the cells are written at the model's input size: anomalib's ``PreProcessor`` resizes with ``antialias=True``
-in the Lightning loops but with antialiasing switched off in ``forward``/export (``get_exportable_transform``:
-OpenVINO's ONNX front end ignores ``Resize(antialias=1)``). On a cell that must be *down*-sized, ``anomalib predict``
-and every exported model therefore see different pixels. At the input size the resize is the identity and all paths
-must agree to float precision, which is what is asserted (anomalib exports at the training size, and its
-OpenVINOInferencer does not resize). ``test_predict_on_native_cells_...`` pins what happens at 300 px.
+Why the cells are written at the model's input size: anomalib exports at the training size and its
+OpenVINOInferencer does not resize, so that is what a deployed model sees. anomalib's own models resize with
+``antialias=True`` in the Lightning loops but without antialiasing in ``forward``/export (OpenVINO's ONNX front
+end ignores ``Resize(antialias=1)``); ours never antialias, so ``test_predict_on_native_cells_...`` checks that
+``anomalib predict`` and the exported forward path also agree on 300 px cells that must be down-sized.
 """
 
 from __future__ import annotations
@@ -311,11 +310,11 @@ def test_engine_predict_agrees_with_checkpoint_and_openvino_inferencer(pipeline)
     _assert_agree(pipeline, "predict", "openvino")
 
 
-def test_predict_on_native_cells_is_the_checkpoint_behind_an_antialiased_resize(pipeline):
-    """At 300 px ``anomalib predict`` = the checkpoint fed through the pre-processor's *antialiased* Resize.
+def test_predict_on_native_cells_equals_the_exported_forward_path(pipeline):
+    """At 300 px ``anomalib predict`` = the checkpoint behind the pre-processor's Resize = ``model(image)``.
 
-    ``model(image)`` (and so every export) uses the same Resize without antialiasing: the only difference between
-    the two on down-sized cells is that resize, not the model, its weights or its normalisation.
+    ``model(image)`` is what every export traces (anomalib's exportable transform: Resize without antialiasing).
+    Our pre-processors do not antialias either, so predict and the deployed model agree on down-sized images too.
     """
     from anomalib.data.utils import read_image
 
@@ -326,9 +325,12 @@ def test_predict_on_native_cells_is_the_checkpoint_behind_an_antialiased_resize(
         assert image.shape[-2:] == (NATIVE, NATIVE)
         with torch.no_grad():
             loop = model.post_processor(model.model(transform(image)))
+            forward = model(image)
         score, amap = pipeline["predict_native"][path.name]
         assert abs(score - float(loop.pred_score.reshape(-1)[0])) <= ATOL
         np.testing.assert_allclose(amap, loop.anomaly_map.squeeze().numpy(), atol=ATOL, rtol=0)
+        assert abs(score - float(forward.pred_score.reshape(-1)[0])) <= ATOL
+        np.testing.assert_allclose(amap, forward.anomaly_map.squeeze().numpy(), atol=ATOL, rtol=0)
 
 
 def test_exported_graph_has_standard_ops_and_nafrad_traced_the_pure_na_path(pipeline):

@@ -22,11 +22,16 @@ def as_image_size(size: int | Sequence[int], name: str = "image_size") -> tuple[
 
 
 def resize_pre_processor(image_size: tuple[int, int] | None = None, normalize: bool = True) -> PreProcessor:
-    """anomalib ``PreProcessor``: Resize (default 256×256), then ImageNet ``Normalize`` unless ``normalize=False``."""
+    """anomalib ``PreProcessor``: Resize (default 256×256), then ImageNet ``Normalize`` unless ``normalize=False``.
+
+    The resize is not antialiased: anomalib switches antialiasing off in ``forward`` and in exports (OpenVINO's
+    ONNX front end ignores it), so an antialiased training/predict resize would make ``anomalib predict`` and
+    the exported model disagree on any image that must be down-sized.
+    """
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-    transforms: list = [Resize(image_size or (256, 256), antialias=True)]
+    transforms: list = [Resize(image_size or (256, 256), antialias=False)]
     if normalize:
         transforms.append(Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)))
     return PreProcessor(transform=Compose(transforms))

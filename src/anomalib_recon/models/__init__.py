@@ -5,6 +5,8 @@ Importing this module also imports :mod:`anomalib_recon.data`, so the datamodule
 models are.
 """
 
+import contextlib
+
 from anomalib_recon import data  # noqa: F401 - registers the datamodules with anomalib's CLI
 from anomalib_recon.models.image.agpnet import AGPNet
 from anomalib_recon.models.image.ami_net import AMINet
@@ -19,4 +21,5 @@ except ImportError:
     _load_plugins = None
 if _load_plugins is not None:
     # Imported before anomalib.models: the hook skipped us half-way through (circular import); register now.
-    _load_plugins(ready=(__name__,))
+    with contextlib.suppress(TypeError):  # a hook from an older install (no `ready`); reinstall to update it
+        _load_plugins(ready=(__name__,))

@@ -382,7 +382,7 @@ class InpFormerPP(CheckpointBackboneMixin, AnomalibModule):
         from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
 
         resize, crop = cls._sizes(image_size, crop_size)
-        transforms: list = [Resize(resize, antialias=True)]
+        transforms: list = [Resize(resize, antialias=False)]  # as in forward/export: see resize_pre_processor
         if crop is not None:
             transforms.append(CenterCrop(crop))
         transforms.append(Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)))
