@@ -102,7 +102,12 @@ def evaluate_fusion(args: argparse.Namespace) -> dict:
         msg = f"no checkpoint of variant {args.single!r} under {work}; train it first (without --evaluate-only)."
         raise SystemExit(msg)
     model = harness.build_model("InpFormerPP", hargs)  # same evaluator and pre-processor as the training run
-    model.load_state_dict(InpFormerPP.load_from_checkpoint(ckpts[-1]).state_dict())
+    state = InpFormerPP.load_from_checkpoint(ckpts[-1], strict=False).state_dict()  # AUPRO state: harness-only
+    state = {k: v for k, v in state.items() if not k.startswith("evaluator.")}  # metric states are not weights
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("evaluator.") for k in missing):
+        msg = f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}"
+        raise SystemExit(msg)
     model.model.fusion = args.single_fusion
     engine = Engine(accelerator="cpu", devices=1, default_root_dir=str(work / "refuse"), logger=False)
     start = time.perf_counter()
