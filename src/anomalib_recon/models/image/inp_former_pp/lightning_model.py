@@ -453,7 +453,7 @@ class InpFormerPP(CheckpointBackboneMixin, AnomalibModule):
         images, masks = [], []
         for i in picks:
             image, mask = pairs[i]
-            image = TF.resize(image, list(self.resize_size), antialias=True)
+            image = TF.resize(image, list(self.resize_size), antialias=False)  # like the pre-processor
             mask = TF.resize(mask, list(self.resize_size), interpolation=TF.InterpolationMode.NEAREST)
             if self.crop_size is not None:
                 image, mask = TF.center_crop(image, list(self.crop_size)), TF.center_crop(mask, list(self.crop_size))
