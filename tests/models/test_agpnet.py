@@ -16,8 +16,8 @@ import torch
 from anomalib.data import InferenceBatch
 from PIL import Image
 
+from anomalib_recon.components.few_shot import dihedral_augment, few_shot_subset
 from anomalib_recon.models.image.agpnet import AGPNet
-from anomalib_recon.models.image.agpnet.few_shot import dihedral_augment, few_shot_subset
 from anomalib_recon.models.image.agpnet.loss import AGPNetLoss
 from anomalib_recon.models.image.agpnet.torch_model import (
     AGPNetModel,

@@ -14,6 +14,7 @@ from .anomaly_map import (
 )
 from .ema import EMATeacher
 from .feature_extractor import FeatureExtractor
+from .few_shot import dihedral_augment, few_shot_subset, restrict_to_few_shot
 from .losses import (
     cosine_distance,
     dice_loss,
@@ -70,8 +71,10 @@ __all__ = [
     "cosine_distance",
     "cosine_ramp",
     "dice_loss",
+    "dihedral_augment",
     "distance_map",
     "feature_residual_map",
+    "few_shot_subset",
     "focal_loss_on_probs",
     "gather_tokens",
     "gaussian_feature_noise",
@@ -101,6 +104,7 @@ __all__ = [
     "reduce_topk_mean",
     "restore_order",
     "restoring_from_checkpoint",
+    "restrict_to_few_shot",
     "scatter_tokens",
     "smooth_map",
     "soft_mining_cosine",

@@ -27,9 +27,9 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_recon.components import CheckpointBackboneMixin, linear_ramp
+from anomalib_recon.components.few_shot import dihedral_augment, restrict_to_few_shot
 from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
 
-from .few_shot import dihedral_augment, few_shot_subset
 from .loss import AGPNetLoss
 from .torch_model import AGPNetModel
 
@@ -316,16 +316,7 @@ class AGPNet(CheckpointBackboneMixin, AnomalibModule):
         """Few-shot: reduce the datamodule's training set to ``few_shot_k`` images × ``few_shot_folds``."""
         if self.few_shot_k is None or stage != "fit":
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        train_data = getattr(datamodule, "train_data", None)
-        if train_data is None:
-            msg = (
-                "few_shot_k needs an anomalib datamodule passed to Engine.fit(datamodule=...); for plain dataloaders "
-                "reduce the dataset yourself with anomalib_recon.models.image.agpnet.few_shot.few_shot_subset."
-            )
-            raise ValueError(msg)
-        few_shot_subset(train_data, self.few_shot_k, self.few_shot_folds, self.few_shot_seed)
-        logger.info("AGPNet few-shot: %d images x %d folds.", self.few_shot_k, self.few_shot_folds)
+        restrict_to_few_shot(self.trainer, self.few_shot_k, self.few_shot_folds, self.few_shot_seed, "AGPNet")
 
     # ------------------------------------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

@@ -14,7 +14,6 @@ them off, leaving the base INP-Former on anomalib's blocks.
 from __future__ import annotations
 
 import contextvars
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,11 @@ from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from anomalib_recon.components import CheckpointBackboneMixin
+from anomalib_recon.components.few_shot import dihedral_augment, restrict_to_few_shot
 from anomalib_recon.components.preprocessing import IMAGENET_MEAN, IMAGENET_STD, as_image_size
-from anomalib_recon.models.image.agpnet.few_shot import dihedral_augment, few_shot_subset
 
 from .loss import InpFormerPPLoss
 from .torch_model import InpFormerPPModel
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["InpFormerPP", "few_shot_augment", "load_real_anomalies"]
 
@@ -57,7 +54,7 @@ def few_shot_augment(
     """Per-image augmentation of a normalised few-shot batch (RegAD-style: rotation, translation, flip, graying).
 
     INP-Former credits RegAD for its few-shot augmentation; anomalib's ``InpFormer`` has none. Each image gets a random
-    element of the dihedral group (90° rotations, mirror; :func:`~anomalib_recon.models.image.agpnet.few_shot.
+    element of the dihedral group (90° rotations, mirror; :func:`~anomalib_recon.components.few_shot.
     dihedral_augment`), then a small random rotation and translation (bilinear, the border filled with the image
     mean), and with ``gray_probability`` its ImageNet-normalised RGB is replaced by its luminance.
     """
@@ -433,16 +430,7 @@ class InpFormerPP(CheckpointBackboneMixin, AnomalibModule):
         """Few-shot: reduce the datamodule's training set to ``few_shot_k`` images × ``few_shot_folds``."""
         if self.few_shot_k is None or stage != "fit":
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        train_data = getattr(datamodule, "train_data", None)
-        if train_data is None:
-            msg = (
-                "few_shot_k needs an anomalib datamodule passed to Engine.fit(datamodule=...); for plain dataloaders "
-                "reduce the dataset yourself with anomalib_recon.models.image.agpnet.few_shot.few_shot_subset."
-            )
-            raise ValueError(msg)
-        few_shot_subset(train_data, self.few_shot_k, self.few_shot_folds, self.few_shot_seed)
-        logger.info("InpFormerPP few-shot: %d images x %d folds.", self.few_shot_k, self.few_shot_folds)
+        restrict_to_few_shot(self.trainer, self.few_shot_k, self.few_shot_folds, self.few_shot_seed, "InpFormerPP")
 
     # ------------------------------------------------------------------------------------------------ pseudo-anomalies
     def _real_anomaly_batch(self, count: int, size: tuple[int, int], like: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -1,13 +1,13 @@
-"""Few-shot training for AGPNet: k normal images, replicated and augmented with rotations and flips.
+"""Few-shot training: k normal images, replicated and augmented with rotations and flips (AGPNet, INP-Former++).
 
-The paper trains its few-shot models on k normal images with a "32-fold data augmentation (rotate and flip)".
+AGPNet's paper trains its few-shot models on k normal images with a "32-fold data augmentation (rotate and flip)".
 Here the k images are drawn once with a seed, every one is listed ``folds`` times in the training set (so an
 epoch shows each image ``folds`` times), and each time it is seen it gets a random element of the dihedral group
 (rotation by 0/90/180/270 degrees, optionally mirrored). Right-angle rotations keep the whole image and leave no
 empty corners.
 
-:class:`~anomalib_recon.models.image.agpnet.AGPNet` applies both when ``few_shot_k`` is set; the functions are
-public so that the same recipe can be applied to any anomalib datamodule::
+The models apply them when ``few_shot_k`` is set (:func:`restrict_to_few_shot` in their ``setup``); the functions
+are public so that the same recipe can be applied to any anomalib datamodule::
 
     datamodule.setup()
     few_shot_subset(datamodule.train_data, k=4, folds=32, seed=0)
@@ -15,11 +15,16 @@ public so that the same recipe can be applied to any anomalib datamodule::
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import pandas as pd
 import torch
 from anomalib.data.datasets.base.image import AnomalibDataset
 
-__all__ = ["dihedral_augment", "few_shot_subset"]
+__all__ = ["dihedral_augment", "few_shot_subset", "restrict_to_few_shot"]
+
+logger = logging.getLogger(__name__)
 
 
 def few_shot_subset(dataset: AnomalibDataset, k: int, folds: int = 32, seed: int = 0) -> AnomalibDataset:
@@ -39,7 +44,7 @@ def few_shot_subset(dataset: AnomalibDataset, k: int, folds: int = 32, seed: int
         msg = f"few-shot needs k >= 1 and folds >= 1, got k={k}, folds={folds}."
         raise ValueError(msg)
     samples = dataset.samples
-    if samples.attrs.get("agpnet_few_shot") == (k, folds):
+    if samples.attrs.get("anomalib_recon_few_shot") == (k, folds):
         return dataset
     n = len(samples)
     if k > n:
@@ -50,7 +55,7 @@ def few_shot_subset(dataset: AnomalibDataset, k: int, folds: int = 32, seed: int
     kept = samples.iloc[chosen]
     replicated = pd.concat([kept] * folds, ignore_index=True)
     dataset.samples = replicated
-    dataset.samples.attrs["agpnet_few_shot"] = (k, folds)
+    dataset.samples.attrs["anomalib_recon_few_shot"] = (k, folds)
     return dataset
 
 
@@ -72,3 +77,17 @@ def dihedral_augment(images: torch.Tensor, generator: torch.Generator | None = N
             image = torch.flip(image, dims=(-1,))
         out.append(image)
     return torch.stack(out)
+
+
+def restrict_to_few_shot(trainer: Any, k: int, folds: int, seed: int, model_name: str) -> None:
+    """A model's ``setup("fit")`` step: reduce ``trainer.datamodule.train_data`` with :func:`few_shot_subset`."""
+    datamodule = getattr(trainer, "datamodule", None)
+    train_data = getattr(datamodule, "train_data", None)
+    if train_data is None:
+        msg = (
+            f"{model_name}: few_shot_k needs an anomalib datamodule passed to Engine.fit(datamodule=...); for plain "
+            "dataloaders reduce the dataset yourself with anomalib_recon.components.few_shot_subset."
+        )
+        raise ValueError(msg)
+    few_shot_subset(train_data, k, folds, seed)
+    logger.info("%s few-shot: %d images x %d folds.", model_name, k, folds)
