@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,42 +32,12 @@ BASE_ARGS = {"decoder_dim": 256, "decoder_heads": 8, "decoder_depth": 4, "ema_de
 
 
 def _harness_argv(args: argparse.Namespace, variant: str) -> list[str]:
-    extra = {"image_size": args.image_size, **json.loads(args.model_args)}
-    model_args = {"AGPNet": {**BASE_ARGS, **VARIANTS[variant], **extra}}
-    argv = [
-        "--models",
-        "AGPNet",
-        "--dataset",
-        args.dataset,
-        "--backbone",
-        args.backbone,
-        "--image-size",
-        str(args.image_size),
-        "--batch-size",
-        str(args.batch_size),
-        "--workers",
-        str(args.workers),
-        "--max-steps",
-        str(args.max_steps),
-        "--seed",
-        str(args.seed),
-        "--work-dir",
-        f"{args.work_dir}/{variant}",
-        "--model-args",
-        json.dumps(model_args),
-    ]
-    if args.data_root:
-        argv += ["--data-root", args.data_root]
-    return argv
+    init_args = {**BASE_ARGS, **VARIANTS[variant], "image_size": args.image_size, **json.loads(args.model_args)}
+    return harness.variant_argv(args, "AGPNet", init_args, f"{args.work_dir}/{variant}")
 
 
 def run_variant(args: argparse.Namespace) -> dict:
-    """One variant in this process: register AGPNet under anomalib.models for the harness, fit, test."""
-    import anomalib.models as am
-
-    from anomalib_recon.models.image.agpnet import AGPNet
-
-    am.AGPNet = AGPNet  # the harness looks models up in anomalib.models (entry point not needed here)
+    """One variant in this process: fit and test through the harness (AGPNet is registered by its entry point)."""
     row = harness.run_single(harness.parse([*_harness_argv(args, args.single), "--single", "AGPNet"]))
     return {**row, "model": f"AGPNet ({args.single})"}
 
@@ -99,15 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for variant in args.variants:
         print(f"=== AGPNet {variant} ===", flush=True)
-        child = [sys.executable, __file__, *raw, "--single", variant]
-        proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        row = {"model": f"AGPNet ({variant})", "error": "no result"}
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            if line.startswith("RESULT "):
-                row = json.loads(line[len("RESULT ") :])
-        proc.wait()
-        rows.append(row)
+        rows.append(harness.run_child([sys.executable, __file__, *raw, "--single", variant], f"AGPNet ({variant})"))
     header = {
         "name": f"agpnet_{args.name}",
         "command": command,
@@ -125,11 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             for v in args.variants
         },
     }
-    harness.RESULTS.mkdir(parents=True, exist_ok=True)
-    (harness.RESULTS / f"{header['name']}.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
-    table = harness.to_markdown(rows, header)
-    table += "\nAGPNet init args per variant: `" + json.dumps(header["model_args"]) + "`\n"
-    (harness.RESULTS / f"{header['name']}.md").write_text(table)
+    note = "\nAGPNet init args per variant: `" + json.dumps(header["model_args"]) + "`\n"
+    table = harness.write_results(harness.RESULTS, header, rows, note)
     print(table)
     return 0
 

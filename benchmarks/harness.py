@@ -251,6 +251,42 @@ def to_markdown(rows: list[dict], header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_child(child: list[str], label: str) -> dict:
+    """Run one ``--single`` subprocess, echoing its output (progress stays visible); its ``RESULT`` row, or an
+    error row named ``label`` with the last error line it printed."""
+    proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    row = {"model": label, "error": "no result"}
+    last_error = ""
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        if line.startswith("RESULT "):
+            row = json.loads(line[len("RESULT ") :])
+        elif "Error: " in line:
+            last_error = line.strip()
+    if proc.wait() != 0 and "error" in row:
+        row["error"] = last_error or f"exit code {proc.returncode}"
+    return row
+
+
+def write_results(results: Path, header: dict, rows: list[dict], note: str = "") -> str:
+    """``<results>/<header['name']>.json`` and ``.md`` (the table plus ``note``); returns the markdown."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{header['name']}.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
+    table = to_markdown(rows, header) + note
+    (results / f"{header['name']}.md").write_text(table)
+    return table
+
+
+def variant_argv(args: argparse.Namespace, model: str, init_args: dict, work_dir: str) -> list[str]:
+    """Harness arguments for one model variant of an ablation script (its ``args`` carry the shared settings)."""
+    argv = ["--models", model, "--dataset", args.dataset, "--backbone", args.backbone]
+    argv += ["--image-size", str(args.image_size), "--batch-size", str(args.batch_size)]
+    argv += ["--workers", str(args.workers), "--threads", str(getattr(args, "threads", 0))]
+    argv += ["--max-steps", str(args.max_steps), "--seed", str(args.seed), "--work-dir", work_dir]
+    argv += ["--model-args", json.dumps({model: init_args})]
+    return argv + (["--data-root", args.data_root] if args.data_root else [])
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -300,27 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
     }
     results = Path(args.results_dir)
-    results.mkdir(parents=True, exist_ok=True)
     rows = []
     for index, model in enumerate(args.models, 1):
         print(f"=== [{index}/{len(args.models)}] {model} ===", flush=True)
-        child = [sys.executable, __file__, *(argv or sys.argv[1:]), "--single", model]
-        proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        row = {"model": model, "error": "no result"}
-        last_error = ""
-        for line in proc.stdout:  # progress stays visible
-            sys.stdout.write(line)
-            if line.startswith("RESULT "):
-                row = json.loads(line[len("RESULT ") :])
-            elif "Error: " in line:
-                last_error = line.strip()
-        if proc.wait() != 0 and "error" in row:
-            row["error"] = last_error or f"exit code {proc.returncode}"
-        rows.append(row)
+        rows.append(run_child([sys.executable, __file__, *(argv or sys.argv[1:]), "--single", model], model))
         # Written after every model, so a long run that is stopped keeps what it finished.
-        (results / f"{name}.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
-        table = to_markdown(rows, header)
-        (results / f"{name}.md").write_text(table)
+        table = write_results(results, header, rows)
     print(table)
     return 0
 

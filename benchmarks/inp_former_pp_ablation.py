@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,44 +38,12 @@ MAIN_VARIANTS = ["base", "soft", "soft_mse", "full"]
 
 
 def _harness_argv(args: argparse.Namespace, variant: str) -> list[str]:
-    extra = {"image_size": args.image_size, **json.loads(args.model_args)}
-    model_args = {"InpFormerPP": {**VARIANTS[variant], **extra}}
-    argv = [
-        "--models",
-        "InpFormerPP",
-        "--dataset",
-        args.dataset,
-        "--backbone",
-        args.backbone,
-        "--image-size",
-        str(args.image_size),
-        "--batch-size",
-        str(args.batch_size),
-        "--workers",
-        str(args.workers),
-        "--threads",
-        str(args.threads),
-        "--max-steps",
-        str(args.max_steps),
-        "--seed",
-        str(args.seed),
-        "--work-dir",
-        f"{args.work_dir}/{variant}",
-        "--model-args",
-        json.dumps(model_args),
-    ]
-    if args.data_root:
-        argv += ["--data-root", args.data_root]
-    return argv
+    init_args = {**VARIANTS[variant], "image_size": args.image_size, **json.loads(args.model_args)}
+    return harness.variant_argv(args, "InpFormerPP", init_args, f"{args.work_dir}/{variant}")
 
 
 def run_variant(args: argparse.Namespace) -> dict:
-    """One variant in this process: expose InpFormerPP on anomalib.models for the harness, fit, test."""
-    import anomalib.models as am
-
-    from anomalib_recon.models.image.inp_former_pp import InpFormerPP
-
-    am.InpFormerPP = InpFormerPP  # the harness looks models up in anomalib.models
+    """One variant in this process: fit and test through the harness (InpFormerPP is registered by its entry point)."""
     row = harness.run_single(harness.parse([*_harness_argv(args, args.single), "--single", "InpFormerPP"]))
     return {**row, "model": f"InpFormerPP ({args.single})"}
 
@@ -86,13 +53,11 @@ def evaluate_fusion(args: argparse.Namespace) -> dict:
     adds at inference from what the ++ losses changed in the reconstruction branch."""
     import time
 
-    import anomalib.models as am
     import torch
     from anomalib.engine import Engine
 
     from anomalib_recon.models.image.inp_former_pp import InpFormerPP
 
-    am.InpFormerPP = InpFormerPP
     hargs = harness.parse([*_harness_argv(args, args.single), "--single", "InpFormerPP"])
     if hargs.threads:
         torch.set_num_threads(hargs.threads)
@@ -182,30 +147,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"=== InpFormerPP {variant} {fusion or ''} ===", flush=True)
         child = [sys.executable, __file__, *raw, "--single", variant]
         child += ["--single-fusion", fusion] if fusion else []
-        proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        row = {"model": f"InpFormerPP ({variant}{', fusion=' + fusion if fusion else ''})", "error": "no result"}
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            if line.startswith("RESULT "):
-                row = json.loads(line[len("RESULT ") :])
-        proc.wait()
-        rows.append(row)
+        rows.append(harness.run_child(child, f"InpFormerPP ({variant}{', fusion=' + fusion if fusion else ''})"))
         _write(header, rows)  # after every job, so a long run leaves partial results
     print((harness.RESULTS / f"{header['name']}.md").read_text())
     return 0
 
 
 def _write(header: dict, rows: list[dict]) -> None:
-    harness.RESULTS.mkdir(parents=True, exist_ok=True)
-    (harness.RESULTS / f"{header['name']}.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
-    table = harness.to_markdown(rows, header)
-    table += "\nInpFormerPP init args per variant: `" + json.dumps(header["model_args"]) + "`\n"
-    table += (
+    note = "\nInpFormerPP init args per variant: `" + json.dumps(header["model_args"]) + "`\n"
+    note += (
         "\nanomalib's own `InpFormer` is not a row: it only accepts DINOv2 encoders and downloads their weights "
         "(`pre_trained=True` hard-coded), so it cannot run offline on Lite0. `base` (`plus_plus=False`) is the "
         "INP-Former on anomalib's blocks with the same encoder.\n"
     )
-    (harness.RESULTS / f"{header['name']}.md").write_text(table)
+    harness.write_results(harness.RESULTS, header, rows, note)
 
 
 if __name__ == "__main__":
