@@ -364,29 +364,40 @@ def _tile(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return x.reshape(B, heads, nth, r, ntw, c, D).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, heads, nth * ntw, r * c, D)
 
 
-def _pure_blocked(
-    q: Tensor, k: Tensor, v: Tensor, kernel_size: int, dilation: int, rpb: Tensor | None, scale: float, tile: int
-) -> tuple[Tensor, Tensor]:
-    """Blocked form: each ``tile x tile`` block of queries attends densely to the small key block holding all
-    its windows; keys outside a query's window are masked. Same result as the gather form, far less memory
-    traffic on CPU (no per-query copy of the k*k neighbours). Returns the attention logits and value blocks.
-    """
-    heads, H, W = q.shape[1:4]
-    qh, kh, _, qw, kw, _, index = _tiles_2d(H, W, kernel_size, dilation, tile, q.device)
-    acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    logits = (_tile(q * scale, qh, qw) @ _tile(k, kh, kw).transpose(-1, -2)).to(acc_dtype)  # (B, h, tiles, TT, SS)
-    table = rpb.reshape(heads, -1).to(acc_dtype) if rpb is not None else q.new_zeros((1, 1), dtype=acc_dtype)
-    table = table.expand(table.shape[0], (2 * kernel_size - 1) ** 2)
-    table = torch.cat([table, table.new_full((table.shape[0], 1), float("-inf"))], dim=1)
-    return logits + table[:, index], _tile(v, kh, kw)
-
-
 def _untile(out: Tensor, qh: Tensor, qw: Tensor, oh: Tensor, ow: Tensor) -> Tensor:
     """Inverse of :func:`_tile` for the query blocks, keeping each position's owning block."""
     B, heads, _, _, D = out.shape
     (nth, r), (ntw, c) = qh.shape, qw.shape
     out = out.reshape(B, heads, nth, ntw, r, c, D).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, heads, nth * r, ntw * c, D)
     return out.index_select(2, oh).index_select(3, ow)
+
+
+def _pure_blocked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel_size: int,
+    dilation: int,
+    rpb: Tensor | None,
+    scale: float,
+    dropout_p: float,
+    tile: int,
+) -> Tensor:
+    """Blocked form: each ``tile x tile`` block of queries attends densely to the small key block holding all
+    its windows; keys outside a query's window are masked. Same result as the gather form, far less memory
+    traffic on CPU (no per-query copy of the k*k neighbours).
+    """
+    heads, H, W = q.shape[1:4]
+    qh, kh, oh, qw, kw, ow, index = _tiles_2d(H, W, kernel_size, dilation, tile, q.device)
+    acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    logits = (_tile(q * scale, qh, qw) @ _tile(k, kh, kw).transpose(-1, -2)).to(acc_dtype)  # (B, h, tiles, TT, SS)
+    table = rpb.reshape(heads, -1).to(acc_dtype) if rpb is not None else q.new_zeros((1, 1), dtype=acc_dtype)
+    table = table.expand(table.shape[0], (2 * kernel_size - 1) ** 2)
+    table = torch.cat([table, table.new_full((table.shape[0], 1), float("-inf"))], dim=1)
+    attn = _softmax(logits + table[:, index], v.dtype)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p)
+    return _untile(attn @ _tile(v, kh, kw), qh, qw, oh, ow)
 
 
 def _block_tile(kernel_size: int, dilation: int) -> int:
@@ -418,15 +429,10 @@ def _pure(
         form = "gather"
     elif form is None:
         form = "dense" if n <= _DENSE_MAX_TOKENS else "blocked"
-    acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     if form == "blocked":
         tile = tile or _block_tile(kernel_size, dilation)
-        logits, v_blocks = _pure_blocked(q, k, v, kernel_size, dilation, rpb, scale, tile)
-        attn = _softmax(logits, v.dtype)
-        if dropout_p > 0.0:
-            attn = F.dropout(attn, p=dropout_p)
-        qh, _, oh, qw, _, ow, _ = _tiles_2d(H, W, kernel_size, dilation, tile, q.device)
-        return _untile(attn @ v_blocks, qh, qw, oh, ow)
+        return _pure_blocked(q, k, v, kernel_size, dilation, rpb, scale, dropout_p, tile)
+    acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     keys, bias_idx = _neighborhood_2d(H, W, kernel_size, dilation, q.device)
     qf = (q * scale).reshape(B, heads, n, D)
     kf = k.reshape(B, heads, n, D)
