@@ -17,6 +17,7 @@ import argparse
 import inspect
 import json
 import os
+import shlex
 import sys
 from collections import Counter
 from pathlib import Path
@@ -55,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write <out>.md and <out>.json")
+    p.add_argument(
+        "--init-args",
+        type=json.loads,
+        default={},
+        help="init args over the checkpoint's, JSON, e.g. '{\"adaptive_mask_at_inference\": false}'",
+    )
     args = p.parse_args(argv)
 
     import anomalib.models as am
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     cls = getattr(am, args.model)
     state = torch.load(args.ckpt, map_location="cpu", weights_only=False)
     allowed = set(inspect.signature(cls.__init__).parameters) - SKIP_ARGS
-    init = {k: v for k, v in state.get("hyper_parameters", {}).items() if k in allowed}
+    init = {k: v for k, v in state.get("hyper_parameters", {}).items() if k in allowed} | args.init_args
     size = (args.image_size, args.image_size)
     model = cls(**init, pre_processor=cls.configure_pre_processor(image_size=size), evaluator=False, visualizer=False)
     model.load_state_dict(state["state_dict"], strict=False)  # the harness evaluator's metric states are not needed
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# per-class image AUROC: {args.model}",
         "",
-        "Command: `python benchmarks/per_class.py " + " ".join(argv or sys.argv[1:]) + "`",
+        "Command: `python benchmarks/per_class.py " + " ".join(shlex.quote(a) for a in argv or sys.argv[1:]) + "`",
         "",
         f"Machine: {json.dumps(machine_info())}",
         "",
