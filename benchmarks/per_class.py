@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import DEFAULT_MT_ROOT, machine_info
+from harness import DEFAULT_MT_ROOT, build_datamodule, machine_info
 
 SKIP_ARGS = {"evaluator", "pre_processor", "post_processor", "visualizer"}
 
@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import anomalib.models as am
     import torch
-    from anomalib.data import Folder
     from sklearn.metrics import roc_auc_score
 
     import anomalib_recon.models  # noqa: F401  (registers our models in anomalib.models)
@@ -83,20 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
 
     root = Path(args.data_root or os.environ.get("ANOMALIB_RECON_MAGNETIC_TILE", DEFAULT_MT_ROOT))
-    test = root / "test"
-    defects = sorted(d.name for d in test.iterdir() if d.is_dir() and d.name != "good")
-    data = Folder(
-        name=root.name,
-        root=root,
-        normal_dir="train/good",
-        normal_test_dir="test/good",
-        abnormal_dir=[f"test/{d}" for d in defects],
-        mask_dir=[f"ground_truth/{d}" for d in defects],
-        eval_batch_size=16,
-        num_workers=1,
-        test_split_mode="from_dir",
-        val_split_mode="same_as_test",
-    )
+    folder = argparse.Namespace(dataset="folder", data_root=str(root), batch_size=16, workers=1, seed=0)
+    data = build_datamodule(folder)  # the harness's MVTec-style Folder (checks the layout, one clear error)
     data.setup()
     maps, scores, labels, masks, classes = [], [], [], [], []
     with torch.no_grad():
