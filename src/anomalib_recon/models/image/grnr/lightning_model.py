@@ -1,0 +1,156 @@
+"""GRNR: Global-Regularized Neighborhood Regression for efficient zero-shot texture anomaly detection.
+
+Paper: H. Yao et al., *Global-Regularized Neighborhood Regression for Efficient Zero-Shot Texture Anomaly
+Detection*, arXiv 2406.07333. Reference: github.com/hmyao22/GRNR ``demo.py`` (no licence file; read, not copied).
+
+Training-free: every feature of a test image is regressed from its 3×3 neighbours, regularised toward the image's
+own most typical features ("self filtering"); the regression residual is the anomaly map. No training images.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+
+from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
+from anomalib_recon.components.weights import CheckpointBackboneMixin
+
+from .torch_model import REFERENCE_SIZE, GRNRModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GRNR"]
+
+DEFAULT_IMAGE_SIZE = (REFERENCE_SIZE, REFERENCE_SIZE)
+
+
+class GRNR(CheckpointBackboneMixin, AnomalibModule):
+    """GRNR (arXiv 2406.07333): zero-shot, training-free texture anomaly detection.
+
+    ``learning_type`` is ``ZERO_SHOT``: ``Engine.test``/``predict`` work without a fit (anomalib runs a validation
+    pass first to calibrate the normalisation and thresholds), and ``Engine.fit``/``anomalib train`` only run that
+    validation, as for WinCLIP. The anomaly map has the input size: the paper evaluates the central 256 px of a
+    320-px map; here the outer 10 % band repeats the centre's edge (the spec's default option), so it can be
+    compared with full-size masks.
+
+    Args:
+        backbone: timm CNN; ``wide_resnet50_2.tv_in1k`` (torchvision V1 weights) as in the paper.
+        layers: Layers (names or ``features_only`` indices). ``None`` = the layers at strides 8 and 16:
+            ``layer2, layer3`` for ResNets (the paper), ``blocks.2, blocks.4`` for EfficientNet-Lite.
+        weights: ``"imagenet"`` (offline-aware), a local weights file, or ``None`` (random init, for tests).
+        image_size: Input size of the default pre-processor (``None`` = 320×320, the paper). Ignored when a
+            pre-processor is passed (the size then comes from its Resize).
+        pool_kernel: Local average pooling (3).
+        num_global_priors: ``K``, the self-filtered global priors (40).
+        lam: ``λ``, weight of the global regularisation (5); 0 = plain neighbourhood regression (the ablation).
+        border_cut: Border band per layer, in feature cells at 320 px, set to the map minimum ((3, 2)); scales with
+            the input size.
+        blur_sigma: Gaussian σ of the map in pixels at 320 px (3); scales with the input size.
+        crop: Outer band in pixels at 320 px (32) outside the evaluated centre, filled by edge replication.
+        eps: Relative ridge on the 8×8 Gram matrices (1e-6).
+        distance_chunk: Rows of the ``N × N`` distance matrix computed at once (1024; exact).
+        pre_processor: Pre-processor, or ``True`` for Resize(``image_size``) + ImageNet Normalize.
+        post_processor: Post-processor or flag (anomalib's ``PostProcessor`` by default).
+        evaluator: Evaluator or flag.
+        visualizer: Visualizer or flag.
+
+    Example:
+        >>> from anomalib.engine import Engine
+        >>> model = GRNR(backbone="tf_efficientnet_lite0", image_size=256)
+        >>> Engine().test(model, datamodule=datamodule)   # no fit needed    # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2.tv_in1k",
+        layers: Sequence[int | str] | None = None,
+        weights: str | None = "imagenet",
+        image_size: int | tuple[int, int] | None = None,
+        pool_kernel: int = 3,
+        num_global_priors: int = 40,
+        lam: float = 5.0,
+        border_cut: Sequence[int] = (3, 2),
+        blur_sigma: float = 3.0,
+        crop: int = 32,
+        eps: float = 1e-6,
+        distance_chunk: int | None = 1024,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if image_size is not None and pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size=as_image_size(image_size))
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        input_size = self.input_size
+        if input_size is None:
+            logger.warning("GRNR: no Resize in the pre-processor; building for %s inputs.", DEFAULT_IMAGE_SIZE)
+            input_size = DEFAULT_IMAGE_SIZE
+        self.model = GRNRModel(
+            backbone=backbone,
+            layers=layers,
+            weights=weights,
+            input_size=(int(input_size[0]), int(input_size[1])),
+            pool_kernel=pool_kernel,
+            num_global_priors=num_global_priors,
+            lam=lam,
+            border_cut=border_cut,
+            blur_sigma=blur_sigma,
+            crop=crop,
+            eps=eps,
+            distance_chunk=distance_chunk,
+        )
+
+    # ------------------------------------------------------------------------------------------------ configuration
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize to ``image_size`` (320×320, the paper) and normalise with ImageNet statistics."""
+        return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE)
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """anomalib's min-max normalisation and F1-adaptive thresholds (no default exists for ZERO_SHOT)."""
+        return PostProcessor()
+
+    @staticmethod
+    def configure_optimizers() -> None:
+        """Training-free: no optimiser."""
+        return
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """One epoch with no training batches and no sanity check: a plain Lightning ``fit`` does nothing."""
+        return {"max_epochs": 1, "limit_train_batches": 0, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Zero-shot: the priors come from the test image itself."""
+        return LearningType.ZERO_SHOT
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """No-op: GRNR has nothing to train (anomalib's Engine does not even call it for zero-shot models)."""
+        del batch, args, kwargs
+        return None
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """``pred_score`` and ``anomaly_map`` for the post-processor (normalisation, thresholds) and metrics."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
