@@ -1,0 +1,314 @@
+"""DADF: Dual-Attention Transformer and Discriminative Flow for industrial visual anomaly detection.
+
+Paper: H. Yao et al., *Dual-Attention Transformer and Discriminative Flow for Industrial Visual Anomaly
+Detection*, IEEE T-ASE 2023 (arXiv 2303.17882). Reference code: github.com/hmyao22/DADF (MIT).
+
+Both stages train inside one anomalib model, so one ``anomalib train`` runs them in order: stage 1
+("reconstruction") trains the dual-attention transformer with AdamW, stage 2 ("flow") freezes it and trains the
+per-scale normalizing flows with Adam. The switch is by epoch (the paper: 200 + 15) or, with
+``reconstruction_steps``, by optimizer step (for ``max_steps`` budgets).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+
+from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
+from anomalib_recon.components.weights import CheckpointBackboneMixin
+
+from .loss import DADFFlowLoss, DADFReconstructionLoss
+from .torch_model import DADFModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DADF", "STAGES"]
+
+DEFAULT_IMAGE_SIZE = (256, 256)
+STAGES = ("reconstruction", "flow")
+
+
+class DADF(CheckpointBackboneMixin, AnomalibModule):
+    """DADF (T-ASE 2023): dual-attention feature reconstruction, then discriminative normalizing flows.
+
+    ``load_from_checkpoint`` restores the frozen backbone from the checkpoint alone (no weight download).
+
+    Stage switch: by default stage 1 runs for ``reconstruction_epochs`` epochs and stage 2 for ``flow_epochs``
+    (``trainer_arguments`` sets ``max_epochs`` to their sum). With ``reconstruction_steps`` the switch is at that
+    optimizer step instead and the trainer's ``max_steps`` (or ``max_epochs``) ends training; use this with step
+    budgets. Training that would end before stage 2 starts is refused at the start of fit with a clear error.
+
+    Validation before stage 2 scores with untrained flows; an info line says so, and its values (none are
+    logged by default) mean nothing. It does not leak into the result: anomalib's post-processor recomputes its
+    normalisation and thresholds from scratch at every validation, and the last validation is always after the
+    last training step (with ``max_steps`` the model asks Lightning to stop, which validates even mid-epoch).
+
+    Args:
+        backbone: timm CNN. ``wide_resnet50_2.tv_in1k`` (layer1-3) by default: the reference's flow script uses
+            WideResNet-50, its config file defaults to ResNet-18 (``resnet18.tv_in1k`` is the light option).
+        layers: Three backbone layers; ``None`` = the layers at strides 4, 8, 16.
+        weights: ``"imagenet"`` (offline-aware), a local weights file, or ``None`` (random init, for tests).
+        image_size: Input size of the default pre-processor (``None`` = 256×256); a multiple of 16. Ignored when
+            a pre-processor is passed (the model then takes its size from that pre-processor's Resize).
+        patch_sizes: Patch size per scale; ``None`` = (4, 2, 1) for strides 4/8/16.
+        embed_dim_per_scale: Width of each scale's token embedding (480); ``3·embed_dim_per_scale`` must be
+            divisible by 4 and by ``num_heads``.
+        depth: Dual-attention blocks (8).
+        num_heads: Attention heads (8).
+        mlp_ratio: Block MLP ratio (4).
+        flow_steps: ``AllInOneBlock`` s per flow (8).
+        flow_clamp: Affine clamping of the flows (2.0).
+        use_memory: Dual attention (True); ``False`` = self-reconstruction only (flows on ``[f, X̂]``).
+        flow_input: ``"reconstruction"`` (flows on ``[f, X̂, M̂]``) or ``"features"`` (flows on the raw backbone
+            features only; no transformer and no stage 1).
+        reconstruction_epochs: Stage-1 epochs (200).
+        flow_epochs: Stage-2 epochs (15).
+        reconstruction_steps: Switch to stage 2 after this many optimizer steps instead of by epoch (``None``).
+        lr: Stage-1 AdamW learning rate (1e-4, constant).
+        betas: Stage-1 AdamW betas ((0.9, 0.95)).
+        weight_decay: Stage-1 AdamW weight decay (0.01, PyTorch's default the reference ends up with).
+        flow_lr: Stage-2 Adam learning rate (1e-3).
+        flow_weight_decay: Stage-2 Adam weight decay (1e-5).
+        pre_processor: Pre-processor, or ``True`` for Resize(256) + ImageNet Normalize.
+        post_processor: Post-processor or flag.
+        evaluator: Evaluator or flag.
+        visualizer: Visualizer or flag.
+
+    Example:
+        >>> from anomalib.engine import Engine
+        >>> model = DADF()                                                 # paper settings, 200 + 15 epochs
+        >>> Engine().fit(model, datamodule=datamodule)                     # doctest: +SKIP
+        >>> small = DADF(backbone="tf_efficientnet_lite0", reconstruction_steps=250)
+        >>> Engine(max_steps=300).fit(small, datamodule=datamodule)        # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2.tv_in1k",
+        layers: list[int | str] | None = None,
+        weights: str | None = "imagenet",
+        image_size: int | tuple[int, int] | None = None,
+        patch_sizes: list[int] | None = None,
+        embed_dim_per_scale: int = 480,
+        depth: int = 8,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        flow_steps: int = 8,
+        flow_clamp: float = 2.0,
+        use_memory: bool = True,
+        flow_input: str = "reconstruction",
+        reconstruction_epochs: int = 200,
+        flow_epochs: int = 15,
+        reconstruction_steps: int | None = None,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.01,
+        flow_lr: float = 1e-3,
+        flow_weight_decay: float = 1e-5,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if image_size is not None and pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size=as_image_size(image_size))
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        for name, value in (("reconstruction_epochs", reconstruction_epochs), ("flow_epochs", flow_epochs)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                msg = f"{name} must be an int >= 0, got {value!r}."
+                raise ValueError(msg)
+        if reconstruction_steps is not None and (not isinstance(reconstruction_steps, int) or reconstruction_steps < 0):
+            msg = f"reconstruction_steps must be None or an int >= 0, got {reconstruction_steps!r}."
+            raise ValueError(msg)
+        if reconstruction_steps is None and reconstruction_epochs + flow_epochs == 0:
+            msg = "reconstruction_epochs + flow_epochs must be positive."
+            raise ValueError(msg)
+        if min(lr, flow_lr) <= 0 or min(weight_decay, flow_weight_decay) < 0 or len(betas) != 2:
+            msg = (
+                "need lr > 0, flow_lr > 0, weight_decay >= 0, flow_weight_decay >= 0 and two betas; got "
+                f"{lr}, {flow_lr}, {weight_decay}, {flow_weight_decay}, {betas}."
+            )
+            raise ValueError(msg)
+        self.reconstruction_epochs = int(reconstruction_epochs)
+        self.flow_epochs = int(flow_epochs)
+        self.reconstruction_steps = None if reconstruction_steps is None else int(reconstruction_steps)
+        self.lr = float(lr)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.weight_decay = float(weight_decay)
+        self.flow_lr = float(flow_lr)
+        self.flow_weight_decay = float(flow_weight_decay)
+        self.automatic_optimization = False
+        self._model_args = {
+            "backbone": backbone,
+            "layers": layers,
+            "weights": weights,
+            "patch_sizes": patch_sizes,
+            "embed_dim_per_scale": embed_dim_per_scale,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": mlp_ratio,
+            "flow_steps": flow_steps,
+            "flow_clamp": flow_clamp,
+            "use_memory": use_memory,
+            "flow_input": flow_input,
+        }
+        input_size = self.input_size
+        if input_size is None:
+            logger.warning("DADF: no Resize in the pre-processor; building for %s inputs.", DEFAULT_IMAGE_SIZE)
+            input_size = DEFAULT_IMAGE_SIZE
+        self.model = DADFModel(input_size=(int(input_size[0]), int(input_size[1])), **self._model_args)
+        self.reconstruction_loss = DADFReconstructionLoss()
+        self.flow_loss = DADFFlowLoss()
+        self._logged_stage1_validation = False
+
+    # ------------------------------------------------------------------------------------------------ configuration
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize to ``image_size`` (256×256) and normalise with ImageNet statistics; no augmentation."""
+        return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation; epoch switch: ``max_epochs = reconstruction_epochs + flow_epochs`` (215).
+
+        With ``reconstruction_steps`` the budget is left to the trainer (``max_steps`` / ``max_epochs``).
+        """
+        if self.reconstruction_steps is not None:
+            return {"num_sanity_val_steps": 0}
+        return {"max_epochs": self.reconstruction_epochs + self.flow_epochs, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Trained on normal images only."""
+        return LearningType.ONE_CLASS
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """``[AdamW(transformer), Adam(flows)]``; only the flows' Adam without a transformer (flows on features)."""
+        flow = torch.optim.Adam(self.model.flow_parameters(), lr=self.flow_lr, weight_decay=self.flow_weight_decay)
+        params = self.model.reconstruction_parameters()
+        if not params:
+            return [flow]
+        rec = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        return [rec, flow]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the pre-processor; rebuild the model if the checkpoint's input size differs from the default."""
+        super().on_load_checkpoint(checkpoint)
+        size = self.input_size
+        if size is not None and tuple(size) != self.model.input_size:
+            self.model = DADFModel(input_size=(int(size[0]), int(size[1])), **self._model_args)
+
+    # ------------------------------------------------------------------------------------------------ stages
+    @property
+    def stage(self) -> str:
+        """``"reconstruction"`` (stage 1) or ``"flow"`` (stage 2) at the current epoch / optimizer step."""
+        if not self.model.has_reconstruction:
+            return "flow"
+        if self.reconstruction_steps is not None:
+            return "flow" if self.global_step >= self.reconstruction_steps else "reconstruction"
+        return "flow" if self.current_epoch >= self.reconstruction_epochs else "reconstruction"
+
+    def _switch_step(self, batches_per_epoch: float) -> float:
+        if not self.model.has_reconstruction:
+            return 0
+        if self.reconstruction_steps is not None:
+            return self.reconstruction_steps
+        return self.reconstruction_epochs * batches_per_epoch
+
+    def on_train_start(self) -> None:
+        """Refuse a budget that ends before stage 2 (the flows, which give the map, would stay untrained)."""
+        trainer = self.trainer
+        batches = float(trainer.num_training_batches)
+        budgets = []
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            budgets.append(float(trainer.max_steps))
+        if trainer.max_epochs is not None and trainer.max_epochs > 0 and math.isfinite(batches):
+            budgets.append(trainer.max_epochs * batches)
+        switch = self._switch_step(batches)
+        if budgets and math.isfinite(switch) and min(budgets) <= switch:
+            how = (
+                f"reconstruction_steps={self.reconstruction_steps}"
+                if self.reconstruction_steps is not None
+                else f"reconstruction_epochs={self.reconstruction_epochs} × {int(batches)} batches"
+            )
+            msg = (
+                f"DADF: training ends after {int(min(budgets))} steps, before stage 2 (the flows) starts at step "
+                f"{int(switch)} ({how}). Set reconstruction_steps below max_steps (e.g. 5/6 of it) or raise the budget."
+            )
+            raise ValueError(msg)
+        logger.info("DADF: stage 1 (reconstruction) until step %s, then stage 2 (flows).", int(switch))
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """One step of the current stage with its own optimiser (zeroed every step)."""
+        del args, kwargs
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        stage = self.stage
+        size = int(batch.image.shape[0])
+        if stage == "reconstruction":
+            self.model.freeze_reconstruction(False)
+            out = self.model.reconstruction_outputs(batch.image)
+            losses = self.reconstruction_loss(out.self_tokens, out.memory_tokens, out.targets)
+            loss = losses["loss"]
+            self.log("train_self_loss", losses["self"], on_step=False, on_epoch=True, batch_size=size)
+            self.log("train_memory_loss", losses["memory"], on_step=False, on_epoch=True, batch_size=size)
+            optimizer = optimizers[0]
+        else:
+            self.model.freeze_reconstruction(True)
+            hidden, log_jacobians = self.model.flow_outputs(batch.image)
+            loss = self.flow_loss(hidden, log_jacobians)
+            self.log("train_flow_loss", loss, on_step=False, on_epoch=True, batch_size=size)
+            optimizer = optimizers[-1]
+        if not torch.isfinite(loss):
+            msg = f"DADF: the {stage} loss is {float(loss)}; lower lr/flow_lr or check the inputs."
+            raise ValueError(msg)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        max_steps = self.trainer.max_steps
+        if max_steps is not None and 0 < max_steps <= self.global_step:
+            # INFERRED: stop through ``should_stop`` so that Lightning validates after the last step even mid-epoch;
+            # the post-processor's thresholds and normalisation then always come from the trained flows.
+            self.trainer.should_stop = True
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+        self.log("stage", float(STAGES.index(stage)), on_step=True, on_epoch=False, batch_size=size)
+        return {"loss": loss.detach()}
+
+    def on_validation_epoch_start(self) -> None:
+        """Say once that stage-1 validation scores with untrained flows."""
+        if self.stage == "reconstruction" and not self._logged_stage1_validation:
+            logger.info(
+                "DADF: validation during stage 1 scores with untrained flows (meaningless values); the "
+                "post-processor's thresholds are recomputed at the first validation of stage 2."
+            )
+            self._logged_stage1_validation = True
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Full inference path → ``pred_score`` and ``anomaly_map`` for the post-processor and metrics."""
+        del args, kwargs
+        return batch.update(**self.model(batch.image)._asdict())
+
+    @property
+    def parameter_counts(self) -> dict[str, int]:
+        """Transformer, flow and frozen-backbone parameter counts."""
+        rec = sum(p.numel() for p in self.model.reconstruction_parameters())
+        flow = sum(p.numel() for p in self.model.flow_parameters())
+        total = sum(p.numel() for p in self.model.parameters())
+        return {"reconstruction": rec, "flow": flow, "frozen": total - rec - flow, "total": total}

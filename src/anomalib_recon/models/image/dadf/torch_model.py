@@ -1,0 +1,480 @@
+"""PyTorch model of DADF: dual-attention reconstruction transformer + discriminative normalizing flows.
+
+Stage 1 (reconstruction). Frozen backbone maps ``f_s`` (three scales, strides 4/8/16) are cut into patches of size
+``p_s`` (4, 2, 1) so that every scale lands on one token grid; the three embeddings are concatenated to tokens
+``E`` of width ``D = 3·embed_dim_per_scale`` and the fixed 2-D sin-cos position embedding is added. A stack of
+:class:`DualAttentionBlock` s carries two streams with **shared weights**: the patch tokens ``X`` (self-attention)
+and learnable memory tokens ``M`` ("memorial attention": queries and values from the memory, keys from the
+patch tokens). One final LayerNorm and one linear head per scale (shared by the two streams) give the
+self-reconstruction ``X̂_s`` and the memory-reconstruction ``M̂_s`` of every ``f_s``.
+
+Stage 2 (discriminative flow). Per scale, ``Z_s = LayerNorm([f_s, X̂_s, M̂_s])`` goes through a FastFlow-style flow
+of anomalib's ``AllInOneBlock`` s (FrEIA ``SequenceINN``); the map is ``−exp(1 − ½·mean_c z_s²)`` upsampled and
+averaged over the scales, the image score its maximum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import timm
+import torch
+from anomalib.data import InferenceBatch
+from anomalib.models.components.flow import AllInOneBlock
+from anomalib.models.image.fastflow.anomaly_map import AnomalyMapGenerator
+from FrEIA.framework import SequenceINN
+from timm.layers import Mlp
+from torch import nn
+
+from anomalib_recon.components.feature_extractor import FeatureExtractor
+from anomalib_recon.components.patch_embed import MultiScalePatchEmbed, TokenToFeatureHead, patchify
+from anomalib_recon.components.position import SinCosPositionEmbedding2D
+from anomalib_recon.components.tracing import is_tracing
+
+__all__ = [
+    "FLOW_INPUTS",
+    "DADFModel",
+    "DADFReconstruction",
+    "DualAttention",
+    "DualAttentionBlock",
+    "create_flow",
+    "default_layers",
+    "depthwise_subnet",
+]
+
+FEATURE_STRIDES = (4, 8, 16)
+"""Strides of the default layers (ResNet ``layer1``-``layer3``)."""
+
+FLOW_INPUTS = ("reconstruction", "features")
+"""What the flows see: ``[f, X̂, M̂]`` (the paper) or the raw backbone features ``f`` only (ablation)."""
+
+
+def default_layers(backbone: str) -> list[int | str]:
+    """The last feature layer at strides 4, 8 and 16 of a timm CNN.
+
+    ``layer1``-``layer3`` for ResNets (the reference), ``blocks.1, blocks.2, blocks.4`` for EfficientNet-Lite.
+    """
+    if not timm.is_model(backbone.split(".")[0]):
+        msg = f"Unknown timm backbone '{backbone}'. See timm.list_models() for valid names."
+        raise ValueError(msg)
+    info = list(getattr(timm.create_model(backbone, pretrained=False), "feature_info", []))
+    chosen: list[int | str] = []
+    for stride in FEATURE_STRIDES:
+        names = [entry["module"] for entry in info if entry.get("reduction") == stride]
+        if not names:
+            msg = (
+                f"Cannot pick default layers for '{backbone}': no feature layer at stride {stride}. "
+                "Pass layers explicitly, e.g. layers=['layer1', 'layer2', 'layer3']."
+            )
+            raise ValueError(msg)
+        chosen.append(names[-1])
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------- dual attention
+class DualAttention(nn.Module):
+    """Multi-head self-attention of the patch stream and "memorial" attention of the memory stream.
+
+    One ``qkv`` and one ``proj`` serve both streams. For patch tokens ``X`` and memory tokens ``M`` (already
+    normalised), per head with ``d = D / heads``::
+
+        q1, k1, v1 = qkv(X);  q2, k2, v2 = qkv(M)
+        X_att = proj(softmax(q1 k1ᵀ / √d) v1)
+        M_att = proj(softmax(q2 k1ᵀ / √d) v2)          # keys from the patch tokens
+
+    so each memory token is a mixture of memory values, weighted by how well its query matches the image's
+    patches. ``k2`` is computed (one fused projection) but unused, as in the reference.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            msg = f"embed dim ({dim}) must be divisible by num_heads ({num_heads})."
+            raise ValueError(msg)
+        self.num_heads = int(num_heads)
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _split(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, _ = tokens.shape
+        q, k, v = self.qkv(tokens).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = weights @ v  # (B, heads, N, d)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(X_att, M_att)``; ``M_att`` is ``None`` without a memory stream."""
+        q1, k1, v1 = self._split(x)
+        x_att = self._attend(q1, k1, v1)
+        if memory is None:
+            return x_att, None
+        if memory.shape[1] != x.shape[1]:
+            msg = f"memory and patch streams need the same length, got {memory.shape[1]} and {x.shape[1]}."
+            raise ValueError(msg)
+        q2, _, v2 = self._split(memory)
+        return x_att, self._attend(q2, k1, v2)
+
+
+class DualAttentionBlock(nn.Module):
+    """Pre-norm dual-attention transformer block; all weights shared by the two streams (as the reference code).
+
+    ``X = X + X_att; X = X + MLP(LN2(X))`` and the same for ``M`` with ``M_att``, where both attentions read
+    ``LN1`` of the block's inputs (so the memory stream uses the keys of the *incoming* patch tokens).
+    The paper's figure draws post-norm blocks; the code is pre-norm and is followed here.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = DualAttention(dim, num_heads, qkv_bias=qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Update both streams ``(B, L, D)``; ``memory=None`` runs the self-attention stream only."""
+        x_att, m_att = self.attn(self.norm1(x), None if memory is None else self.norm1(memory))
+        x = x + x_att
+        x = x + self.mlp(self.norm2(x))
+        if memory is None or m_att is None:
+            return x, None
+        memory = memory + m_att
+        memory = memory + self.mlp(self.norm2(memory))
+        return x, memory
+
+
+# ---------------------------------------------------------------------------------------------------------- flows
+def depthwise_subnet(kernel_size: int) -> Callable[[int, int], nn.Module]:
+    """Coupling subnet of the reference: depthwise ``k×k`` conv → LeakyReLU(0.1) → ``1×1`` conv."""
+
+    def constructor(in_channels: int, out_channels: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, kernel_size, padding="same", groups=in_channels),
+            nn.LeakyReLU(0.1),
+            nn.Conv2d(in_channels, out_channels, kernel_size=1),
+        )
+
+    return constructor
+
+
+def create_flow(input_dims: Sequence[int], flow_steps: int = 8, clamp: float = 2.0) -> SequenceINN:
+    """``flow_steps`` ``AllInOneBlock`` s (hard permutation, ``affine_clamping=clamp``), kernels 3, 1, 3, 1, ...
+
+    Built as anomalib's FastFlow builds its flows, with DADF's depthwise subnets.
+    """
+    flow = SequenceINN(*[int(d) for d in input_dims])
+    for step in range(flow_steps):
+        flow.append(
+            AllInOneBlock,
+            subnet_constructor=depthwise_subnet(1 if step % 2 else 3),
+            affine_clamping=clamp,
+            permute_soft=False,
+        )
+    return flow
+
+
+# ---------------------------------------------------------------------------------------------------------- outputs
+class DADFReconstruction(NamedTuple):
+    """What the reconstruction loss needs (per scale, patchified ``(B, L, p_s²·C_s)``)."""
+
+    self_tokens: list[torch.Tensor]
+    """Self-reconstruction ``X̂_s``."""
+    memory_tokens: list[torch.Tensor] | None
+    """Memory-reconstruction ``M̂_s`` (``None`` without the memory stream)."""
+    targets: list[torch.Tensor]
+    """Patchified frozen features ``f_s``."""
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+class DADFModel(nn.Module):
+    """DADF: frozen CNN → dual-attention reconstruction ViT → one normalizing flow per scale → likelihood map.
+
+    Args:
+        backbone: timm CNN (``wide_resnet50_2.tv_in1k``: see the README on the ambiguous default).
+        layers: Three backbone layers (names or ``features_only`` indices); ``None`` = strides 4, 8, 16.
+        weights: ``"imagenet"``, a local weights file, or ``None`` (random init).
+        input_size: ``(H, W)`` the model is built for: the memory tokens (one per grid position) and the flows'
+            LayerNorms over ``(C, H_s, W_s)`` have fixed sizes, as in the reference.
+        patch_sizes: Patch size per scale; ``None`` = one token per pixel of the deepest map (4, 2, 1).
+        embed_dim_per_scale: Width of each scale's embedding (480; tokens are ``3·480 = 1440`` wide).
+        depth: Dual-attention blocks (8).
+        num_heads: Attention heads (8).
+        mlp_ratio: MLP ratio of the blocks (4).
+        flow_steps: ``AllInOneBlock`` s per flow (8).
+        flow_clamp: Affine clamping of the couplings (2.0).
+        use_memory: Dual attention (True, the paper); ``False`` = self-reconstruction only, flows on ``[f, X̂]``.
+        flow_input: ``"reconstruction"`` (flows on ``[f, X̂, M̂]``) or ``"features"`` (flows on ``f`` only: no
+            transformer is built, a FastFlow with DADF's subnets; the ablation).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2.tv_in1k",
+        layers: Sequence[int | str] | None = None,
+        weights: str | None = "imagenet",
+        input_size: tuple[int, int] = (256, 256),
+        patch_sizes: Sequence[int] | None = None,
+        embed_dim_per_scale: int = 480,
+        depth: int = 8,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        flow_steps: int = 8,
+        flow_clamp: float = 2.0,
+        use_memory: bool = True,
+        flow_input: str = "reconstruction",
+    ) -> None:
+        super().__init__()
+        self._check_args(embed_dim_per_scale, depth, num_heads, mlp_ratio, flow_steps, flow_clamp, flow_input)
+        layers = list(layers) if layers is not None else default_layers(backbone)
+        if len(layers) != 3:
+            msg = f"DADF uses three backbone layers (strides 4, 8, 16), got layers={layers}."
+            raise ValueError(msg)
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.use_memory = bool(use_memory)
+        self.flow_input = flow_input
+        self.feature_extractor = FeatureExtractor(backbone, layers=layers, weights=weights)
+        self.channels = [int(c) for c in self.feature_extractor.out_dims]
+        self.feature_sizes = self._probe_sizes(self.input_size)
+        self.patch_sizes = self._patch_sizes(patch_sizes)
+        self.grid_size = (
+            self.feature_sizes[0][0] // self.patch_sizes[0],
+            self.feature_sizes[0][1] // self.patch_sizes[0],
+        )
+        self.num_tokens = self.grid_size[0] * self.grid_size[1]
+
+        self.has_reconstruction = flow_input == "reconstruction"
+        if self.has_reconstruction:
+            self.patch_embed = MultiScalePatchEmbed(self.channels, self.patch_sizes, embed_dim_per_scale, fuse="concat")
+            dim = self.patch_embed.out_dim
+            self.embed_dim = dim
+            self.pos_embed = SinCosPositionEmbedding2D(dim, self.grid_size)
+            self.memory = nn.Parameter(torch.zeros(1, self.num_tokens, dim)) if self.use_memory else None
+            self.blocks = nn.ModuleList(DualAttentionBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
+            self.norm = nn.LayerNorm(dim)
+            self.heads = nn.ModuleList(
+                TokenToFeatureHead(dim, c, p) for c, p in zip(self.channels, self.patch_sizes, strict=True)
+            )
+            self._init_transformer()
+            copies = 3 if self.use_memory else 2
+        else:
+            self.embed_dim = 0
+            copies = 1
+        self.flow_channels = [copies * c for c in self.channels]
+        self.flow_norms = nn.ModuleList(
+            nn.LayerNorm([c, h, w], elementwise_affine=True)
+            for c, (h, w) in zip(self.flow_channels, self.feature_sizes, strict=True)
+        )
+        self.flows = nn.ModuleList(
+            create_flow((c, h, w), flow_steps, flow_clamp)
+            for c, (h, w) in zip(self.flow_channels, self.feature_sizes, strict=True)
+        )
+        self.anomaly_map_generator = AnomalyMapGenerator(input_size=self.input_size)
+
+    # ------------------------------------------------------------------------------------------------ construction
+    @staticmethod
+    def _check_args(
+        embed_dim_per_scale: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        flow_steps: int,
+        flow_clamp: float,
+        flow_input: str,
+    ) -> None:
+        for name, value in (
+            ("embed_dim_per_scale", embed_dim_per_scale),
+            ("depth", depth),
+            ("num_heads", num_heads),
+            ("flow_steps", flow_steps),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                msg = f"{name} must be a positive int, got {value!r}."
+                raise ValueError(msg)
+        dim = 3 * embed_dim_per_scale
+        if dim % 4:
+            msg = (
+                f"The token width 3·embed_dim_per_scale = {dim} must be divisible by 4 (2-D sin-cos position "
+                f"embedding); choose embed_dim_per_scale divisible by 4, got {embed_dim_per_scale}."
+            )
+            raise ValueError(msg)
+        if dim % num_heads:
+            msg = f"The token width 3·embed_dim_per_scale = {dim} must be divisible by num_heads ({num_heads})."
+            raise ValueError(msg)
+        if mlp_ratio <= 0 or flow_clamp <= 0:
+            msg = f"need mlp_ratio > 0 and flow_clamp > 0, got {mlp_ratio} and {flow_clamp}."
+            raise ValueError(msg)
+        if flow_input not in FLOW_INPUTS:
+            msg = f"flow_input must be one of {FLOW_INPUTS}, got {flow_input!r}."
+            raise ValueError(msg)
+
+    def _probe_sizes(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:
+        with torch.no_grad():
+            maps = self.feature_extractor(torch.zeros(1, 3, *input_size))
+        return [(int(f.shape[-2]), int(f.shape[-1])) for f in maps]
+
+    def _patch_sizes(self, patch_sizes: Sequence[int] | None) -> list[int]:
+        """Patch sizes that put every scale on one grid, with one clear error naming the input size."""
+        sizes = self.feature_sizes
+        h, w = self.input_size
+        described = ", ".join(f"{a}x{b}" for a, b in sizes)
+        if patch_sizes is None:
+            deep_h, deep_w = sizes[-1]
+            patch_sizes = [a // deep_h for a, _ in sizes]
+            ok = all(a == p * deep_h and b == p * deep_w for (a, b), p in zip(sizes, patch_sizes, strict=True))
+        else:
+            patch_sizes = [int(p) for p in patch_sizes]
+            if len(patch_sizes) != 3 or min(patch_sizes) < 1:
+                msg = f"patch_sizes must be three positive ints (one per scale), got {patch_sizes}."
+                raise ValueError(msg)
+            grids = {(a // p, b // p) for (a, b), p in zip(sizes, patch_sizes, strict=True)}
+            ok = len(grids) == 1 and all(
+                a % p == 0 and b % p == 0 for (a, b), p in zip(sizes, patch_sizes, strict=True)
+            )
+        if not ok:
+            msg = (
+                f"image_size {h}x{w} gives feature maps {described}, which patch sizes {patch_sizes} do not cut into "
+                "one token grid. Use an input size that is a multiple of 16 (e.g. 64, 128, 256)."
+            )
+            raise ValueError(msg)
+        return list(patch_sizes)
+
+    def _init_transformer(self) -> None:
+        """Reference init: xavier-uniform Linear (zero bias), LayerNorm 1/0, memory tokens N(0, 0.02).
+
+        The patch-embedding convs are initialised like linear layers by ``PatchEmbed`` and the heads by
+        ``TokenToFeatureHead``.
+        """
+        for module in (self.blocks, self.norm):
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+        if self.memory is not None:
+            nn.init.normal_(self.memory, std=0.02)
+
+    # ------------------------------------------------------------------------------------------------ parameter groups
+    def reconstruction_modules(self) -> list[nn.Module]:
+        """Stage-1 modules (the transformer); empty for ``flow_input="features"``."""
+        if not self.has_reconstruction:
+            return []
+        return [self.patch_embed, self.blocks, self.norm, self.heads]
+
+    def reconstruction_parameters(self) -> list[nn.Parameter]:
+        """Stage-1 parameters: patch embeddings, memory tokens, blocks, final norm and heads."""
+        params = [p for module in self.reconstruction_modules() for p in module.parameters()]
+        if self.has_reconstruction and self.memory is not None:
+            params.insert(0, self.memory)
+        return params
+
+    def flow_parameters(self) -> list[nn.Parameter]:
+        """Stage-2 parameters: the flows' LayerNorms and the flows."""
+        return [*self.flow_norms.parameters(), *self.flows.parameters()]
+
+    def freeze_reconstruction(self, frozen: bool = True) -> None:
+        """Stage 2: transformer in eval with ``requires_grad=False`` (``frozen=False`` undoes it)."""
+        for module in self.reconstruction_modules():
+            module.train(not frozen and self.training)
+        for p in self.reconstruction_parameters():
+            p.requires_grad_(not frozen)
+
+    # ------------------------------------------------------------------------------------------------ pieces
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Frozen backbone maps ``f_s`` with size and finiteness checks (skipped while tracing)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            msg = f"DADF expects an RGB batch (B, 3, H, W), got {tuple(images.shape)}."
+            raise ValueError(msg)
+        if not is_tracing():
+            if tuple(images.shape[-2:]) != self.input_size:
+                msg = (
+                    f"DADF is built for {self.input_size[0]}x{self.input_size[1]} inputs (its memory tokens and flow "
+                    f"LayerNorms have fixed sizes), got {images.shape[-2]}x{images.shape[-1]}. Resize the images or "
+                    "build the model with that image_size."
+                )
+                raise ValueError(msg)
+            if not bool(torch.isfinite(images).all()):
+                msg = "DADF: the input images contain NaN or inf; check the images and the pre-processing."
+                raise ValueError(msg)
+        return self.feature_extractor(images)
+
+    def reconstruct(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Dual-attention transformer: per-scale token predictions ``(X̂_s, M̂_s)``, each ``(B, L, p_s²·C_s)``."""
+        if not self.has_reconstruction:
+            msg = 'flow_input="features" builds no reconstruction transformer.'
+            raise RuntimeError(msg)
+        x = self.pos_embed(self.patch_embed(list(features)))
+        memory = None
+        if self.memory is not None:
+            memory = self.pos_embed(self.memory.expand(x.shape[0], -1, -1))
+        for block in self.blocks:
+            x, memory = block(x, memory)
+        x = self.norm(x)
+        self_tokens = [head.project(x) for head in self.heads]
+        if memory is None:
+            return self_tokens, None
+        memory = self.norm(memory)
+        return self_tokens, [head.project(memory) for head in self.heads]
+
+    def reconstruction_outputs(self, images: torch.Tensor) -> DADFReconstruction:
+        """Stage-1 forward: token predictions of both streams and the patchified targets."""
+        features = self.extract(images)
+        self_tokens, memory_tokens = self.reconstruct(features)
+        targets = [patchify(f, p) for f, p in zip(features, self.patch_sizes, strict=True)]
+        return DADFReconstruction(self_tokens, memory_tokens, targets)
+
+    def reconstruction_maps(
+        self, features: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """``X̂_s`` and ``M̂_s`` as maps ``(B, C_s, H_s, W_s)``."""
+        self_tokens, memory_tokens = self.reconstruct(features)
+        x_maps = [head.to_map(t, self.grid_size) for head, t in zip(self.heads, self_tokens, strict=True)]
+        if memory_tokens is None:
+            return x_maps, None
+        return x_maps, [head.to_map(t, self.grid_size) for head, t in zip(self.heads, memory_tokens, strict=True)]
+
+    def flow_inputs(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``LayerNorm(concat[f_s, X̂_s, M̂_s])`` per scale (``[f_s, X̂_s]`` without memory; ``f_s`` for features).
+
+        The transformer runs without gradients: the flows never train it (stage 2 freezes it).
+        """
+        if not self.has_reconstruction:
+            stacked = list(features)
+        else:
+            with torch.no_grad():
+                x_maps, m_maps = self.reconstruction_maps(features)
+            parts = [x_maps] if m_maps is None else [x_maps, m_maps]
+            stacked = [torch.cat([f, *(p[i] for p in parts)], dim=1) for i, f in enumerate(features)]
+        return [norm(z) for norm, z in zip(self.flow_norms, stacked, strict=True)]
+
+    def flow_outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Stage-2 forward: per-scale latents ``z_s`` and ``log|det J_s|``."""
+        hidden, log_jacobians = [], []
+        for flow, z in zip(self.flows, self.flow_inputs(self.extract(images)), strict=True):
+            out, log_jac = flow(z)
+            hidden.append(out)
+            log_jacobians.append(log_jac)
+        return hidden, log_jacobians
+
+    def anomaly_map(self, hidden_variables: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``mean_s upsample(−exp(1 − ½·mean_c z_s²))`` ``(B, 1, H, W)``: FastFlow's map times ``e``."""
+        return math.e * self.anomaly_map_generator(list(hidden_variables))
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Inference: backbone → transformer (both streams) → flows → ``InferenceBatch(pred_score, anomaly_map)``.
+
+        Training uses :meth:`reconstruction_outputs` (stage 1) and :meth:`flow_outputs` (stage 2) instead.
+        """
+        hidden, _ = self.flow_outputs(images)
+        anomaly_map = self.anomaly_map(hidden)
+        pred_score = torch.amax(anomaly_map, dim=(1, 2, 3))
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
