@@ -1,0 +1,328 @@
+"""GLCF: Learning Global-Local Correspondence with Semantic Bottleneck for Logical Anomaly Detection.
+
+Paper: H. Yao et al., arXiv 2303.05768. Reference code: github.com/hmyao22/GLCF (MIT), read for understanding only.
+
+A frozen CNN teacher, a ViT bottleneck whose patch tokens carry the local latent and whose one semantic token
+carries a global latent, and three reverse-distillation decoders: the local branch (teacher vs local estimate)
+catches structural defects, the global branch (global features vs their estimate from the local latent) catches
+logical ones (missing, extra or misplaced parts). After training, the cosine maps are standardised with statistics
+fitted on normal images, weighted over scales and fused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torch.utils.data import DataLoader
+
+from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
+from anomalib_recon.components.weights import CheckpointBackboneMixin
+
+from .loss import GLCFLoss
+from .torch_model import GLCFModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GLCF"]
+
+DEFAULT_IMAGE_SIZE = (224, 224)
+STATS_SPLITS = ("auto", "train", "val")
+
+
+def _all_normal(dataset: Any) -> bool:
+    """Whether an anomalib dataset holds only normal images (label 0); False when that cannot be told."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None or len(samples) == 0 or "label_index" not in getattr(samples, "columns", []):
+        return False
+    return bool((samples["label_index"] == 0).all())
+
+
+class GLCF(CheckpointBackboneMixin, AnomalibModule):
+    """GLCF (arXiv 2303.05768): global-local correspondence with a semantic bottleneck.
+
+    ``load_from_checkpoint`` restores the teacher and the fitted map statistics from the checkpoint alone.
+
+    Args:
+        backbone: Teacher (timm CNN); ``wide_resnet50_2.tv_in1k`` (torchvision weights) as the reference.
+        layers: Four teacher layers at strides 4, 8, 16, 32 (``None``: ``layer1``-``layer4`` for ResNets,
+            ``blocks.1, blocks.2, blocks.4, blocks.6`` for EfficientNet-Lite).
+        weights: ``"imagenet"`` (offline-aware), a local weights file, or ``None``.
+        image_size: Input size of the default pre-processor (``None`` = 224, the reference's 256 → 224); a multiple
+            of 32. Ignored when a pre-processor is passed (its Resize gives the size).
+        embed_dim, depth, num_heads: DPTV encoder (480, 6, 12).
+        decoder_embed_dim, decoder_depth, decoder_num_heads: DPTV latent decoders (480, 6, 16).
+        mlp_ratio: Block MLP ratio (4).
+        legacy_double_residual: The reference's extra outer residual ``x ← Block(x) + x`` (True).
+        fuse_patch_scales: Sum the three patch embeddings (True); False = deepest scale only (released v3 code).
+        decoder: ``"auto"``: anomalib's reverse-distillation decoder for ResNet teachers, a generic RD-style decoder
+            (:class:`~.torch_model.ChannelMirrorDecoder`, **INFERRED**) otherwise; or ``"resnet"`` / ``"generic"``.
+        decoder_blocks: Blocks per stage of the generic decoder (2, **INFERRED**).
+        train_teacher: ``True`` = optimise the teacher as well, in train mode, as the released code does;
+            ``False`` (default) = frozen teacher in eval mode.
+        scale_weights: Weights of the standardised scale maps k = 1..3, both branches ((1, 3, 6), ``measure.py``).
+        branch_weights: ``(w_L, w_G)`` of ``final = w_L·local + w_G·global`` ((1, 1), **INFERRED**).
+        branch: ``"both"`` (default), ``"local"`` or ``"global"``: which branch scores (the key ablation).
+        score_reducer: ``"max"`` (default, **INFERRED**) or ``"std"`` of the fused map (``measure.py``).
+        blur_sigma: Optional Gaussian σ per upsampled map (the reference's is commented out; σ = 4 if used).
+        stats_split: Normal images for the map statistics: ``"auto"`` (the datamodule's validation split when it
+            holds only normal images, else the training set), ``"train"`` or ``"val"``.
+        lr: AdamW learning rate (1e-4).
+        betas: AdamW betas ((0.9, 0.95)).
+        weight_decay: AdamW weight decay (0.01, PyTorch's default that the reference ends up with).
+        lr_decay_epoch: Epoch from which the learning rate is multiplied by ``lr_decay_factor`` (300 of 501).
+        lr_decay_factor: Step-decay factor (0.1).
+        pre_processor: Pre-processor, or ``True`` for Resize(224) + ImageNet Normalize.
+        post_processor: Post-processor or flag.
+        evaluator: Evaluator or flag.
+        visualizer: Visualizer or flag.
+
+    Example:
+        >>> from anomalib.engine import Engine
+        >>> model = GLCF()                                                 # reference settings
+        >>> Engine(max_epochs=501).fit(model, datamodule=datamodule)       # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2.tv_in1k",
+        layers: list[int | str] | None = None,
+        weights: str | None = "imagenet",
+        image_size: int | tuple[int, int] | None = None,
+        embed_dim: int = 480,
+        depth: int = 6,
+        num_heads: int = 12,
+        decoder_embed_dim: int = 480,
+        decoder_depth: int = 6,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        legacy_double_residual: bool = True,
+        fuse_patch_scales: bool = True,
+        decoder: str = "auto",
+        decoder_blocks: int = 2,
+        train_teacher: bool = False,
+        scale_weights: tuple[float, float, float] = (1.0, 3.0, 6.0),
+        branch_weights: tuple[float, float] = (1.0, 1.0),
+        branch: str = "both",
+        score_reducer: str = "max",
+        blur_sigma: float | None = None,
+        stats_split: str = "auto",
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.01,
+        lr_decay_epoch: int = 300,
+        lr_decay_factor: float = 0.1,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if image_size is not None and pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size=as_image_size(image_size))
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if lr <= 0 or weight_decay < 0 or len(betas) != 2:
+            msg = f"need lr > 0, weight_decay >= 0 and two betas; got {lr}, {weight_decay}, {betas}."
+            raise ValueError(msg)
+        if lr_decay_epoch < 1 or not 0 < lr_decay_factor <= 1:
+            msg = f"need lr_decay_epoch >= 1 and 0 < lr_decay_factor <= 1; got {lr_decay_epoch}, {lr_decay_factor}."
+            raise ValueError(msg)
+        if stats_split not in STATS_SPLITS:
+            msg = f"stats_split must be one of {STATS_SPLITS}, got {stats_split!r}."
+            raise ValueError(msg)
+        input_size = self.input_size
+        if input_size is None:
+            logger.warning("GLCF: no Resize in the pre-processor; building for %s inputs.", DEFAULT_IMAGE_SIZE)
+            input_size = DEFAULT_IMAGE_SIZE
+        self.lr = float(lr)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.weight_decay = float(weight_decay)
+        self.lr_decay_epoch = int(lr_decay_epoch)
+        self.lr_decay_factor = float(lr_decay_factor)
+        self.stats_split = stats_split
+        self._stats_stale = False
+
+        self.model = GLCFModel(
+            backbone=backbone,
+            layers=layers,
+            weights=weights,
+            input_size=(int(input_size[0]), int(input_size[1])),
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            decoder_embed_dim=decoder_embed_dim,
+            decoder_depth=decoder_depth,
+            decoder_num_heads=decoder_num_heads,
+            mlp_ratio=mlp_ratio,
+            legacy_double_residual=legacy_double_residual,
+            fuse_patch_scales=fuse_patch_scales,
+            decoder=decoder,
+            decoder_blocks=decoder_blocks,
+            train_teacher=train_teacher,
+            scale_weights=scale_weights,
+            branch_weights=branch_weights,
+            branch=branch,
+            score_reducer=score_reducer,
+            blur_sigma=blur_sigma,
+        )
+        self.loss = GLCFLoss()
+
+    # ------------------------------------------------------------------------------------------------ configuration
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize to ``image_size`` (224×224) and normalise with ImageNet statistics; no augmentation."""
+        return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation (the map statistics do not exist before training); epochs are left to the user."""
+        return {"num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Trained on normal images only."""
+        return LearningType.ONE_CLASS
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW on the trainable parts (the teacher too when ``train_teacher``), ×``lr_decay_factor`` at an epoch."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=[self.lr_decay_epoch], gamma=self.lr_decay_factor
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the pre-processor, then re-target the position caches to its input size."""
+        super().on_load_checkpoint(checkpoint)
+        if self.input_size is not None:
+            self.model.set_input_size(tuple(self.input_size))
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Three global-cosine correspondence terms on a normal batch; returns the total."""
+        del args, kwargs
+        out = self.model(batch.image)
+        losses = self.loss(out.teacher, out.local, out.global_features, out.global_estimates)
+        self._stats_stale = True
+        size = int(batch.image.shape[0])
+        self.log("train_loss", losses["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        for name in ("local_local", "local_global", "global_global"):
+            self.log(f"train_{name}", losses[name], on_step=False, on_epoch=True, batch_size=size)
+        return {"loss": losses["loss"]}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Fused, standardised map → ``pred_score`` and ``anomaly_map``."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    # ------------------------------------------------------------------------------------------------ statistics
+    def on_validation_start(self) -> None:
+        """Refit the map statistics when the weights changed since the last fit (validation inside ``fit``)."""
+        if self._stats_stale:
+            self.fit_statistics()
+
+    def on_train_end(self) -> None:
+        """Fit the map statistics after the last training step, unless a validation already did with these weights."""
+        if self._stats_stale:
+            self.fit_statistics()
+
+    def _statistics_source(self) -> tuple[Iterable, str]:
+        """Normal images for the statistics: the datamodule's normal-only validation split or its training set."""
+        trainer = getattr(self, "_trainer", None)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is not None:
+            val = getattr(datamodule, "val_data", None)
+            if self.stats_split in ("auto", "val") and val is not None and _all_normal(val):
+                return self._loader(datamodule, val), "validation"
+            if self.stats_split == "val":
+                msg = (
+                    "stats_split='val' but the datamodule's validation split is missing or holds anomalous images; "
+                    "use stats_split='train' or a datamodule with a normal-only validation split (e.g. MVTec LOCO)."
+                )
+                raise ValueError(msg)
+            train = getattr(datamodule, "train_data", None)
+            if train is not None:
+                return self._loader(datamodule, train), "training"
+        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
+        if loader is None:
+            msg = (
+                "GLCF: no normal images to fit the map statistics on; call fit_statistics(dataloader) with a loader "
+                "of normal images, or train with Engine.fit(model, datamodule=...)."
+            )
+            raise ValueError(msg)
+        return loader, "training"
+
+    @staticmethod
+    def _loader(datamodule: Any, dataset: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=int(getattr(datamodule, "eval_batch_size", 8)),
+            shuffle=False,
+            num_workers=int(getattr(datamodule, "num_workers", 0)),
+            collate_fn=getattr(datamodule, "external_collate_fn", None) or dataset.collate_fn,
+        )
+
+    def _prepare(self, batch: Any) -> torch.Tensor:
+        images = batch if isinstance(batch, torch.Tensor) else batch.image
+        images = images.to(self.device)
+        transform = getattr(self.pre_processor, "transform", None)
+        return transform(images) if transform is not None else images
+
+    def fit_statistics(self, dataloader: Iterable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fit ``(μ, σ)`` per (branch, scale) on normal images and store them as buffers.
+
+        Args:
+            dataloader: Batches of *raw* normal images (anomalib batches or tensors; the pre-processor's transform
+                is applied here, as the Lightning loops do). ``None``: the source chosen by ``stats_split`` from the
+                trainer's datamodule (called automatically during ``Engine.fit``).
+        """
+        source = "given"
+        if dataloader is None:
+            dataloader, source = self._statistics_source()
+        with torch.inference_mode(False), torch.no_grad():
+            mean, std = self.model.fit_statistics(self._prepare(batch) for batch in dataloader)
+        self._stats_stale = False
+        logger.info(
+            "GLCF: map statistics fitted on the %s images: mean %s, std %s", source, mean.tolist(), std.tolist()
+        )
+        return mean, std
+
+    # ------------------------------------------------------------------------------------------------ export
+    def to_torch(self, *args, **kwargs) -> Path:
+        """anomalib's export, refused while the map statistics are unfitted (the graph would carry μ=0, σ=1)."""
+        self.model.require_statistics()
+        return super().to_torch(*args, **kwargs)
+
+    def to_onnx(self, *args, **kwargs) -> Path:
+        """anomalib's ONNX export of the full path, including the fitted statistics (refused if unfitted)."""
+        self.model.require_statistics()
+        return super().to_onnx(*args, **kwargs)
+
+    def to_openvino(self, *args, **kwargs) -> Path:
+        """anomalib's OpenVINO export (via ONNX), refused while the statistics are unfitted."""
+        self.model.require_statistics()
+        return super().to_openvino(*args, **kwargs)
+
+    @property
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable and frozen parameter counts."""
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return {"trainable": trainable, "frozen": total - trainable, "total": total}
