@@ -16,6 +16,8 @@ import torch
 from anomalib.data import InferenceBatch
 from PIL import Image
 
+from anomalib_recon.components.neighborhood_attention import NeighborhoodAttention2D
+from anomalib_recon.components.preprocessing import resize_pre_processor
 from anomalib_recon.models.image.nafrad import NAFRAD
 from anomalib_recon.models.image.nafrad.loss import NAFRADLoss, downsample_mask
 from anomalib_recon.models.image.nafrad.torch_model import (
@@ -170,35 +172,199 @@ def test_bgr_flip_happens_inside_the_model(small_model):
 
 
 # -------------------------------------------------------------------------------------------------- forward / loss
+def _batch(images: torch.Tensor):
+    from anomalib.data import ImageBatch
+
+    return ImageBatch(image=images)
+
+
+def _asymmetric_images(n: int = 2, size: int = 256) -> torch.Tensor:
+    """Images whose every rotation is visibly different (a ramp plus a bright off-centre block)."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    base = 0.2 + 0.5 * xx + 0.1 * yy
+    base[size // 8 : size // 3, size // 8 : size // 2] = 0.95
+    images = torch.stack([base, 0.8 * base, 0.6 * base])
+    return images.unsqueeze(0).repeat(n, 1, 1, 1).clamp(0, 1)
+
+
+class _Recorder:
+    """Records what the reconstructor receives and what the loss compares during one real training step."""
+
+    def __init__(self, module: NAFRAD) -> None:
+        self.module = module
+        self.synthesized = None
+        self.model_inputs = None
+        self.reconstructor_input = None
+        self.reconstructor_output = None
+        self.loss_args = None
+        synthesize = module.synthesize
+
+        def recording_synthesize(images):
+            self.synthesized = synthesize(images)
+            return self.synthesized
+
+        module.synthesize = recording_synthesize
+        self.handles = [
+            module.model.register_forward_pre_hook(lambda m, args: setattr(self, "model_inputs", args)),
+            module.model.reconstructor.register_forward_hook(self._reconstructor_hook),
+            module.loss.register_forward_pre_hook(lambda m, args: setattr(self, "loss_args", args)),
+        ]
+
+    def _reconstructor_hook(self, module, args, output) -> None:
+        self.reconstructor_input = args[0].detach()
+        self.reconstructor_output = output.detach()
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_training_step_reconstructs_normal_features_from_defective_ones(standardize):
+    """In a real training step, R gets the features of the *pseudo-anomalous* images and the MSE target is the
+    features of the *normal* images; the segmentation target is the synthetic mask."""
+    module = _small_module(anomaly_probability=1.0, rotation_probability=0.0, standardize_features=standardize)
+    images = textures(2, seed=4)
+    if standardize:
+        module.fit_feature_statistics([_batch(textures(2, seed=8))])
+    rec = _Recorder(module)
+    module.train()
+    torch.manual_seed(3)
+    loss = module.training_step(_batch(images))["loss"]
+    assert torch.isfinite(loss)
+    normal, augmented, mask = rec.synthesized
+    assert mask.sum() > 0
+    module.eval()  # drop path off; the features do not depend on the mode
+    with torch.no_grad():
+        f_normal, f_augmented = module.model.get_features(normal), module.model.get_features(augmented)
+    gap = (f_normal - f_augmented).abs().amax()
+    assert gap > 0.05  # the synthetic defects change the features
+    torch.testing.assert_close(rec.reconstructor_input, f_augmented, atol=1e-5, rtol=1e-4)
+    reconstruction, target, prediction, loss_mask = rec.loss_args
+    torch.testing.assert_close(reconstruction.detach(), rec.reconstructor_output)
+    torch.testing.assert_close(target, f_normal, atol=1e-5, rtol=1e-4)
+    assert (target - f_augmented).abs().amax() > 0.5 * gap
+    torch.testing.assert_close(loss_mask, mask)
+    assert prediction.shape == (2, 1, 64, 64)
+
+
+def test_training_rotates_normal_images_and_testing_perturbs_nothing():
+    """Training rotates the normal images (table range for the category) before the synthesis; validation feeds
+    the batch to the model untouched and is deterministic."""
+    images = _asymmetric_images()
+    module = _small_module(rotation_degrees=(90.0, 90.0), rotation_probability=1.0, anomaly_probability=0.0)
+    rec = _Recorder(module)
+    module.train()
+    module.training_step(_batch(images.clone()))
+    normal, augmented = rec.model_inputs
+    rotated = torch.rot90(images, 1, dims=(-2, -1))  # +90° is counter-clockwise
+    torch.testing.assert_close(normal[..., 2:-2, 2:-2], rotated[..., 2:-2, 2:-2], atol=1e-4, rtol=0)
+    assert torch.equal(augmented, normal)  # anomaly_probability=0: no defect, empty mask
+    assert rec.synthesized[2].sum() == 0
+
+    # The reference's table: ±90° for grid, none for capsule (rotation_probability=1 to make it visible).
+    torch.manual_seed(0)
+    grid = _small_module(category="grid", rotation_probability=1.0, anomaly_probability=0.0)
+    assert (grid.synthesize(images)[0] - images).abs().amax() > 0.3
+    capsule = _small_module(category="capsule", rotation_probability=1.0, anomaly_probability=0.0)
+    assert torch.equal(capsule.synthesize(images)[0], images)
+
+    module.eval()
+    rec.model_inputs = None
+    batch = _batch(images.clone())
+    with torch.no_grad():
+        first = module.validation_step(batch)
+        (seen,) = rec.model_inputs
+        second = module.validation_step(_batch(images.clone()))
+    assert torch.equal(seen, images)
+    assert torch.equal(first.pred_score, second.pred_score)
+    assert torch.equal(first.anomaly_map, second.anomaly_map)
+
+
+def test_datamodule_category_sets_the_rotation_range():
+    module = _small_module()
+    assert module.rotation_degrees == (0.0, 0.0)
+    module.follow_datamodule_category("screw")
+    assert module.rotation_degrees == (-90.0, 90.0)
+    module = _small_module()
+    module.follow_datamodule_category("pill")
+    assert module.rotation_degrees == (0.0, 0.0)
+    explicit = _small_module(rotation_degrees=10.0)
+    explicit.follow_datamodule_category("screw")
+    assert explicit.rotation_degrees == (-10.0, 10.0)
+
+
+def test_every_na_block_attends_and_shapes_the_reconstruction():
+    """Each of the 32 NA layers of R runs once per forward and its output changes F̂ (zeroing it, one at a time)."""
+    ae = NAAutoencoder(8, base_channels=32, latent_channels=32).eval()
+    attentions = [m for m in ae.modules() if isinstance(m, NeighborhoodAttention2D)]
+    assert len(attentions) == 32  # 16 encoder + 16 decoder NSABlocks
+    calls = dict.fromkeys(map(id, attentions), 0)
+    handles = [a.register_forward_hook(lambda m, i, o: calls.__setitem__(id(m), calls[id(m)] + 1)) for a in attentions]
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 64, 64)
+    with torch.no_grad():
+        reference = ae(x)
+    assert set(calls.values()) == {1}
+    for h in handles:
+        h.remove()
+    for attention in attentions:
+        handle = attention.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+        with torch.no_grad():
+            changed = (ae(x) - reference).abs().amax()
+        handle.remove()
+        assert changed > 1e-4, attention
+
+
+def test_na_blocks_attend_within_their_kernel():
+    """g_a1's attention (kernel 7 on the 32×32 stage): a token change reaches only queries whose clamped 7×7
+    window holds it (rows 17-23 for a token in row 20; rows <= 16 are untouched)."""
+    ae = NAAutoencoder(8, base_channels=32, latent_channels=32).eval()
+    attention = ae.g_a1.blocks[0].attn
+    x = torch.randn(1, 32, 32, 32)
+    y = x.clone()
+    y[0, 20, 20] += 5.0
+    with torch.no_grad():
+        diff = (attention(y) - attention(x)).abs().amax(dim=(0, 3))  # (rows, cols)
+    assert diff[:17].max() == 0 and diff[24:].max() == 0
+    assert diff[17:24, 17:24].min() > 0 and diff[17:24, :17].max() == 0
+
+
+def test_loss_compares_reconstruction_with_target_and_prediction_with_mask():
+    """MSE(F̂, F_n) + focal(γ=4) + L1 checked against brute force; a perfect prediction costs ~0."""
+    torch.manual_seed(0)
+    rec, tgt = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8)
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, 8:20, 4:16] = 1
+    small = downsample_mask(mask, (8, 8))
+    p = torch.rand(2, 1, 8, 8).clamp(0.05, 0.95)
+    losses = NAFRADLoss()(rec, tgt, p, mask)
+    p_t = torch.where(small == 1, p, 1 - p)
+    focal = (-torch.log(p_t) * (1 - p_t) ** 4).mean()
+    torch.testing.assert_close(losses["reconstruction"], ((rec - tgt) ** 2).mean())
+    torch.testing.assert_close(losses["focal"], focal)
+    torch.testing.assert_close(losses["l1"], (p - small).abs().mean())
+    perfect = NAFRADLoss()(tgt, tgt, small, mask)
+    assert perfect["loss"] < 1e-4
+    inverted = NAFRADLoss()(tgt, tgt, 1 - small, mask)
+    assert inverted["focal"] > 1 and inverted["l1"] == 1
+
+
 def test_train_and_eval_outputs(small_model):
     x = torch.rand(2, 3, 256, 256)
-    augmented = x.clone()
-    augmented[:, :, 64:128, 64:128] = 1.0
     small_model.train()
-    out = small_model(x, augmented)
+    out = small_model(x, x.clone())
     assert isinstance(out, NAFRADTrainOutput)
     c = small_model.in_channels
     assert out.normal_features.shape == out.augmented_features.shape == out.reconstruction.shape == (2, c, 64, 64)
     assert out.prediction.shape == (2, 1, 64, 64)
-    assert not torch.equal(out.normal_features, out.augmented_features)
-    mask = torch.zeros(2, 1, 256, 256)
-    mask[:, :, 64:128, 64:128] = 1
-    losses = NAFRADLoss()(out.reconstruction, out.normal_features, out.prediction, mask)
-    assert losses["loss"].ndim == 0 and torch.isfinite(losses["loss"])
-    torch.testing.assert_close(losses["loss"], losses["reconstruction"] + losses["focal"] + losses["l1"])
-    losses["loss"].backward()
-    assert small_model.reconstructor.g_a0.weight.grad is not None
-    assert all(p.grad is None for p in small_model.feature_extractor.parameters())
-
     small_model.eval()
     with torch.no_grad():
         pred = small_model(x)
     assert isinstance(pred, InferenceBatch)
     assert pred.pred_score.shape == (2,) and pred.anomaly_map.shape == (2, 1, 256, 256)
-    assert pred.pred_score.dtype == pred.anomaly_map.dtype == torch.float32
-    assert pred.anomaly_map.min() >= 0 and pred.anomaly_map.max() <= 1
-    pooled = torch.nn.functional.avg_pool2d(pred.anomaly_map, 32, stride=1, padding=16)
-    torch.testing.assert_close(pred.pred_score, pooled.flatten(1).amax(1))
+    # the map is P upsampled from the feature grid
+    with torch.no_grad():
+        features = small_model.get_features(x)
+        p = small_model.segment(small_model.reconstructor(features), features)
+    pooled = torch.nn.functional.avg_pool2d(pred.anomaly_map, 4)
+    torch.testing.assert_close(pooled[..., 1:-1, 1:-1], p[..., 1:-1, 1:-1], atol=2e-3, rtol=0)
 
 
 def test_segmentation_gradients_reach_the_autoencoder(small_model):
@@ -266,6 +432,30 @@ def test_synthesis_keeps_normals_and_marks_anomalies():
     assert torch.equal(normal, images) and torch.equal(augmented, images) and mask.sum() == 0
 
 
+def test_skimage_textures_fill_the_synthetic_defects():
+    """anomaly_source_path="skimage": every defect is cut from one of scikit-image's bundled photographs (read from
+    the installed wheel, nothing downloaded) and blended inside the mask only."""
+    pytest.importorskip("skimage")
+    module = _small_module(anomaly_source_path="skimage", anomaly_probability=1.0, rotation_probability=0.0)
+    sources = []
+    generate = module.augmenter.generate_perturbation
+
+    def recording(height, width, device=None, anomaly_source_path=None):
+        sources.append(anomaly_source_path)
+        return generate(height, width, device, anomaly_source_path)
+
+    module.augmenter.generate_perturbation = recording
+    images = torch.full((2, 3, 256, 256), 0.5)
+    torch.manual_seed(0)
+    _, augmented, mask = module.synthesize(images)
+    assert sources and {Path(p).stem for p in sources} <= {"brick", "grass", "gravel"}
+    assert all(Path(p).is_file() for p in sources)
+    assert mask.sum() > 0
+    outside = mask.expand_as(augmented) == 0
+    assert augmented[~outside].std() > 0.02  # texture detail, not a flat fill
+    torch.testing.assert_close(augmented[outside], images[outside])
+
+
 # --------------------------------------------------------------------------------------------------- bad input
 def test_clear_errors_on_bad_input(small_model):
     small_model.eval()
@@ -287,6 +477,25 @@ def test_clear_errors_on_bad_input(small_model):
         _small_module(rotation_degrees=(10.0, -10.0))
     with pytest.raises(ValueError, match="Unknown timm backbone"):
         NAFRADModel("not_a_backbone", weights=None)
+
+
+def test_input_size_it_cannot_take_fails_at_construction():
+    """The grid (input / feature stride) is halved 6 times and doubled back: inputs must be multiples of
+    stride × 64. A wrong image_size or pre-processor Resize fails when the model is built, naming image_size."""
+    for kwargs in (
+        {"image_size": 200},
+        {"image_size": (256, 320)},
+        {"pre_processor": resize_pre_processor((128, 128))},
+    ):
+        with pytest.raises(ValueError, match=r"image_size=.*multiples of 256 \(256, 512, 768, ...\)"):
+            _small_module(**kwargs)
+    assert _small_module(image_size=(256, 512)).model.input_size_divisor == 256
+    # Stride-8 layers: the constraint doubles, derived from the backbone's reductions.
+    with pytest.raises(ValueError, match=r"multiples of 512"):
+        _small_model(layers=[2, 3], image_size=(256, 256))
+    stride8 = _small_model(layers=[2, 3], image_size=(512, 512)).eval()
+    with torch.no_grad():
+        assert stride8(torch.rand(1, 3, 512, 512)).anomaly_map.shape == (1, 1, 512, 512)
 
 
 # ------------------------------------------------------------------------------------------------------ learning
@@ -327,10 +536,8 @@ def test_synthetic_anomalies_score_higher_inside_the_mask():
     [optimizer], _ = module.configure_optimizers()
     torch.manual_seed(0)
     module.train()
-    for _ in range(30):
-        normal, augmented, mask = module.synthesize(data[torch.randint(0, 16, (4,))])
-        out = module.model(normal, augmented)
-        loss = module.loss(out.reconstruction, out.normal_features, out.prediction, mask)["loss"]
+    for _ in range(30):  # the Lightning training_step, as the Engine runs it
+        loss = module.training_step(_batch(data[torch.randint(0, 16, (4,))]))["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -350,7 +557,9 @@ def test_onnx_and_openvino_export_match_torch(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     onnx = pytest.importorskip("onnx")
-    module = _small_module(post_processor=False).eval()
+    module = _small_module(post_processor=False, standardize_features=True).eval()
+    module.fit_feature_statistics([_batch(textures(2, seed=6))])
+    assert module.model.feature_std.std() > 0.01  # non-trivial statistics that the graph must carry
     x = torch.rand(2, 3, 256, 256)
     with torch.no_grad():
         expected = module(x)
@@ -371,43 +580,34 @@ def test_onnx_and_openvino_export_match_torch(tmp_path):
     np.testing.assert_allclose(ov_results["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
 
 
-def _write_folder(root: Path) -> None:
-    images = (textures(6, seed=3).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
-    for sub in ("train/good", "test/good", "test/defect", "ground_truth/defect"):
-        (root / sub).mkdir(parents=True)
-    for i in range(2):
-        Image.fromarray(images[i]).save(root / "train/good" / f"{i:03d}.png")
-    Image.fromarray(images[2]).save(root / "test/good/000.png")
-    for i in range(2):
-        img, mask = images[3 + i].copy(), np.zeros((256, 256), np.uint8)
-        img[40:90, 100:160] = 255
-        mask[40:90, 100:160] = 255
-        Image.fromarray(img).save(root / "test/defect" / f"{i:03d}.png")
-        Image.fromarray(mask).save(root / "ground_truth/defect" / f"{i:03d}_mask.png")
-
-
+@pytest.mark.slow
 def test_checkpoint_round_trip_with_safe_loader(tmp_path):
-    from anomalib.data import Folder
-    from anomalib.engine import Engine
+    """Fit through the Engine with standardize_features: the statistics are the per-channel mean/std of the
+    training features, measured at fit start, and the safe-loaded checkpoint carries them."""
+    from tests.conftest import cpu_engine, folder_datamodule, write_textured_category
 
-    _write_folder(tmp_path / "data")
-    datamodule = Folder(
-        name="tiny",
-        root=tmp_path / "data",
-        normal_dir="train/good",
-        abnormal_dir="test/defect",
-        normal_test_dir="test/good",
-        mask_dir="ground_truth/defect",
-        train_batch_size=2,
-        eval_batch_size=2,
-        num_workers=0,
-    )
-    model = NAFRAD(backbone=LITE0, weights=None, visualizer=False, **SMALL)
-    engine = Engine(max_steps=2, default_root_dir=tmp_path / "results", logger=False, accelerator="cpu")
+    root = write_textured_category(tmp_path / "data", size=256, n_train=3, n_good=1, n_defect=2, defect=40)
+    datamodule = folder_datamodule(root, batch_size=2)
+    torch.manual_seed(0)
+    model = NAFRAD(backbone=LITE0, weights=None, visualizer=False, standardize_features=True, **SMALL)
+    engine = cpu_engine(tmp_path / "results", max_steps=2)
     engine.fit(model, datamodule=datamodule)
+    files = sorted((root / "train" / "good").glob("*.png"))
+    raw = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), np.float32) / 255) for f in files])
+    with torch.no_grad():
+        features = model.model.get_features(raw.permute(0, 3, 1, 2), standardize=False).double()
+    assert int(model.model.feature_stats_count) == 3
+    torch.testing.assert_close(
+        model.model.feature_mean.flatten().double(), features.mean((0, 2, 3)), atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        model.model.feature_std.flatten().double(), features.std((0, 2, 3), correction=0), atol=1e-4, rtol=1e-3
+    )
     ckpt = next((tmp_path / "results").rglob("*.ckpt"))
-    loaded = NAFRAD.load_from_checkpoint(ckpt)
+    loaded = NAFRAD.load_from_checkpoint(ckpt, weights_only=True)
     assert loaded.hparams["backbone"] == LITE0 and loaded.hparams["base_channels"] == 32
+    assert loaded.model.feature_statistics_fitted
+    torch.testing.assert_close(loaded.model.feature_std, model.model.feature_std)
     model.eval()
     loaded.eval()
     x = torch.rand(1, 3, 256, 256)

@@ -11,7 +11,7 @@ U-Net segments the squared reconstruction residual into the anomaly map.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,31 @@ from .torch_model import NAFRADModel, resolve_backbone, rotation_range
 
 logger = logging.getLogger(__name__)
 
+SKIMAGE_TEXTURES = ("brick", "grass", "gravel")
+"""Real texture photographs (512×512 grayscale PNG) inside scikit-image's wheel, used by
+``anomaly_source_path="skimage"``."""
+
+
+def skimage_texture_paths() -> list[Path]:
+    """Paths of scikit-image's bundled brick, grass and gravel textures (no download).
+
+    **INFERRED** offline stand-in for DTD: the reference blends DTD textures; without DTD, Perlin noise alone is the
+    texture, which the segmentation head learns to spot but which transfers poorly to real defects.
+    """
+    try:
+        import skimage.data
+    except ImportError as err:
+        msg = "anomaly_source_path='skimage' needs scikit-image: pip install scikit-image."
+        raise ValueError(msg) from err
+    folder = Path(skimage.data.__file__).parent
+    paths = [folder / f"{name}.png" for name in SKIMAGE_TEXTURES]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        msg = f"anomaly_source_path='skimage': this scikit-image has no bundled textures {missing}."
+        raise ValueError(msg)
+    return paths
+
+
 __all__ = ["NAFRAD"]
 
 
@@ -50,7 +75,8 @@ class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
         weights: ``"imagenet"`` (pretrained, offline-aware), a local weights file, or ``None`` (random init).
         category: MVTec AD category name for ``backbone="auto"`` and the rotation range table.
         image_size: Input size of the default pre-processor (and Swin's fixed input size). Height and width must be
-            multiples of 64 × the feature stride (256 for the reference layers).
+            multiples of 64 × the feature stride (256, 512, 768, ... for the reference layers); any other size raises
+            a ``ValueError`` here, at construction. A given ``pre_processor`` with a Resize sets the size instead.
         include_image_in_features: Prepend the resized image (3 channels) to the features, as the reference does.
         normalize_input: ``False`` (reference): the pre-processor only resizes, images stay in [0, 1]. ``True``:
             ImageNet normalisation in the pre-processor.
@@ -65,8 +91,14 @@ class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
         drop_path_rate: Maximum stochastic depth of the autoencoder (0.1).
         seg_base_width: Base width of the DRAEM discriminative U-Net (64).
         na_backend: Neighborhood-attention backend: ``"auto"``, ``"natten"``, ``"flex"`` or ``"pure"``.
-        anomaly_source_path: Folder of texture images (e.g. DTD) for the synthetic anomalies; ``None`` = Perlin-noise
-            textures (nothing is downloaded).
+        standardize_features: Standardise each channel of the aggregated features ``F`` (input of ``R``, its target
+            and the input of ``S``) with a mean/std measured once on the training images when fitting starts, stored
+            in the checkpoint and the exported graph. **INFERRED** (not in the reference); see the README for the
+            measured effect.
+        feature_stats_max_images: At most this many training images (whole batches) are used for those statistics.
+        anomaly_source_path: Folder of texture images (e.g. DTD) for the synthetic anomalies; ``"skimage"`` = the
+            brick, grass and gravel photographs shipped in scikit-image's wheel (offline, needs ``scikit-image``);
+            ``None`` = Perlin-noise textures (nothing is downloaded).
         anomaly_probability: Probability that a training image gets a synthetic anomaly (0.5).
         rotation_probability: Probability of rotating a normal training image before the synthesis (0.3).
         rotation_degrees: Rotation range ``(min, max)`` or ``±value``; ``None`` = the reference's table for
@@ -107,6 +139,8 @@ class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
         drop_path_rate: float = 0.1,
         seg_base_width: int = 64,
         na_backend: str = "auto",
+        standardize_features: bool = False,
+        feature_stats_max_images: int = 256,
         anomaly_source_path: str | None = None,
         anomaly_probability: float = 0.5,
         rotation_probability: float = 0.3,
@@ -138,10 +172,11 @@ class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
             if not 0.0 <= value <= 1.0:
                 msg = f"{name} must be in [0, 1], got {value}."
                 raise ValueError(msg)
-        if anomaly_source_path is not None and not Path(anomaly_source_path).is_dir():
+        texture_paths = skimage_texture_paths() if anomaly_source_path == "skimage" else None
+        if anomaly_source_path is not None and texture_paths is None and not Path(anomaly_source_path).is_dir():
             msg = (
                 f"anomaly_source_path {anomaly_source_path!r} is not a folder; pass a folder of texture images "
-                "(e.g. DTD's images/) or None for Perlin-noise textures."
+                "(e.g. DTD's images/), 'skimage' for scikit-image's brick/grass/gravel, or None for Perlin noise."
             )
             raise ValueError(msg)
         if rotation_degrees is None:
@@ -153,6 +188,9 @@ class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
             if len(degrees) != 2 or degrees[0] > degrees[1]:
                 msg = f"rotation_degrees must be a number or (min, max) with min <= max, got {rotation_degrees!r}."
                 raise ValueError(msg)
+        if feature_stats_max_images < 1:
+            msg = f"feature_stats_max_images must be >= 1, got {feature_stats_max_images}."
+            raise ValueError(msg)
         if any(int(m) < 0 for m in lr_milestones):
             msg = f"lr_milestones must be non-negative epoch numbers, got {list(lr_milestones)}."
             raise ValueError(msg)
@@ -160,16 +198,22 @@ class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
         self.normalize_input = normalize_input
         self.rotation_probability = float(rotation_probability)
         self.rotation_degrees: tuple[float, float] = degrees  # type: ignore[assignment]
+        self.category = category
+        self._rotation_from_table = rotation_degrees is None
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.lr_milestones = sorted(int(m) for m in lr_milestones)
         self.lr_gamma = float(lr_gamma)
+        self.feature_stats_max_images = int(feature_stats_max_images)
 
+        # The input size comes from the pre-processor (its Resize); image_size only builds the default one.
+        input_size = self.input_size
+        input_size = (int(input_size[0]), int(input_size[1])) if input_size is not None else size
         self.model = NAFRADModel(
             backbone=resolve_backbone(backbone, category),
             layers=layers,
             weights=weights,
-            image_size=size,
+            image_size=input_size,  # raises a ValueError naming image_size and the accepted sizes
             include_image_in_features=include_image_in_features,
             channel_order=channel_order,
             use_neighborhood_attention=use_neighborhood_attention,
@@ -182,11 +226,16 @@ class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
             seg_base_width=seg_base_width,
             score_kernel_size=score_kernel_size,
             na_backend=na_backend,
+            standardize_features=standardize_features,
         )
         self.loss = NAFRADLoss(focal_gamma=focal_gamma)
         self.augmenter = PerlinAnomalyGenerator(
-            anomaly_source_path=anomaly_source_path, probability=anomaly_probability, blend_factor=(0.2, 1.0)
+            anomaly_source_path=None if texture_paths else anomaly_source_path,
+            probability=anomaly_probability,
+            blend_factor=(0.2, 1.0),
         )
+        if texture_paths:
+            self.augmenter.anomaly_source_paths = texture_paths
         if anomaly_source_path is not None and not self.augmenter.anomaly_source_paths:
             msg = f"anomaly_source_path {anomaly_source_path!r} contains no images."
             raise ValueError(msg)
@@ -219,6 +268,31 @@ class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
         return [optimizer], [scheduler]
 
     # ------------------------------------------------------------------------------------------------ training
+    def fit_feature_statistics(self, dataloader: Iterable[Batch]) -> int:
+        """Per-channel feature mean/std from pre-processed normal training images (``standardize_features``).
+
+        Uses whole batches until ``feature_stats_max_images`` images are reached; images are neither rotated nor
+        augmented. Runs once: a model restored from a checkpoint keeps its statistics.
+        """
+
+        def images() -> Iterator[torch.Tensor]:
+            seen = 0
+            for batch in dataloader:
+                if seen >= self.feature_stats_max_images:
+                    return
+                image = batch.image.to(self.device)
+                if self.pre_processor is not None and getattr(self.pre_processor, "transform", None) is not None:
+                    image = self.pre_processor.transform(image)
+                seen += image.shape[0]
+                yield image
+
+        was_training = self.model.training
+        self.model.eval()
+        count = self.model.fit_feature_statistics(images())
+        self.model.train(was_training)
+        logger.info("NAFRAD: feature statistics measured on %d training images.", count)
+        return count
+
     def rotate(self, images: torch.Tensor) -> torch.Tensor:
         """Rotate each image with probability ``rotation_probability`` by an angle from ``rotation_degrees``.
 
@@ -268,8 +342,33 @@ class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
 
+    def follow_datamodule_category(self, category: str | None) -> None:
+        """Take the rotation range of the datamodule's category when the model was given no ``category``.
+
+        The reference rotates per category (nafrad.md §5): none for capsule, metal_nut, pill, toothbrush,
+        transistor; ±5° for cable, zipper; ±90° for the textures, bottle, hazelnut, screw; unknown categories get
+        no rotation. An explicit ``rotation_degrees`` always wins; a ``category`` that differs from the datamodule's
+        is kept with a warning.
+        """
+        if not isinstance(category, str) or not category or not self._rotation_from_table:
+            return
+        if self.category is None:
+            self.rotation_degrees = rotation_range(category)
+            logger.info("NAFRAD: rotation range %s for the datamodule's category %r.", self.rotation_degrees, category)
+        elif self.category.lower() != category.lower():
+            logger.warning(
+                "NAFRAD: category=%r but the datamodule's category is %r; rotation %s and backbone follow %r.",
+                self.category,
+                category,
+                self.rotation_degrees,
+                self.category,
+            )
+
     def on_train_start(self) -> None:
-        """Warn when the pre-processor's normalisation disagrees with ``normalize_input``."""
+        """Measure the feature statistics (once) and warn when the pre-processor disagrees with ``normalize_input``."""
+        self.follow_datamodule_category(getattr(getattr(self.trainer, "datamodule", None), "category", None))
+        if not self.model.feature_statistics_fitted:
+            self.fit_feature_statistics(self.trainer.train_dataloader)
         transform = getattr(self.pre_processor, "transform", None)
         has_norm = transform is not None and any(isinstance(t, Normalize) for t in getattr(transform, "transforms", []))
         if has_norm != self.normalize_input:

@@ -14,7 +14,7 @@ The pipeline (nafrad.md §2-§6):
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -335,6 +335,13 @@ class NAFRADModel(nn.Module):
         seg_base_width: ``base_width`` of the DRAEM discriminative U-Net (64).
         score_kernel_size: Average-pool kernel of the image score (32 at 256 px; padding ``k // 2``, stride 1).
         na_backend: Neighborhood-attention backend.
+        standardize_features: Standardise every channel of ``F`` with a mean and standard deviation measured once on
+            the training features (:meth:`fit_feature_statistics`, stored as buffers so checkpoints and exports carry
+            them). **INFERRED** (not in the reference): Lite0 features have std ≈ 5 and made the loss spike.
+
+    Raises:
+        ValueError: when ``image_size`` is not a multiple of :attr:`input_size_divisor` (the feature grid, input /
+            feature stride, is halved six times by the autoencoder and doubled six times back).
     """
 
     def __init__(
@@ -355,6 +362,7 @@ class NAFRADModel(nn.Module):
         seg_base_width: int = 64,
         score_kernel_size: int = 32,
         na_backend: str = "auto",
+        standardize_features: bool = False,
     ) -> None:
         super().__init__()
         if channel_order not in ("bgr", "rgb"):
@@ -387,6 +395,8 @@ class NAFRADModel(nn.Module):
         self.in_channels = self.feature_aggregator.output_channels(self.feature_extractor.out_dims)
         reductions = list(getattr(self.feature_extractor, "reductions", []) or [])
         self.feature_stride = int(min(reductions)) if reductions else 4
+        if image_size is not None:
+            self.check_image_size(tuple(image_size))
         self.reconstructor = NAAutoencoder(
             self.in_channels,
             base_channels=base_channels,
@@ -401,11 +411,74 @@ class NAFRADModel(nn.Module):
         self.segmentor = DiscriminativeSubNetwork(
             in_channels=2 * self.in_channels, out_channels=1, base_width=seg_base_width
         )
+        self.standardize_features = bool(standardize_features)
+        if self.standardize_features:
+            # Identity until fit_feature_statistics runs; persistent so checkpoints and exports carry them.
+            self.register_buffer("feature_mean", torch.zeros(1, self.in_channels, 1, 1))
+            self.register_buffer("feature_std", torch.ones(1, self.in_channels, 1, 1))
+            self.register_buffer("feature_stats_count", torch.zeros((), dtype=torch.long))
 
     @property
     def input_size_divisor(self) -> int:
         """Input height and width must be multiples of this (feature stride × 64)."""
         return self.feature_stride * NAAutoencoder.size_divisor
+
+    def accepted_sizes(self, count: int = 3) -> str:
+        """The first ``count`` accepted side lengths, e.g. ``"256, 512, 768, ..."``."""
+        div = self.input_size_divisor
+        return ", ".join(str(div * i) for i in range(1, count + 1)) + ", ..."
+
+    def check_image_size(self, image_size: tuple[int, int]) -> None:
+        """Raise one ``ValueError`` naming ``image_size`` and the accepted sizes when the input size cannot be taken.
+
+        The feature grid is ``input / feature_stride``; the autoencoder halves it six times (stride-2 convolutions,
+        rounding up) and its transposed convolutions double it exactly, so only grids that are multiples of 64 come
+        back at their own size: inputs must be multiples of ``feature_stride × 64`` (256 for stride-4 layers).
+        """
+        h, w = (int(image_size[0]), int(image_size[1]))
+        div = self.input_size_divisor
+        if h % div or w % div:
+            msg = (
+                f"NAFRAD cannot take image_size={h}x{w} (the input size after the pre-processor's Resize): with "
+                f"backbone {self.backbone!r} the feature grid is input / "
+                f"{self.feature_stride} and the NA autoencoder halves it {NAAutoencoder.num_downsamplings} times, so "
+                f"height and width must be multiples of {div} ({self.accepted_sizes()}). "
+                f"Use e.g. image_size={max(div, round(h / div) * div)}x{max(div, round(w / div) * div)}."
+            )
+            raise ValueError(msg)
+
+    @property
+    def feature_statistics_fitted(self) -> bool:
+        """Whether :meth:`fit_feature_statistics` has run (always ``True`` without ``standardize_features``)."""
+        return not self.standardize_features or int(self.feature_stats_count) > 0
+
+    @torch.no_grad()
+    def fit_feature_statistics(self, batches: Iterable[torch.Tensor]) -> int:
+        """Measure the per-channel mean and std of the raw features ``F`` over ``batches`` of normal images.
+
+        Returns the number of images used. Accumulates in float64 over batch, height and width.
+        """
+        if not self.standardize_features:
+            msg = "fit_feature_statistics needs a model built with standardize_features=True."
+            raise RuntimeError(msg)
+        total = torch.zeros(self.in_channels, dtype=torch.float64)
+        total_sq = torch.zeros_like(total)
+        pixels, images = 0, 0
+        for batch in batches:
+            features = self.get_features(batch, standardize=False).double().cpu()
+            total += features.sum(dim=(0, 2, 3))
+            total_sq += (features**2).sum(dim=(0, 2, 3))
+            pixels += features.shape[0] * features.shape[2] * features.shape[3]
+            images += features.shape[0]
+        if images == 0:
+            msg = "fit_feature_statistics got no images; the training set is empty."
+            raise ValueError(msg)
+        mean = total / pixels
+        std = (total_sq / pixels - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
+        self.feature_mean.copy_(mean.view(1, -1, 1, 1).to(self.feature_mean))
+        self.feature_std.copy_(std.view(1, -1, 1, 1).to(self.feature_std))
+        self.feature_stats_count.fill_(images)
+        return images
 
     def _check_images(self, images: torch.Tensor, name: str = "images") -> None:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
@@ -422,8 +495,12 @@ class NAFRADModel(nn.Module):
             )
             raise ValueError(msg)
 
-    def get_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Aggregated target features ``F`` of an RGB batch ``(B, 3, H, W)`` -> ``(B, C, H/4, W/4)``."""
+    def get_features(self, images: torch.Tensor, standardize: bool = True) -> torch.Tensor:
+        """Aggregated target features ``F`` of an RGB batch ``(B, 3, H, W)`` -> ``(B, C, H/4, W/4)``.
+
+        With ``standardize_features`` (and ``standardize=True``) each channel is standardised with the stored
+        training statistics.
+        """
         if self.channel_order == "bgr":
             images = images.flip(1)
         features = self.feature_aggregator(self.feature_extractor(images), image=images)
@@ -433,6 +510,8 @@ class NAFRADModel(nn.Module):
                 "backbone weights."
             )
             raise ValueError(msg)
+        if standardize and self.standardize_features:
+            features = (features - self.feature_mean) / self.feature_std
         return features
 
     def segment(self, reconstruction: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
