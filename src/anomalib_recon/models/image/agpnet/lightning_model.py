@@ -81,9 +81,10 @@ class AGPNet(CheckpointBackboneMixin, AnomalibModule):
         feature_noise_floor: Constant noise level β under the guided part.
         mask_ratio_range: ``(start, end)`` fraction of pixels receiving image-level noise (0.6 → 1.0).
         mask_ratio_ramp: Fractions of training where the ratio ramps (paper: epochs 100-400 of 500).
-        image_noise_std: σ of the image-level Gaussian noise in [0, 1] pixel units.
-        loss_type: ``"cosine"`` (default) or ``"mse"`` reconstruction distance.
-        distance: Anomaly map distance ``"l2"`` (paper) or ``"cos"``.
+        image_noise_scale: σ of the image-level Gaussian noise relative to each input image's standard deviation
+            (0.5; **INFERRED**, the paper gives no σ; see the README's "Image noise").
+        distance: ``"l2"`` (paper, Eq. 8: MSE loss and ``‖F − F̂‖₂`` map) or ``"cos"`` (``1 − cos`` loss and map).
+            One argument sets both the training loss and the anomaly map, so the map measures what the loss trains.
         blur_sigma: Gaussian σ of the anomaly map (4; ``None``/0 = off).
         score_kernel_size: Average-pool kernel of the image score (16 at 256 px).
         lr: AdamW learning rate (1e-4).
@@ -131,8 +132,7 @@ class AGPNet(CheckpointBackboneMixin, AnomalibModule):
         feature_noise_floor: float = 0.1,
         mask_ratio_range: tuple[float, float] = (0.6, 1.0),
         mask_ratio_ramp: tuple[float, float] = (0.2, 0.8),
-        image_noise_std: float = 0.2,
-        loss_type: str = "cosine",
+        image_noise_scale: float = 0.5,
         distance: str = "l2",
         blur_sigma: float | None = 4.0,
         score_kernel_size: int = 16,
@@ -208,12 +208,12 @@ class AGPNet(CheckpointBackboneMixin, AnomalibModule):
             ema_decay=ema_decay,
             ema_update_every=ema_update_every,
             feature_noise_floor=feature_noise_floor,
-            image_noise_std=image_noise_std,
+            image_noise_scale=image_noise_scale,
             distance=distance,
             blur_sigma=blur_sigma,
             score_kernel_size=score_kernel_size,
         )
-        self.loss = AGPNetLoss(loss_type)
+        self.loss = AGPNetLoss(self.model.distance)  # the map's distance: they cannot disagree
         self.set_progress(0.0)
 
     # ------------------------------------------------------------------------------------------------ configuration

@@ -9,7 +9,7 @@ from torch import nn
 
 from anomalib_recon.components import cosine_distance, mse_loss
 
-LOSS_TYPES = ("cosine", "mse")
+from .torch_model import DISTANCES
 
 
 class AGPNetLoss(nn.Module):
@@ -17,28 +17,31 @@ class AGPNetLoss(nn.Module):
     with both perturbations on.
 
     Args:
-        loss_type: ``"cosine"`` (``1 − cos`` per token, averaged over tokens; default) or ``"mse"``. The sources
-            disagree on ``D`` (agpnet.md §4), so both are offered.
+        distance: The anomaly-map distance of the model, which fixes ``D`` so that the map measures what the loss
+            trains: ``"l2"`` → MSE (the paper's Eq. 8 pairs an L2 map with an MSE-trained decoder; minimising the
+            MSE minimises the squared per-token L2 the map reads) or ``"cos"`` → ``1 − cos`` per token, averaged.
+            A cosine loss with an L2 map leaves the reconstruction's length untrained, and the L2 map then measures
+            an untrained length gap (issue #13: AUROC fell with training); that pair cannot be built.
     """
 
-    def __init__(self, loss_type: str = "cosine") -> None:
+    def __init__(self, distance: str = "l2") -> None:
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            msg = f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}."
+        if distance not in DISTANCES:
+            msg = f"distance must be one of {DISTANCES}, got {distance!r}."
             raise ValueError(msg)
-        self.loss_type = loss_type
+        self.distance = distance
 
-    def distance(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def per_pair(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``D(F̂, F)`` for ``(B, C, h, w)`` maps (channels on dim 1)."""
-        if self.loss_type == "cosine":
+        if self.distance == "cos":
             return cosine_distance(reconstruction, target, per_token=True, dim=1)
         return mse_loss(reconstruction, target)
 
     def forward(self, target: torch.Tensor, reconstructions: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Average of :meth:`distance` over the reconstructions; the target carries no gradient."""
+        """Average of :meth:`per_pair` over the reconstructions; the target carries no gradient."""
         if len(reconstructions) == 0:
             msg = "AGPNetLoss needs at least one reconstruction."
             raise ValueError(msg)
         target = target.detach()
-        losses = [self.distance(r, target) for r in reconstructions]
+        losses = [self.per_pair(r, target) for r in reconstructions]
         return torch.stack(losses).mean()

@@ -4,8 +4,9 @@ Two branches (paper §3.1):
 
 * **reconstruction branch** (kept for inference): a frozen encoder gives multi-layer features; each layer is
   layer-normed and the layers are summed (ViT) or concatenated (CNN) into the target ``F`` on a token grid; a
-  plain ViT decoder reconstructs ``F̂``. Anomaly map = per-token ``‖F − F̂‖₂`` (or ``1 − cos``), bilinearly
-  upsampled and Gaussian-smoothed; image score = max of the average-pooled map.
+  plain ViT decoder reconstructs ``F̂``. Anomaly map = per-token ``‖F − F̂‖₂`` (or ``1 − cos``: the distance the
+  loss trains, see ``distance``), bilinearly upsampled and Gaussian-smoothed; image score = max of the
+  average-pooled map.
 * **auxiliary branch** (training only): an attention mask ``Φ_norm(Φ_norm(A_prior) + Φ_norm(A_learn))`` from the
   encoder's attention (prior) and from an EMA "mean-teacher" copy of the decoder (learnable) weights Gaussian noise
   added to the features (``F + E ⊙ (α·mask + β)``) and, binarised at a growing mask ratio, Gaussian noise added to
@@ -30,7 +31,6 @@ from torch.nn import functional as F
 
 from anomalib_recon.components import (
     AnomalyMapGenerator,
-    EMATeacher,
     image_region_noise,
     layer_norm_channels,
     map_to_tokens,
@@ -41,6 +41,9 @@ from anomalib_recon.components import (
     weighted_noise,
 )
 from anomalib_recon.components.feature_extractor import FeatureExtractor
+from anomalib_recon.components.tracing import is_tracing
+
+from .ema import EMATeacher
 
 __all__ = [
     "AGPNetDecoder",
@@ -56,7 +59,6 @@ ATTENTION_SOURCES = ("both", "prior", "learnable")
 PRIOR_MODES = ("cls", "received")
 DISTANCES = ("l2", "cos")
 AGGREGATIONS = ("sum", "concat")
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class AGPNetTrainOutput(NamedTuple):
@@ -100,11 +102,16 @@ def _init_weights(module: nn.Module) -> None:
 
 
 class AGPNetDecoder(nn.Module):
-    """Plain ViT decoder: (input projection) + learnable position embedding + ``depth`` pre-norm blocks + LN.
+    """Plain ViT decoder: (input projection) + learnable position embedding + ``depth`` pre-norm blocks + LN + linear
+    output head.
+
+    The output head (**INFERRED**, as MAE's ``decoder_pred``) lets the MSE-trained reconstruction reach the target's
+    scale: a final LN alone caps every token at unit RMS per channel, while ``Σ_l LN(F_l)`` of correlated ViT layers
+    has an RMS of up to ``len(layers)`` (about 3 for ``test_vit``), which the LN's affine weight learns only slowly.
 
     Args:
         in_dim: Channels of the target features ``C``.
-        dim: Width of the blocks; when it differs from ``in_dim`` linear projections are added at both ends.
+        dim: Width of the blocks; when it differs from ``in_dim`` an input projection is added.
         depth: Number of timm ``Block`` s (paper: 4).
         num_heads: Attention heads.
         mlp_ratio: MLP expansion of each block.
@@ -122,7 +129,7 @@ class AGPNetDecoder(nn.Module):
             Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
-        self.output_proj = nn.Identity() if in_dim == dim else nn.Linear(dim, in_dim)
+        self.output_proj = nn.Linear(dim, in_dim)
         trunc_normal_(self.pos_embed, std=0.02)
         self.apply(_init_weights)
 
@@ -195,9 +202,13 @@ class AGPNetModel(nn.Module):
         ema_decay: EMA decay η of the teacher.
         ema_update_every: Teacher update period in optimizer steps (paper: 10).
         feature_noise_floor: Constant noise level β added to ``α·mask``.
-        image_noise_std: Standard deviation of the image-level noise in [0, 1] pixel units (converted with the
-            ImageNet std because the model sees normalised images).
-        distance: Anomaly map distance ``"l2"`` (paper) or ``"cos"``.
+        image_noise_scale: Standard deviation of the image-level noise relative to each image's own standard
+            deviation (over its pixels and channels, as the model sees it: after normalisation). **INFERRED**: the
+            paper gives no σ; a fixed pixel σ of 0.2 leaves Magnetic Tile features at cosine 0.44 to the clean
+            ones, while a relative σ perturbs low- and high-contrast data alike (README, "Image noise").
+        distance: ``"l2"`` (paper, Eq. 8: MSE loss, ``‖F − F̂‖₂`` map) or ``"cos"`` (``1 − cos`` loss and map). It sets
+            both the anomaly map here and the training loss (``AGPNetLoss(model.distance)``), so the map always
+            measures what the loss trains.
         blur_sigma: Gaussian smoothing σ of the map (``None`` or 0 = off).
         score_kernel_size: Average-pool kernel of the image score (clamped to the map size).
 
@@ -225,7 +236,7 @@ class AGPNetModel(nn.Module):
         ema_decay: float = 0.999,
         ema_update_every: int = 1,
         feature_noise_floor: float = 0.1,
-        image_noise_std: float = 0.2,
+        image_noise_scale: float = 0.5,
         distance: str = "l2",
         blur_sigma: float | None = 4.0,
         score_kernel_size: int = 16,
@@ -251,8 +262,8 @@ class AGPNetModel(nn.Module):
         if decoder_depth < 1 or decoder_heads < 1 or decoder_mlp_ratio <= 0:
             msg = "decoder_depth and decoder_heads must be >= 1 and decoder_mlp_ratio > 0."
             raise ValueError(msg)
-        if feature_noise_floor < 0 or image_noise_std < 0:
-            msg = "feature_noise_floor and image_noise_std must be >= 0."
+        if feature_noise_floor < 0 or image_noise_scale < 0:
+            msg = "feature_noise_floor and image_noise_scale must be >= 0."
             raise ValueError(msg)
         if score_kernel_size < 1:
             msg = f"score_kernel_size must be >= 1, got {score_kernel_size}."
@@ -264,7 +275,8 @@ class AGPNetModel(nn.Module):
         self.attention_source = attention_source
         self.prior_attention = prior_attention
         self.feature_noise_floor = float(feature_noise_floor)
-        self.image_noise_std = float(image_noise_std)
+        self.image_noise_scale = float(image_noise_scale)
+        self.distance = distance
         self.score_kernel_size = int(score_kernel_size)
         self.feature_noise_intensity = 0.0
         self.mask_ratio = 1.0
@@ -310,11 +322,8 @@ class AGPNetModel(nn.Module):
             EMATeacher(self.decoder, decay=ema_decay, update_every=ema_update_every) if use_mean_teacher else None
         )
         self.anomaly_map_generator = AnomalyMapGenerator(
-            distance="l2" if distance == "l2" else "cos",
-            align_corners=True,
-            blur_sigma=blur_sigma if blur_sigma else None,
+            distance=distance, align_corners=True, blur_sigma=blur_sigma if blur_sigma else None
         )
-        self.register_buffer("_pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     # ------------------------------------------------------------------------------------------------ features
     def _record_prior(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -357,7 +366,14 @@ class AGPNetModel(nn.Module):
             features = self.encoder(images)
         finally:
             self._prior_hooks_active = False
-        return self.aggregate(features), features
+        target = self.aggregate(features)
+        if not is_tracing() and not bool(torch.isfinite(target).all()):
+            msg = (
+                "AGPNet: the backbone features contain NaN or inf; check the input images (normalised, finite) "
+                "and the backbone weights."
+            )
+            raise ValueError(msg)
+        return target, features
 
     def reconstruct(self, target: torch.Tensor) -> torch.Tensor:
         """Decoder reconstruction ``F̂`` of a ``(B, C, h, w)`` map."""
@@ -427,8 +443,8 @@ class AGPNetModel(nn.Module):
         return top_fraction_mask(up, float(self.mask_ratio))
 
     def perturb_image(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``x + M ⊙ N(0, σ²)`` with σ given in pixel units and converted to the normalised input."""
-        std = (self.image_noise_std / self._pixel_std).to(images.dtype)
+        """``x + M ⊙ N(0, σ²)`` with ``σ = image_noise_scale · std(x)`` per image (the input as the model sees it)."""
+        std = self.image_noise_scale * images.detach().flatten(1).std(dim=1).view(-1, 1, 1, 1)
         return image_region_noise(images, mask, std=std)
 
     # ------------------------------------------------------------------------------------------------ teacher
