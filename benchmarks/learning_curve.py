@@ -1,9 +1,13 @@
 """Learning curve: one model trained once, tested with anomalib's metrics every ``--eval-every`` optimizer steps.
 
 It answers "does a longer budget help, and how fast?" without retraining per budget: a callback keeps a copy of
-the torch model's weights at each multiple of ``--eval-every``; after training each copy is loaded back and
-tested through ``Engine.test`` with the harness's evaluator (image AUROC/F1, pixel AUROC/AUPRO/AP). Dataset,
-backbone, model arguments and the results format are the harness's (``harness.py``).
+the torch model's weights at each multiple of ``--eval-every``; after training each copy is loaded back,
+**validated** (``Engine.validate``: the post-processor's normalisation range and thresholds are recomputed from
+that snapshot's own scores) and then tested through ``Engine.test`` with the harness's evaluator (image
+AUROC/F1, pixel AUROC/AUPRO/AP). Without the validation every snapshot would be normalised and clamped with the
+statistics of the final weights (``Engine.test`` does not re-validate one-class models), which ties clamped scores
+and changes the AUROCs (issue #13: one AGPNet row moved from 0.744 to 0.609). Each row records the statistics it
+was normalised with. Dataset, backbone, model arguments and the results format are the harness's (``harness.py``).
 
 Example (offline, Magnetic Tile, Lite0)::
 
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in sorted(snapshots):
         model.model.load_state_dict(snapshots[step])
         start = time.perf_counter()
+        engine.validate(model=model, datamodule=datamodule, verbose=False)  # this snapshot's own statistics
         results = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
         rows.append(
             {
@@ -97,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train_s": round(train_s * step / max(snapshots), 1),
                 "test_s": round(time.perf_counter() - start, 1),
                 "steps": step,
+                **post_processor_stats(model),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -104,9 +110,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def post_processor_stats(model) -> dict[str, float]:
+    """The raw-score range and threshold the post-processor normalises this row with (``nan`` where unset)."""
+    post = getattr(model, "post_processor", None)
+    names = ("image_min", "image_max", "pixel_min", "pixel_max")
+    if post is None or not all(hasattr(post, n) for n in names):
+        return {}
+    stats = {f"norm_{n}": float(getattr(post, n)) for n in names}
+    if hasattr(post, "_image_threshold"):
+        stats["norm_image_threshold"] = float(post._image_threshold)
+    return stats
+
+
 _NOTE = """
-One training run; every row is the same run's weights at that step, tested on the full test split. `train_s` is
-the run's training time pro-rated to the step (the run's total divided evenly).
+One training run; every row is the same run's weights at that step, validated (the post-processor's min/max and
+thresholds recomputed from that snapshot's scores, recorded as `norm_*` in the JSON) and then tested on the full
+test split. `train_s` is the run's training time pro-rated to the step (the run's total divided evenly).
 """
 
 

@@ -67,7 +67,7 @@ class AGPNet(CheckpointBackboneMixin, AnomalibModule):
         decoder_dim: Decoder width (``None``: the ViT's width, 384 for CNNs).
         decoder_depth: Decoder blocks (4, paper).
         decoder_heads: Decoder heads (6).
-        decoder_mlp_ratio: Decoder MLP ratio (4; 7.2 M decoder parameters with ViT-S, the paper reports 4.42 M).
+        decoder_mlp_ratio: Decoder MLP ratio (4; 7.3 M decoder parameters with ViT-S, the paper reports 4.42 M).
         feature_noise: Feature-level noise ``"attention"`` (guided), ``"random"`` or ``"none"`` (ablation).
         image_noise: Image-level noise ``"attention"``, ``"random"`` or ``"none"`` (ablation).
         attention_source: ``"both"``, ``"prior"`` (encoder only) or ``"learnable"`` (decoder only) (ablation).

@@ -192,7 +192,7 @@ class AGPNetModel(nn.Module):
         decoder_dim: Decoder width; ``None`` = the feature width for ViTs, 384 for CNNs.
         decoder_depth: Decoder blocks (paper: 4).
         decoder_heads: Decoder attention heads.
-        decoder_mlp_ratio: Decoder MLP ratio (4 gives 7.1 M decoder parameters with ViT-S; the paper reports 4.42 M).
+        decoder_mlp_ratio: Decoder MLP ratio (4 gives 7.3 M decoder parameters with ViT-S; the paper reports 4.42 M).
         feature_noise: ``"attention"`` (guided), ``"random"`` (the mask replaced by uniform noise) or ``"none"``.
         image_noise: ``"attention"``, ``"random"`` or ``"none"``.
         attention_source: ``"both"`` (prior + learnable), ``"prior"`` or ``"learnable"``.
