@@ -14,10 +14,11 @@ import logging
 from typing import Any
 
 import torch
-from anomalib import LearningType
+from anomalib import LearningType, TaskType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -62,7 +63,9 @@ class AMINet(CheckpointBackboneMixin, AnomalibModule):
         mlp_ratio: Block MLP ratio (4).
         num_centers: Cluster-centre tokens (8).
         sigma: Adaptive-mask threshold ``mean + σ·std`` per cluster (0.5).
-        jitter_scale: Norm-scaled feature jitter in training (20).
+        jitter_scale: Scale of the norm-scaled feature jitter in training; ``None`` = 20 at the paper's
+            ``embed_dim`` 768 and ``20·√(embed_dim/768)`` at other widths, which keeps the paper's noise-to-token-norm
+            ratio ``20/√768 ≈ 0.72`` (see ``torch_model.width_matched_jitter_scale``; INFERRED for widths ≠ 768).
         adaptive_mask_at_inference: Use the adaptive mask at inference (True, the paper); ``False`` = no mask.
         blur_sigma: Gaussian σ of the map smoothing (4, kernel 33).
         direction_weight: Weight of the cosine (direction) loss (5).
@@ -73,8 +76,12 @@ class AMINet(CheckpointBackboneMixin, AnomalibModule):
         few_shot_k: Few-shot setting: train on ``k`` normal images drawn (seeded) from the datamodule's training
             set (the reference uses k = 2 and batch 1). ``None`` = all images.
         few_shot_seed: Seed of that draw.
-        accumulate_grads_forever: Reproduce the reference loop, which never zeroes gradients (off; for
-            reproduction studies only).
+        threshold_matching: anomalib's post-processor threshold matching (without a pixel threshold, the anomaly
+            map is normalised around the *image* threshold). ``None`` = on, except when the datamodule of a run has
+            no pixel masks (classification task, e.g. ELPV): there the image threshold, a standard deviation of the
+            map, lies far below the map values and every heatmap saturates, so matching is switched off and the map
+            is normalised around the midpoint of its own min-max range. Image scores, labels and metrics are the
+            same either way. ``True``/``False`` force the setting. INFERRED (not in the paper).
         pre_processor: Pre-processor, or ``True`` for Resize(256) + ImageNet Normalize.
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
@@ -100,7 +107,7 @@ class AMINet(CheckpointBackboneMixin, AnomalibModule):
         mlp_ratio: float = 4.0,
         num_centers: int = 8,
         sigma: float = 0.5,
-        jitter_scale: float = 20.0,
+        jitter_scale: float | None = None,
         adaptive_mask_at_inference: bool = True,
         blur_sigma: float = 4.0,
         direction_weight: float = 5.0,
@@ -110,7 +117,7 @@ class AMINet(CheckpointBackboneMixin, AnomalibModule):
         weight_decay: float = 0.01,
         few_shot_k: int | None = None,
         few_shot_seed: int = 0,
-        accumulate_grads_forever: bool = False,
+        threshold_matching: bool | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -139,7 +146,9 @@ class AMINet(CheckpointBackboneMixin, AnomalibModule):
         self.weight_decay = float(weight_decay)
         self.few_shot_k = few_shot_k
         self.few_shot_seed = int(few_shot_seed)
-        self.accumulate_grads_forever = bool(accumulate_grads_forever)
+        self.threshold_matching = threshold_matching
+        if threshold_matching is not None:
+            self._set_threshold_matching(bool(threshold_matching))
 
         self.model = AMINetModel(
             backbone=backbone,
@@ -181,19 +190,36 @@ class AMINet(CheckpointBackboneMixin, AnomalibModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
 
-    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        """Zero gradients every step, unless ``accumulate_grads_forever`` reproduces the reference loop."""
-        if not self.accumulate_grads_forever:
-            optimizer.zero_grad()
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the pre-processor, then re-target the model to its input size (position-embedding cache)."""
         super().on_load_checkpoint(checkpoint)
         if self.input_size is not None:
             self.model.set_input_size(tuple(self.input_size))
 
-    # ------------------------------------------------------------------------------------------------ few-shot
+    # ------------------------------------------------------------------------------------------------ setup
+    def _set_threshold_matching(self, enabled: bool) -> None:
+        """Switch anomalib's threshold matching on the post-processor (if it is anomalib's ``PostProcessor``)."""
+        if isinstance(self.post_processor, PostProcessor):
+            self.post_processor.enable_threshold_matching = enabled
+
+    def _datamodule_has_masks(self) -> bool | None:
+        """Whether the trainer's datamodule carries pixel masks (its task), or ``None`` when it cannot tell."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        try:
+            task = datamodule.task
+        except AttributeError:  # no datamodule (plain dataloaders), or one without datasets yet
+            return None
+        return TaskType(task) == TaskType.SEGMENTATION
+
     def setup(self, stage: str) -> None:
+        """Threshold matching off for label-only data (see ``threshold_matching``); few-shot subsampling."""
+        if self.threshold_matching is None and self._datamodule_has_masks() is False:
+            self._set_threshold_matching(False)
+            logger.info("AMINet: the datamodule has no pixel masks; anomalib's threshold matching is off.")
+        self._few_shot_setup(stage)
+
+    def _few_shot_setup(self, stage: str) -> None:
         """Few-shot: keep ``few_shot_k`` seeded random normal images of the datamodule's training set."""
         if self.few_shot_k is None or stage != "fit":
             return

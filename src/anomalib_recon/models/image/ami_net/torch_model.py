@@ -17,6 +17,7 @@ blurred cosine-distance map; the image score is the map's standard deviation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -35,10 +36,34 @@ from anomalib_recon.components.perturbation import norm_scaled_jitter, random_to
 from anomalib_recon.components.position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
 from anomalib_recon.components.tracing import is_tracing as _tracing
 
-__all__ = ["AMINetDetails", "AMINetModel", "AMINetTrainOutput", "adaptive_mask", "resolve_layers"]
+__all__ = [
+    "AMINetDetails",
+    "AMINetModel",
+    "AMINetTrainOutput",
+    "adaptive_mask",
+    "resolve_layers",
+    "width_matched_jitter_scale",
+]
 
 FEATURE_STRIDES = (4, 8, 16)
 """Strides of the default feature layers (WRN50 layer1-3, the paper's φ2-φ4)."""
+
+PAPER_JITTER_SCALE = 20.0
+PAPER_EMBED_DIM = 768
+
+
+def width_matched_jitter_scale(embed_dim: int) -> float:
+    """Jitter scale that keeps the paper's noise-to-token-norm ratio at another token width ``D``.
+
+    The jitter is ``ε · ‖t‖ / D · s`` with ``ε ~ N(0, I_D)``; its norm is ``≈ s · ‖t‖ / √D`` (``‖ε‖ ≈ √D``), so
+    the noise-to-token-norm ratio is ``s / √D``: ``20 / √768 ≈ 0.72`` in the paper. The same ratio at width ``D``
+    needs ``s(D) = 20 · √(D / 768)`` (11.5 at 256, 4.1 at 32); a fixed 20 at ``D = 256`` would jitter 1.7× harder
+    than the paper. **INFERRED**: the paper only runs ``D = 768``.
+    """
+    if embed_dim < 1:
+        msg = f"embed_dim must be >= 1, got {embed_dim}."
+        raise ValueError(msg)
+    return PAPER_JITTER_SCALE * math.sqrt(embed_dim / PAPER_EMBED_DIM)
 
 
 def resolve_layers(backbone: str, layers: Sequence[int | str] | None) -> list[int | str]:
@@ -149,7 +174,9 @@ class AMINetModel(nn.Module):
         mlp_ratio: MLP width ratio of the blocks (4).
         num_centers: Cluster-centre tokens ``K`` (8).
         sigma: Threshold multiplier σ of the adaptive mask (0.5).
-        jitter_scale: Scale of the norm-scaled feature jitter in training (20).
+        jitter_scale: Scale ``s`` of the norm-scaled feature jitter ``ε · ‖t‖ / D · s`` in training; ``None`` =
+            :func:`width_matched_jitter_scale` (20 at the paper's ``D = 768``, the same noise-to-token-norm ratio
+            ``20 / √768`` at other widths).
         adaptive_mask_at_inference: Mask tokens with the adaptive mask generator at inference (the paper);
             ``False`` inpaints without any mask (the paper's main ablation).
         blur_sigma: σ of the Gaussian smoothing of both maps (4; kernel ``2·⌊4σ+0.5⌋+1`` = 33).
@@ -169,14 +196,16 @@ class AMINetModel(nn.Module):
         mlp_ratio: float = 4.0,
         num_centers: int = 8,
         sigma: float = 0.5,
-        jitter_scale: float = 20.0,
+        jitter_scale: float | None = None,
         adaptive_mask_at_inference: bool = True,
         blur_sigma: float = 4.0,
     ) -> None:
         super().__init__()
         self._check_args(patch_size, embed_dim, depth, num_heads, aux_depth, mlp_ratio, num_centers, sigma, blur_sigma)
+        if jitter_scale is None:
+            jitter_scale = width_matched_jitter_scale(embed_dim)
         if jitter_scale < 0:
-            msg = f"jitter_scale must be >= 0, got {jitter_scale}."
+            msg = f"jitter_scale must be >= 0 (or None for the paper's ratio), got {jitter_scale}."
             raise ValueError(msg)
         self.patch_size = int(patch_size)
         self.embed_dim = int(embed_dim)
