@@ -31,8 +31,10 @@ VARIANTS: dict[str, dict] = {
     "base": {"plus_plus": False},  # INP-Former: hard coherence, cosine soft mining, reconstruction map
     "soft": {"plus_plus": False, "coherence": "soft"},  # + soft INP coherence (τ = 1)
     "soft_mse": {"plus_plus": False, "coherence": "soft", "mse_mining": True},  # + MSE soft mining
-    "full": {},  # + residual segmentation head, map ½(rec + seg): INP-Former++
+    "full": {},  # + residual segmentation head, map ½(minmax(rec) + seg): INP-Former++ (τ = 1)
+    "tau0.5": {"tau": 0.5},  # full ++ with τ = 0.5
     "tau0.1": {"tau": 0.1},  # full ++ with τ = 0.1
+    "two_stage": {"schedule": "two_stage"},  # full ++, reconstruction first (2/3 of the steps), then the head only
 }
 MAIN_VARIANTS = ["base", "soft", "soft_mse", "full"]
 
@@ -74,11 +76,14 @@ def evaluate_fusion(args: argparse.Namespace) -> dict:
         msg = f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}"
         raise SystemExit(msg)
     model.model.fusion = args.single_fusion
+    if args.single_normalization:
+        model.model.rec_normalization = args.single_normalization
     engine = Engine(accelerator="cpu", devices=1, default_root_dir=str(work / "refuse"), logger=False)
     start = time.perf_counter()
     results = engine.test(model=model, datamodule=harness.build_datamodule(hargs))[0]
+    norm = model.model.rec_normalization
     return {
-        "model": f"InpFormerPP ({args.single}, fusion={args.single_fusion})",
+        "model": f"InpFormerPP ({args.single}, fusion={args.single_fusion}, rec_normalization={norm})",
         **{m: float(results[m]) for m in harness.METRICS if m in results},
         "test_s": round(time.perf_counter() - start, 1),
         "checkpoint": str(ckpts[-1]),
@@ -108,9 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         choices=["mean", "rec", "seg"],
         help="after training, re-test each variant with a head using these inference fusions",
     )
+    p.add_argument(
+        "--rec-normalizations",
+        nargs="*",
+        default=[None],
+        choices=["none", "minmax"],
+        help="re-test each --fusions job with these M_rec normalisations (default: the checkpoint's own)",
+    )
     p.add_argument("--evaluate-only", action="store_true", help="skip training: re-test existing checkpoints only")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     p.add_argument("--single-fusion", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--single-normalization", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.single:
         result = evaluate_fusion(args) if args.single_fusion else run_variant(args)
@@ -138,16 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     header["machine"]["torch_threads"] = args.threads  # what each variant's subprocess ran with
     header["fusions"] = args.fusions
+    header["rec_normalizations"] = args.rec_normalizations
     header["evaluate_only"] = args.evaluate_only
-    jobs = [] if args.evaluate_only else [(v, None) for v in args.variants]
+    jobs = [] if args.evaluate_only else [(v, None, None) for v in args.variants]
     with_head = [v for v in args.variants if VARIANTS[v].get("plus_plus", True)]
-    jobs += [(v, f) for v in with_head for f in args.fusions]
+    jobs += [(v, f, n) for v in with_head for f in args.fusions for n in args.rec_normalizations]
     rows = []
-    for variant, fusion in jobs:
-        print(f"=== InpFormerPP {variant} {fusion or ''} ===", flush=True)
+    for variant, fusion, norm in jobs:
+        label = variant + (f", fusion={fusion}" if fusion else "") + (f", rec_normalization={norm}" if norm else "")
+        print(f"=== InpFormerPP {label} ===", flush=True)
         child = [sys.executable, __file__, *raw, "--single", variant]
         child += ["--single-fusion", fusion] if fusion else []
-        rows.append(harness.run_child(child, f"InpFormerPP ({variant}{', fusion=' + fusion if fusion else ''})"))
+        child += ["--single-normalization", norm] if norm else []
+        rows.append(harness.run_child(child, f"InpFormerPP ({label})"))
         _write(header, rows)  # after every job, so a long run leaves partial results
     print((harness.RESULTS / f"{header['name']}.md").read_text())
     return 0

@@ -71,6 +71,18 @@ def test_soft_coherence_tends_to_hard_coherence_and_spreads_the_gradient():
     assert soft_grad.norm(dim=-1).min() > 0
 
 
+def test_model_tau_reaches_the_training_loss():
+    """τ given to the model is the temperature of the loss it trains with: near 0 the soft coherence equals the hard
+    one, at 1 it does not (the weights are close to uniform there)."""
+    g = torch.Generator().manual_seed(2)
+    query, prototypes = torch.randn(2, 16, 8, generator=g), torch.randn(2, 4, 8, generator=g)
+    hard = hard_inp_coherence(query, prototypes)
+    sharp = _module(tau=1e-4).loss.coherence_loss(query, prototypes)
+    smooth = _module(tau=1.0).loss.coherence_loss(query, prototypes)
+    torch.testing.assert_close(sharp, hard, atol=1e-6, rtol=0)
+    assert float(smooth - hard) > 1e-2
+
+
 def test_mse_soft_mining_scales_each_positions_gradient():
     """Switching the MSE term on adds exactly the MSE gradient times ``(e_i / mean e)^3`` per position."""
     g = torch.Generator().manual_seed(1)
@@ -110,7 +122,6 @@ def test_paper_defaults_and_shapes():
     assert [tuple(e.shape) for e in out.encoder_features] == [(2, 64, 4, 4)] * 2  # 6 blocks in two groups
     assert tuple(out.prototypes.shape) == (2, 6, 64) and tuple(out.query.shape) == (2, 16, 64)
     assert tuple(out.seg_prediction.shape) == (2, 1, 64, 64) and tuple(out.residual.shape) == (2, 64, 4, 4)
-    assert out.seg_prediction.min() >= 0 and out.seg_prediction.max() <= 1
 
     head = ResidualSegHead(176, (16, 8))
     assert tuple(head(torch.randn(3, 176, 8, 8), (70, 50)).shape) == (3, 1, 70, 50)
@@ -148,19 +159,108 @@ def test_fusion_map_and_top_one_percent_score():
     torch.testing.assert_close(pred.pred_score, top)
 
 
-def test_plus_plus_off_is_base_inp_former():
-    module = _module(plus_plus=False)
-    model = module.model.eval()
-    assert module.loss.coherence == "hard" and not module.loss.mse_mining
-    assert model.seg_head is None and model.fusion == "rec" and module.augmenter is None
-    x = _images()
+def _anomalib_inp_former(monkeypatch, backbone: str) -> InpFormerModel:
+    """anomalib's own ``InpFormerModel`` with a randomly initialised encoder (it hard-codes ``pre_trained=True``)."""
+    import timm
+
+    create = timm.create_model
+    with monkeypatch.context() as patch:
+        patch.setattr(timm, "create_model", lambda *a, **k: create(*a, **{**k, "pretrained": False}))
+        return InpFormerModel(backbone, remove_class_token=True)  # anomalib's InpFormer default
+
+
+def _load_anomalib_weights(ours: InpFormerPPModel, ref: InpFormerModel) -> None:
+    """Copy every weight of anomalib's model into ours (names differ only by anomalib's one-element lists)."""
+    state = {f"encoder.model.{k}": v for k, v in ref.encoder.feature_extractor.state_dict().items()}
+    state["prototype_tokens"] = ref.prototype_token[0].detach()
+    state |= {f"aggregation.{k}": v for k, v in ref.aggregation[0].state_dict().items()}
+    state |= {f"bottleneck.{k}": v for k, v in ref.bottleneck[0].state_dict().items()}
+    state |= {f"decoder.{k}": v for k, v in ref.decoder.state_dict().items()}
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert not unexpected
+    assert set(missing) == {"rec_min", "rec_max", "rec_stats_updates", "blur.kernel"}  # ours only, not weights
+
+
+def test_plus_plus_off_equals_anomalibs_inp_former_on_shared_weights(monkeypatch):
+    """``plus_plus=False`` against anomalib's ``InpFormerModel`` (DINOv2-reg ViT-S layout, random weights shared):
+    the same map, score, training loss and gradients. Any change to the INP extractor, the decoder's use of the
+    prototypes, the grouping, the map or the soft mining breaks the agreement."""
+    backbone = "vit_small_patch14_reg4_dinov2"
+    torch.manual_seed(0)
+    ref = _anomalib_inp_former(monkeypatch, backbone)
+    # built for the encoder's native 518 px so that both models resample the same position embedding per input
+    module = InpFormerPP(
+        backbone=backbone,
+        weights=None,
+        image_size=518,
+        plus_plus=False,
+        evaluator=False,
+        visualizer=False,
+        post_processor=False,
+    )
+    model = module.model
+    assert module.loss.coherence == "hard" and not module.loss.mse_mining and model.seg_head is None
+    _load_anomalib_weights(model, ref)
+    x = _images(2, size=56)  # 4x4 tokens
+    ref.eval()
+    model.eval()
     with torch.no_grad():
-        pred = model(x)
-        en, de, _, _ = model.reconstruct(model.extract(x))
-    base_map, _ = InpFormerModel.calculate_anomaly_maps(en, de, out_size=(64, 64))
-    torch.testing.assert_close(pred.anomaly_map, model.blur(base_map))
-    partial = _module(plus_plus=False, coherence="soft", mse_mining=True)
-    assert partial.loss.coherence == "soft" and partial.loss.mse_mining and partial.model.seg_head is None
+        expected, got = ref(x), model(x)
+    assert float(expected.anomaly_map.std()) > 1e-3  # not a constant map
+    torch.testing.assert_close(got.anomaly_map, expected.anomaly_map, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got.pred_score, expected.pred_score, atol=2e-6, rtol=1e-5)
+
+    ref.train()
+    model.train()
+    ref_loss = ref(x)  # anomalib: soft-mining global cosine + 0.2 · hard INP coherence
+    out = model(x)
+    loss = module.loss.normal_loss(out.encoder_features, out.decoder_features, out.query, out.prototypes)["loss"]
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    ref_loss.backward()
+    loss.backward()
+    for ours, theirs in (
+        (model.decoder[0].attn.kv.weight, ref.decoder[0].attn.kv.weight),
+        (model.decoder[-1].mlp.fc2.weight, ref.decoder[-1].mlp.fc2.weight),
+        (model.prototype_tokens, ref.prototype_token[0]),
+    ):
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_decoder_reconstructs_from_each_images_own_prototypes(tiny, monkeypatch):
+    """The INPs are extracted per image, and the decoder reads them: handing image 0 the INPs of image 1 changes
+    its reconstruction (not its encoder target)."""
+    model = tiny.model.eval()
+    x = _images(2, seed=4)
+    with torch.no_grad():
+        en, de, _, prototypes = model.reconstruct(model.extract(x))
+        assert float((prototypes[0] - prototypes[1]).abs().max()) > 1e-3  # measured 7e-3 at this random init
+        extract = model.aggregation.forward
+        monkeypatch.setattr(model.aggregation, "forward", lambda *a, **k: extract(*a, **k).flip(0))
+        en_swapped, de_swapped, _, _ = model.reconstruct(model.extract(x))
+    torch.testing.assert_close(en_swapped[0], en[0])
+    change = (de_swapped[0] - de[0]).abs().mean() / de[0].abs().mean()
+    assert float(change) > 1e-3  # measured 6e-3; exactly 0 if the decoder ignored the INPs
+
+
+def test_fusion_min_max_scales_the_reconstruction_map_by_normal_training_statistics():
+    """Default with the head: ``M_rec`` is scaled by the min/max seen on normal training images before it is averaged
+    with the head's probability; the base (``rec`` only) keeps the raw map."""
+    module = _module(blur_sigma=None)
+    model = module.model
+    assert model.rec_normalization == "minmax" and _module(plus_plus=False).model.rec_normalization == "none"
+    x = _images(3, seed=6)
+    model.train()
+    with torch.no_grad():
+        model(x)  # the first training batch sets the statistics
+        model.eval()
+        rec, seg = model.predict_maps(x)
+        fused = model(x).anomaly_map
+    assert float(rec.amax()) > float(rec.amin()) + 0.1  # a raw map with some range (measured 0.97-1.22)
+    scaled_rec = 2 * fused - seg  # what was averaged with the head's probability
+    torch.testing.assert_close(scaled_rec.amin(), torch.tensor(0.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scaled_rec.amax(), torch.tensor(1.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.rec_min, rec.amin())
+    torch.testing.assert_close(model.rec_max, rec.amax())
 
 
 # ----------------------------------------------------------------------------------------------------- training
@@ -173,7 +273,6 @@ def test_residual_head_sends_no_gradient_upstream():
         upstream = [model.prototype_tokens, *model.aggregation.parameters(), *model.bottleneck.parameters()]
         upstream += list(model.decoder.parameters())
         assert all(p.grad is not None for p in model.seg_head.parameters())
-        assert all(not p.requires_grad for p in model.encoder.parameters())
         if stop_gradient:
             assert all(p.grad is None for p in upstream)
             assert not out.residual.requires_grad

@@ -166,7 +166,9 @@ class InpFormerPP(CheckpointBackboneMixin, AnomalibModule):
         seg_start: Fraction of training where the head starts in ``"two_stage"`` (2/3: 200 + 100 epochs).
         rec_map: ``M_rec`` = ``"cos"`` (base) or ``"cos_l2"`` (``½(1 − cos + ‖·‖₂)``).
         fusion: ``"mean"`` (``½(M_rec + M_seg)``), ``"rec"`` or ``"seg"``; ``None`` = mean with the head, else rec.
-        rec_normalization: ``"none"`` or ``"minmax"`` (scale ``M_rec`` by running training statistics before fusion).
+        rec_normalization: ``"none"`` or ``"minmax"`` (scale ``M_rec`` by running statistics of the normal training
+            images before fusion: 0 at their smallest, 1 at their largest error); ``None`` = ``"minmax"`` when the
+            map fuses the head's probability (``fusion="mean"``), else ``"none"``.
         blur_sigma: Gaussian σ of the map (4).
         blur_kernel: Gaussian kernel (5).
         score_topk: Fraction of top pixels averaged into the image score (0.01).
@@ -224,7 +226,7 @@ class InpFormerPP(CheckpointBackboneMixin, AnomalibModule):
         seg_start: float = 2 / 3,
         rec_map: str = "cos",
         fusion: str | None = None,
-        rec_normalization: str = "none",
+        rec_normalization: str | None = None,
         blur_sigma: float | None = 4.0,
         blur_kernel: int = 5,
         score_topk: float = 0.01,

@@ -182,8 +182,11 @@ class InpFormerPPModel(nn.Module):
         rec_map: ``"cos"`` (``1 − cos``, base) or ``"cos_l2"`` (``½(1 − cos + ‖F_en − F_de‖₂)``, third-party "Eq. 9").
         fusion: ``"mean"`` (``½(M_rec + M_seg)``), ``"rec"`` or ``"seg"``; ``None`` = ``"mean"`` with the head,
             ``"rec"`` without.
-        rec_normalization: ``"none"`` or ``"minmax"`` (``M_rec`` min-max scaled by running statistics of the
-            normal training images before fusion).
+        rec_normalization: ``"none"`` or ``"minmax"``: ``M_rec`` min-max scaled before fusion by running statistics
+            of the normal training images (an EMA of the per-batch min and max of the unblurred map, checkpointed
+            buffers), so that ``1`` is the largest reconstruction error seen on normal images, on the scale of the
+            head's probability. ``None`` = ``"minmax"`` with ``fusion="mean"``, else ``"none"`` (a monotone rescaling
+            of a single map changes no metric). INFERRED: the sources fuse ``½(M_rec + M_seg)`` unscaled.
         blur_sigma: Gaussian σ of the map (4, base); ``None``/0 = off.
         blur_kernel: Gaussian kernel size (5, base).
         score_topk: Fraction of the highest pixels averaged into the image score (0.01).
@@ -207,13 +210,15 @@ class InpFormerPPModel(nn.Module):
         seg_stop_gradient: bool = True,
         rec_map: str = "cos",
         fusion: str | None = None,
-        rec_normalization: str = "none",
+        rec_normalization: str | None = None,
         blur_sigma: float | None = 4.0,
         blur_kernel: int = 5,
         score_topk: float = 0.01,
     ) -> None:
         super().__init__()
         fusion = fusion if fusion is not None else ("mean" if residual_head else "rec")
+        if rec_normalization is None:
+            rec_normalization = "minmax" if fusion == "mean" else "none"
         for name, value, allowed in (
             ("rec_map", rec_map, REC_MAPS),
             ("fusion", fusion, FUSIONS),
