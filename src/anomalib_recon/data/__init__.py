@@ -5,6 +5,10 @@
 * :class:`MVTec`: alias of anomalib's ``MVTecAD`` for older docs.
 * :class:`MultiCategory`: one model over several categories, with per-category test metrics
   (:class:`PerCategoryMetrics`, :func:`per_category_metrics`).
+* :func:`read_image` / :class:`PredictDataset`: anomalib's reader and predict dataset, with 16-bit grayscale
+  images read correctly (anomalib reads them as white); all datamodules above load items with it.
+* Checks run at ``setup`` by the datamodules: :func:`check_image_files` (unreadable/truncated files in any
+  split), :func:`check_mask_folders` (defect images without masks), :func:`check_masks` (mask size differs).
 
 Importing this package costs nothing beyond ``anomalib.data`` (no dataset package is imported).
 """
@@ -20,7 +24,16 @@ from anomalib_recon.data.multi_category import (
     per_category_metrics,
 )
 from anomalib_recon.data.mvtec import MVTec
-from anomalib_recon.data.validation import DatasetError, DatasetNotFoundError
+from anomalib_recon.data.validation import (
+    DatasetError,
+    DatasetNotFoundError,
+    PredictDataset,
+    check_image_files,
+    check_mask_folders,
+    check_masks,
+    check_synthetic_val_split,
+    read_image,
+)
 
 __all__ = [
     "ELPV",
@@ -34,9 +47,15 @@ __all__ = [
     "MultiCategory",
     "MultiCategoryDataset",
     "PerCategoryMetrics",
+    "PredictDataset",
+    "check_image_files",
+    "check_mask_folders",
+    "check_masks",
+    "check_synthetic_val_split",
     "default_elpv_root",
     "default_test_metrics",
     "make_elpv_dataset",
     "mvtec_style_folder",
     "per_category_metrics",
+    "read_image",
 ]

@@ -29,6 +29,7 @@ from anomalib_recon.data.validation import (
     DatasetError,
     DatasetNotFoundError,
     check_image_files,
+    check_synthetic_val_split,
     require_dir,
 )
 
@@ -360,9 +361,15 @@ class ELPV(AnomalibDataModule):
         )
 
     def _setup(self, _stage: str | None = None) -> None:
+        """Build the train and test sets and check every file of both (the validation set is drawn from them).
+
+        ``check_image_files`` costs 0.2-0.8 s on all 2,624 cells with a warm file cache (CRC of every PNG
+        chunk, which catches truncated files); 16-bit cells would be read correctly (``read_image``).
+        """
         self.train_data = self._dataset(Split.TRAIN)
         self.test_data = self._dataset(Split.TEST)
         check_image_files([*self.train_data.samples["image_path"], *self.test_data.samples["image_path"]], what="ELPV")
+        check_synthetic_val_split(self.val_split_mode, self.train_data.samples["image_path"], what="ELPV")
         test_labels = self.test_data.samples["label_index"]
         logger.info(
             "ELPV cell_type=%s seed=%s defect_threshold=%s include_uncertain=%s: train %d normal, "

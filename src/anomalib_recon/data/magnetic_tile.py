@@ -24,6 +24,9 @@ from anomalib_recon.data.validation import (
     CheckedImageDatasetMixin,
     DatasetError,
     check_image_files,
+    check_mask_folders,
+    check_masks,
+    check_synthetic_val_split,
     require_dir,
 )
 
@@ -41,7 +44,7 @@ _LAYOUT = (
 
 
 class CheckedFolderDataset(CheckedImageDatasetMixin, FolderDataset):
-    """anomalib ``FolderDataset`` whose unreadable files raise a ``DatasetError`` naming the file."""
+    """anomalib ``FolderDataset`` that reads 16-bit images correctly and names unreadable files in its errors."""
 
 
 def _count_images(folder: Path) -> int:
@@ -77,7 +80,9 @@ class MagneticTile(Folder):
 
     Raises:
         DatasetError: No root given and the environment variable is unset, or an unknown defect name
-            (at construction); a folder without images or an unreadable image (at ``setup``).
+            (at construction). At ``setup``: a folder without images; an unreadable, truncated or
+            floating-point image in any split; a defect image without a mask or a mask without an image; a
+            mask whose size differs from its image's. Each message names the file(s).
         DatasetNotFoundError: The root or one of the expected folders is missing (at ``setup``).
 
     Example:
@@ -139,12 +144,19 @@ class MagneticTile(Folder):
             if _count_images(folder) == 0:
                 msg = f"MagneticTile folder {str(folder)!r} has no images. {_LAYOUT}"
                 raise DatasetError(msg)
+        pairs = [(root / "test" / d, root / "ground_truth" / d) for d in self.defects]
+        check_mask_folders(pairs, extensions=self.extensions, what="MagneticTile")
 
     def prepare_data(self) -> None:
-        """Check the folder layout (nothing is downloaded)."""
+        """Check the folder layout and the image/mask pairing (nothing is downloaded)."""
         self._check_layout()
 
     def _setup(self, _stage: str | None = None) -> None:
+        """Check the layout, build the train and test sets, and check every file of both.
+
+        The validation set (``same_as_test``, or split from train/test) holds only files checked here. Checks
+        cost 0.1-0.3 s on the 1,344 images and 392 masks of Magnetic Tile (see ``check_image_files``).
+        """
         self._check_layout()
         datasets = [
             CheckedFolderDataset(
@@ -162,4 +174,6 @@ class MagneticTile(Folder):
         self.train_data, self.test_data = datasets
         files = [*self.train_data.samples["image_path"], *self.test_data.samples["image_path"]]
         files += [m for m in self.test_data.samples["mask_path"] if m]
-        check_image_files(files, what="MagneticTile")
+        sizes = check_image_files(files, what="MagneticTile")
+        check_masks(self.test_data.samples, sizes, what="MagneticTile")
+        check_synthetic_val_split(self.val_split_mode, self.train_data.samples["image_path"], what="MagneticTile")

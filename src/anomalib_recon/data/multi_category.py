@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 from anomalib import TaskType
-from anomalib.data import Folder
+from anomalib.data import Folder, MVTecAD
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.errors import MisMatchError
@@ -35,6 +35,9 @@ from anomalib_recon.data.validation import (
     DatasetError,
     DatasetNotFoundError,
     check_image_files,
+    check_mask_folders,
+    check_masks,
+    check_synthetic_val_split,
     require_dir,
 )
 
@@ -321,13 +324,23 @@ def mvtec_style_folder(root: str | Path, category: str) -> Folder:
     """An anomalib ``Folder`` for ``root/category`` in MVTec layout; any image format, masks optional.
 
     Defect folders are ``test/*`` except ``good``; masks are used only if every defect has a
-    ``ground_truth/<defect>`` folder.
+    ``ground_truth/<defect>`` folder, and then every defect image must have its mask
+    (``<stem>_mask.png`` or ``<stem>.png``) and every mask its image (``DatasetError`` naming the file).
     """
     base = require_dir(Path(root).expanduser() / category, f"Category {category!r}: folder", _MVTEC_LAYOUT)
     require_dir(base / "train" / "good", f"Category {category!r}: folder", _MVTEC_LAYOUT)
     test = base / "test"
     defects = sorted(d.name for d in test.iterdir() if d.is_dir() and d.name != "good") if test.is_dir() else []
     has_masks = bool(defects) and all((base / "ground_truth" / d).is_dir() for d in defects)
+    if has_masks:
+        pairs = [(test / d, base / "ground_truth" / d) for d in defects]
+        check_mask_folders(pairs, what=f"Category {category!r}")
+    elif any((base / "ground_truth" / d).is_dir() for d in defects):
+        logger.warning(
+            "Category %r: only some defect folders have a ground_truth/<defect> folder; masks are ignored "
+            "(classification). Add the missing mask folders to get pixel metrics.",
+            category,
+        )
     return Folder(
         name=category,
         root=base,
@@ -482,6 +495,7 @@ class MultiCategory(AnomalibDataModule):
             val_split_mode = child.val_split_mode
             child.val_split_mode = ValSplitMode.NONE  # keep the child's whole test set; we split the union
             try:
+                _check_child_masks(child, category)
                 with _category_errors(category):
                     child.setup()
             finally:
@@ -504,8 +518,11 @@ class MultiCategory(AnomalibDataModule):
                     msg = f"{path!r} belongs to categories {lookup[path]!r} and {category!r}; use distinct data."
                     raise DatasetError(msg)
         self._category_of = lookup
+        # Every file of every split (the validation set is drawn from these), then the (image, mask) pairs.
         masks = [m for m in self.test_data.samples["mask_path"] if m]
-        check_image_files([*lookup, *masks], what="MultiCategory")
+        sizes = check_image_files([*lookup, *masks], what="MultiCategory")
+        check_masks(self.test_data.samples, sizes, what="MultiCategory")
+        check_synthetic_val_split(self.val_split_mode, self.train_data.samples["image_path"], what="MultiCategory")
         counts = self.test_data.samples.groupby("category")["label_index"].agg(["size", "sum"])
         logger.info(
             "MultiCategory: %d train images; test per category (images, anomalous): %s",
@@ -526,6 +543,32 @@ class MultiCategory(AnomalibDataModule):
             and not any(isinstance(cb, PerCategoryMetrics) for cb in trainer.callbacks)
         ):
             trainer.callbacks.append(PerCategoryMetrics())
+
+
+def _as_list(value: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    return [value] if isinstance(value, str | Path) else list(value)
+
+
+def _check_child_masks(child: AnomalibDataModule, category: str) -> None:
+    """Pair the defect images and masks of a ``Folder``/``MVTecAD`` child before anomalib does.
+
+    anomalib fails deep in pandas on a missing mask (see ``check_mask_folders``). Other datamodules are
+    checked on their samples after their setup (``check_masks``).
+    """
+    what = f"Category {category!r}"
+    if isinstance(child, Folder) and child.abnormal_dir and child.mask_dir:
+        root = Path(child.root) if child.root is not None else Path()
+        image_dirs = [root / d for d in _as_list(child.abnormal_dir)]
+        mask_dirs = [root / d for d in _as_list(child.mask_dir)]
+        if len(image_dirs) == len(mask_dirs) and all(d.is_dir() for d in image_dirs + mask_dirs):
+            check_mask_folders(zip(image_dirs, mask_dirs, strict=True), extensions=child.extensions, what=what)
+    elif isinstance(child, MVTecAD):
+        base = Path(child.root) / child.category
+        test = base / "test"
+        defects = sorted(d.name for d in test.iterdir() if d.is_dir() and d.name != "good") if test.is_dir() else []
+        # MVTecAD pairs every defect image with a mask: a missing ground_truth/<defect> folder means no masks.
+        pairs = [(test / d, base / "ground_truth" / d) for d in defects]
+        check_mask_folders(pairs, extensions=(".png", ".PNG"), what=what)
 
 
 @contextmanager
