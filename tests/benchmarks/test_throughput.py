@@ -37,7 +37,7 @@ def test_throughput_end_to_end_tiny(throughput: ModuleType, tmp_path: Path) -> N
     pytest.importorskip("onnxscript")
     backends = ["torch", "onnxruntime"]
     if importlib.util.find_spec("openvino") is not None:
-        backends.append("openvino")
+        backends += ["openvino", "openvino-bf16"]
     argv = ["--models", "Padim", "NoSuchModel", "--image-size", "64", "--batch-sizes", "1", "--weights", "random"]
     argv += ["--backends", *backends, "--threads", "1", "--warmup", "1", "--min-iters", "2", "--min-time", "0"]
     argv += ["--fit-images", "4", "--name", "tiny", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "w")]
@@ -52,6 +52,12 @@ def test_throughput_end_to_end_tiny(throughput: ModuleType, tmp_path: Path) -> N
         assert "error" not in row, row
         assert row["img_per_s"] > 0 and 0 < row["median_ms"] <= row["p90_ms"] and row["iters"] >= 2
         assert row["batch"] == 1
+        assert row["precision"] == ("bf16" if row["backend"] == "openvino-bf16" else "fp32")
+    for row in padim:  # the exported outputs are compared with torch eager (fp32 parity is the contract test's)
+        if row["backend"] in {"onnxruntime", "openvino"}:
+            assert row["max_score_err"] <= 1e-3 and row["max_map_err"] <= 1e-3, row
+        elif row["backend"] == "openvino-bf16":
+            assert row["max_score_err"] >= 0 and row["max_map_err"] >= 0, row
     assert {row["graph"] for row in padim if row["backend"] != "torch-cpu"} == {"dynamic batch"}
     assert data["models"]["Padim"]["fitted_on_random_images"] == 4  # a memory-bank model is fitted before timing
 

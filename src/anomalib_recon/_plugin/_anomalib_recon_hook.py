@@ -8,11 +8,17 @@ the ``anomalib.models`` group and sets each class on ``anomalib.models`` — so 
 ``get_model("nafrad")`` and ``get_model({"class_path": "NAFRAD"})`` behave as for built-ins. A plugin
 name that matches a built-in is never set (built-ins are never shadowed). Set
 ``ANOMALIB_DISABLE_PLUGINS=1`` to switch it off.
+
+The same finder also wraps ``AnomalibCLI.instantiate_classes`` when ``anomalib.cli.cli`` is imported (see
+:func:`patch_cli`): anomalib 2.7 parses ``--seed_everything``, documents "run seed_everything with this value before
+classes instantiation", and never applies it; with the wrap the same command with the same seed gives the same
+weights and metrics. Errors our constructors raise are printed as one line instead of jsonargparse's Union dump.
 """
 
 import sys
 
 _TARGET = "anomalib.models"
+_CLI = "anomalib.cli.cli"
 _GROUP = "anomalib.models"
 _TRUSTED_MODULES = ("anomalib_recon.models",)
 
@@ -66,31 +72,110 @@ def load_plugins(models_module=None, ready=()):  # noqa: ANN001 - no typing impo
     return loaded
 
 
+def patch_cli(cli_module):  # noqa: ANN001
+    """Make ``AnomalibCLI`` apply ``seed_everything`` and surface our constructor errors (idempotent).
+
+    * An integer ``seed_everything`` is applied (Lightning's ``seed_everything(seed, workers=True)``) before the
+      model, data and engine are instantiated, as anomalib documents and 2.7 does not do.
+    * An error raised by anomalib-recon's own code while the classes are instantiated (an unknown backbone, a
+      backbone without offline weights, a bad size) reaches the user as one line, ``anomalib: error: ...``, and
+      exit code 2, instead of being buried in jsonargparse's dump of every Union subtype.
+    """
+    cls = getattr(cli_module, "AnomalibCLI", None)
+    original = getattr(cls, "instantiate_classes", None)
+    if original is None or getattr(original, "_anomalib_recon_patched", False):
+        return
+
+    def instantiate_classes(self):  # noqa: ANN001
+        seed = self._get(self.config, "seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool):  # True = "a random seed": nothing to reproduce
+            from lightning.pytorch import seed_everything
+
+            seed_everything(seed, workers=True)
+        try:
+            original(self)
+        except Exception as error:
+            ours = _own_error(error) or _model_error(self._get(self.config, "model"))
+            if ours is None:
+                raise
+            sys.stderr.write(f"anomalib: error: {type(ours).__name__}: {ours}\n")
+            raise SystemExit(2) from None
+
+    instantiate_classes._anomalib_recon_patched = True
+    cls.instantiate_classes = instantiate_classes
+
+
+def _model_error(model_config):  # noqa: ANN001
+    """Build one of our models from its parsed config again, to get the error jsonargparse did not chain."""
+    import importlib
+
+    class_path = str(getattr(model_config, "class_path", "") or "")
+    init_args = getattr(model_config, "init_args", None)
+    if not class_path.startswith("anomalib_recon.") or init_args is None:
+        return None
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+        kwargs = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(vars(init_args))
+        cls(**{k: v for k, v in kwargs.items() if not isinstance(v, dict)})  # components stay at their defaults
+    except Exception as error:
+        return _own_error(error)
+    return None
+
+
+def _own_error(error):  # noqa: ANN001
+    """The innermost exception in ``error``'s chain that anomalib-recon's code raised, or None."""
+    import os
+    import traceback
+
+    marker = f"{os.sep}anomalib_recon{os.sep}"
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        frames = traceback.extract_tb(error.__traceback__)
+        if frames and marker in frames[-1].filename:  # raised by our code, not merely passing through it
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
+_ON_IMPORT = {_TARGET: load_plugins, _CLI: patch_cli}
+
+
 class _AnomalibModelsFinder:
-    """One-shot ``sys.meta_path`` finder that wraps the loader of ``anomalib.models``."""
+    """``sys.meta_path`` finder that runs a callback after ``anomalib.models`` / ``anomalib.cli.cli`` execute."""
 
     def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001
-        if fullname != _TARGET:
+        callback = _ON_IMPORT.get(fullname)
+        if callback is None or getattr(self, "_busy", False):
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
+        self._busy = True  # the search below asks the other finders, not this one again
+        try:
+            spec = self._find(fullname, path, target)
+        finally:
+            self._busy = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_call(module):  # noqa: ANN001
+            exec_module(module)
+            callback(module)
+
+        spec.loader.exec_module = exec_then_call
+        return spec
+
+    def _find(self, fullname, path, target):  # noqa: ANN001
         spec = None
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
             if find is None:
                 continue
+            if finder is self:
+                continue
             spec = find(fullname, path, target)
             if spec is not None:
                 break
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_load(module):  # noqa: ANN001
-            exec_module(module)
-            load_plugins(module)
-
-        spec.loader.exec_module = exec_then_load
         return spec
 
 
@@ -98,7 +183,9 @@ def install():
     """Put the finder on ``sys.meta_path`` (or load right away if anomalib.models is already imported)."""
     if _TARGET in sys.modules:
         load_plugins(sys.modules[_TARGET])
-    elif not any(type(finder).__name__ == "_AnomalibModelsFinder" for finder in sys.meta_path):
+    if _CLI in sys.modules:
+        patch_cli(sys.modules[_CLI])
+    if not any(type(finder).__name__ == "_AnomalibModelsFinder" for finder in sys.meta_path):
         sys.meta_path.insert(0, _AnomalibModelsFinder())
 
 

@@ -52,14 +52,126 @@ def restoring_from_checkpoint() -> Iterator[None]:
         _RESTORING.reset(token)
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was trained with another model, or with settings that give other tensor shapes."""
+
+
+def _plain(value: object) -> object:
+    """Hyper-parameter values as comparable plain data (tuples as lists, modules/objects as their class name)."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return type(value).__name__
+
+
 class CheckpointBackboneMixin:
-    """Put before ``AnomalibModule``: ``load_from_checkpoint`` restores the backbone from the checkpoint alone."""
+    """Put before ``AnomalibModule``: safe, offline checkpoint loading with one clear error on a mismatch.
+
+    * ``load_from_checkpoint`` restores the backbone from the checkpoint alone (no weight download).
+    * Checkpoints record the model class and input size (``checkpoint["anomalib_recon"]``).
+    * Loading a checkpoint of another model, or one whose settings give other tensors (another image size,
+      backbone, width, ...), raises :class:`CheckpointMismatchError` naming the model and the settings the
+      checkpoint was trained with, instead of Lightning's list of hundreds of missing/unexpected keys.
+    """
 
     @classmethod
-    def load_from_checkpoint(cls, *args, **kwargs):
+    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike, *args, **kwargs):
         """Lightning's ``load_from_checkpoint`` (anomalib's safe loader) without fetching pretrained weights."""
-        with restoring_from_checkpoint():
-            return super().load_from_checkpoint(*args, **kwargs)
+        import pickle
+
+        try:
+            with restoring_from_checkpoint():
+                return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+            if not _looks_unreadable(error):
+                raise
+            msg = (
+                f"{str(checkpoint_path)!r} is not a readable {cls.__name__} checkpoint ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200]}). A valid file is the .ckpt that anomalib train / Engine.fit "
+                "wrote for this model; re-train or re-copy it."
+            )
+            raise CheckpointMismatchError(msg) from None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Also record the model class and its input size, so a mismatch can be named on load."""
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        size = getattr(self, "input_size", None)
+        checkpoint["anomalib_recon"] = {
+            "model": type(self).__name__,
+            "input_size": [int(s) for s in size] if size is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another model or of incompatible settings with one message, then load."""
+        check_checkpoint_matches(self, checkpoint)
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+
+
+def _looks_unreadable(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, EOFError) or any(
+        marker in text
+        for marker in ("weights_only", "Unpickl", "invalid load key", "PytorchStreamReader", "zip archive", "magic")
+    )
+
+
+def check_checkpoint_matches(model: object, checkpoint: dict) -> None:
+    """Raise :class:`CheckpointMismatchError` if ``checkpoint`` cannot load into ``model``.
+
+    Another model class always fails. Settings may differ freely as long as every tensor has a counterpart of the
+    same shape (a learning rate, say); a missing, unexpected or re-shaped parameter or buffer fails with the
+    settings that differ. Buffers a model re-sizes on load (memory banks) are the model's own business: it lists
+    their names in ``resizable_buffers``.
+    """
+    recorded = checkpoint.get("anomalib_recon") or {}
+    name = type(model).__name__
+    trained_with = recorded.get("model")
+    state = checkpoint.get("state_dict") or {}
+    if trained_with is not None and trained_with != name:
+        msg = (
+            f"This checkpoint was trained with {trained_with}, not {name}. Pass the checkpoint to the model it was "
+            f"trained with (e.g. --model {trained_with})."
+        )
+        raise CheckpointMismatchError(msg)
+    own = model.state_dict()  # type: ignore[attr-defined]
+    resizable = tuple(getattr(model, "resizable_buffers", ()))
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    reshaped = sorted(
+        key
+        for key in set(own) & set(state)
+        if hasattr(state[key], "shape")
+        and tuple(state[key].shape) != tuple(own[key].shape)
+        and key.split(".")[-1] not in resizable
+    )
+    if not (missing or unexpected or reshaped):
+        return
+    theirs = {k: _plain(v) for k, v in (checkpoint.get("hyper_parameters") or {}).items()}
+    ours = {k: _plain(v) for k, v in dict(getattr(model, "hparams", {})).items()}
+    if recorded.get("input_size") is not None:
+        theirs["input_size"] = recorded["input_size"]
+        size = getattr(model, "input_size", None)
+        ours["input_size"] = [int(s) for s in size] if size is not None else None
+    differ = {k: (theirs.get(k), ours.get(k)) for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)}
+    settings = ", ".join(f"{k}={a!r} (this model: {b!r})" for k, (a, b) in differ.items()) or "unknown settings"
+    examples = [*(f"missing {k}" for k in missing[:2]), *(f"unexpected {k}" for k in unexpected[:2])]
+    examples += [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped[:2]]
+    header = (
+        f"This {name} checkpoint was trained with other settings: {settings}."
+        if recorded
+        else f"This checkpoint was not written by {name} (it records no anomalib-recon model: another model's "
+        f"checkpoint, or an older anomalib-recon's); settings that differ: {settings}."
+    )
+    msg = (
+        f"{header} Its tensors do not fit this model "
+        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape; e.g. "
+        f"{'; '.join(examples)}). Build the model with the checkpoint's settings (the same --model.* arguments or "
+        f"config as for training), or use {name}.load_from_checkpoint(path), which takes them from the checkpoint."
+    )
+    raise CheckpointMismatchError(msg)
 
 
 class OfflineWeightsError(RuntimeError):
@@ -211,6 +323,7 @@ def resolve_pretrained(model_name: str, weights: str | os.PathLike | None) -> di
                 "Pass a path to a .pth/.safetensors state dict for this backbone."
             )
             raise FileNotFoundError(msg)
+        check_weights_file(path, model_name)
         return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
     cached = hf_cache_file(model_name)
     if cached is not None:
@@ -220,6 +333,52 @@ def resolve_pretrained(model_name: str, weights: str | os.PathLike | None) -> di
             return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(converted_lite_file(model_name))}}
         raise OfflineWeightsError(_offline_message(model_name))
     return {"pretrained": True}
+
+
+class WeightsFileError(ValueError):
+    """A local weights file is not a readable state dict."""
+
+
+def check_weights_file(path: str | os.PathLike, model_name: str = "the backbone") -> None:
+    """Open a local weights file safely now, so a corrupt or foreign file fails with its name.
+
+    ``.safetensors`` files are opened with safetensors; anything else with ``torch.load(weights_only=True,
+    mmap=True)`` (tensors are not read into memory). The error never suggests ``weights_only=False``: a weights file
+    that needs arbitrary unpickling is not a weights file.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:  # a legacy (non-zip) torch.save file cannot be memory-mapped
+                if "mmap" not in str(error):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                msg = f"it holds a {type(state).__name__}, not a mapping of tensor names to tensors"
+                raise TypeError(msg)
+            keys = list(state)
+    except Exception as error:  # every reason ends in the same message
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        msg = (
+            f"weights file {str(path)!r} is not a readable state dict for {model_name} ({reason}). A valid file is a "
+            f"state dict saved with torch.save(model.state_dict(), path) or a .safetensors file of the same backbone; "
+            "replace the file, or pass weights='imagenet' or weights=None."
+        )
+        raise WeightsFileError(msg) from None
+    if not keys:
+        msg = f"weights file {str(path)!r} holds no tensors; pass a state dict of {model_name}."
+        raise WeightsFileError(msg)
 
 
 def install_hf_cache(models: list[str] | None = None, cache_dir: str | os.PathLike | None = None) -> list[Path]:
