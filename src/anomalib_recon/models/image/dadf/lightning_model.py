@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
-from anomalib_recon.components.weights import CheckpointBackboneMixin
+from anomalib_recon.components.weights import CheckpointBackboneMixin, restoring_from_checkpoint
 
 from .loss import DADFFlowLoss, DADFReconstructionLoss
 from .torch_model import DADFModel
@@ -208,11 +208,22 @@ class DADF(CheckpointBackboneMixin, AnomalibModule):
         return [rec, flow]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the pre-processor; rebuild the model if the checkpoint's input size differs from the default."""
+        """Rebuild the model for the checkpoint's input size (fixed-size memory and LayerNorms), then restore.
+
+        The size comes from the size record of the checkpoint, if any, else from its restored pre-processor.
+        """
+        recorded = (checkpoint.get("anomalib_recon") or {}).get("input_size")
+        if recorded is not None:
+            self._build_for(recorded)
         super().on_load_checkpoint(checkpoint)
-        size = self.input_size
-        if size is not None and tuple(size) != self.model.input_size:
-            self.model = DADFModel(input_size=(int(size[0]), int(size[1])), **self._model_args)
+        if self.input_size is not None:
+            self._build_for(self.input_size)
+
+    def _build_for(self, size: Any) -> None:
+        size = (int(size[0]), int(size[1]))
+        if size != self.model.input_size:
+            with restoring_from_checkpoint():  # every tensor comes from the checkpoint: no weight download
+                self.model = DADFModel(input_size=size, **self._model_args)
 
     # ------------------------------------------------------------------------------------------------ stages
     @property
