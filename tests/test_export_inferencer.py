@@ -117,7 +117,8 @@ def _openvino_outputs(xml: Path, folder: Path, workdir: Path) -> Outputs:
     cwd = Path.cwd()
     os.chdir(workdir)  # OpenVINOInferencer creates ./openvino_cache
     try:
-        inferencer = OpenVINOInferencer(path=xml, device="CPU")
+        # the documented one-line fp32 config: CPUs with AVX-512 BF16 would otherwise infer in bf16
+        inferencer = OpenVINOInferencer(path=xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
     finally:
         os.chdir(cwd)
     out = {}
