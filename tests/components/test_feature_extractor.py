@@ -175,3 +175,24 @@ def test_checkpoint_restore_needs_no_pretrained_weights(offline):
     assert extractor.out_dims == [64]
     with pytest.raises(OfflineWeightsError):  # and only inside it
         FeatureExtractor("resnet18", layers=["layer1"], weights="imagenet")
+
+
+def test_layers_at_strides_matches_a_real_build():
+    """Default layers chosen from the meta-device probe are the modules a real build reports at those strides."""
+    import timm
+
+    from anomalib_recon.components import layers_at_strides, probe_backbone
+
+    for name, strides in (("tf_efficientnet_lite0", (4, 8, 16)), ("resnet18", (8, 16, 32))):
+        chosen = layers_at_strides(name, None, strides)
+        real = {e["module"]: e["reduction"] for e in timm.create_model(name, pretrained=False).feature_info}
+        assert [real[layer] for layer in chosen] == list(strides)
+    assert layers_at_strides("resnet18", [2, 3], (4,)) == [2, 3]  # explicit layers are kept
+    info = probe_backbone("vit_tiny_patch16_224")
+    assert (info.is_vit, info.depth, info.num_heads) == (True, 12, 3)
+    with pytest.raises(ValueError, match="Unknown timm backbone"):
+        probe_backbone("no_such_net")
+    with pytest.raises(ValueError, match="no feature layer at stride 64"):
+        layers_at_strides("resnet18", None, (64,))
+    with pytest.raises(ValueError, match="at least one"):
+        layers_at_strides("resnet18", [], (4,))

@@ -13,7 +13,7 @@ from .anomaly_map import (
     reduce_topk_mean,
 )
 from .ema import EMATeacher
-from .feature_extractor import FeatureExtractor
+from .feature_extractor import BackboneInfo, FeatureExtractor, layers_at_strides, probe_backbone
 from .few_shot import dihedral_augment, few_shot_subset, restrict_to_few_shot
 from .losses import (
     cosine_distance,
@@ -56,6 +56,7 @@ from .weights import CheckpointBackboneMixin, OfflineWeightsError, restoring_fro
 __all__ = [
     "NA_BACKEND_ENV_VAR",
     "AnomalyMapGenerator",
+    "BackboneInfo",
     "CheckpointBackboneMixin",
     "EMATeacher",
     "EpochSchedule",
@@ -84,6 +85,7 @@ __all__ = [
     "init_conv_as_linear",
     "l1_loss_on_probs",
     "layer_norm_channels",
+    "layers_at_strides",
     "linear_ramp",
     "map_to_tokens",
     "min_max_normalize",
@@ -95,6 +97,7 @@ __all__ = [
     "norm_scaled_jitter",
     "pairwise_center_diversity",
     "patchify",
+    "probe_backbone",
     "random_partition",
     "random_token_mask",
     "reduce_max",

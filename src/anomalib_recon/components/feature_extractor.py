@@ -190,3 +190,61 @@ class FeatureExtractor(nn.Module):
             if self._channels_last:
                 features = [f.permute(0, 3, 1, 2).contiguous() for f in features]
             return list(features)
+
+
+class BackboneInfo:
+    """What a timm backbone is, read from a build on the meta device (nothing allocated, nothing downloaded).
+
+    Attributes:
+        name: the timm name as given.
+        is_vit: a ViT (``blocks`` + ``patch_embed`` + ``forward_intermediates``).
+        depth: ViT blocks (0 for CNNs).
+        num_heads: attention heads of the first ViT block (0 for CNNs).
+        feature_info: CNNs: timm's ``feature_info`` entries (``module``, ``num_chs``, ``reduction``).
+    """
+
+    def __init__(self, name: str, is_vit: bool, depth: int, num_heads: int, feature_info: list[dict]) -> None:
+        self.name, self.is_vit, self.depth, self.num_heads = name, is_vit, depth, num_heads
+        self.feature_info = feature_info
+
+
+def probe_backbone(backbone: str) -> BackboneInfo:
+    """Probe a timm backbone once on the meta device; an unknown name is one clear ``ValueError``."""
+    if not timm.is_model(backbone.split(".")[0]):
+        msg = f"Unknown timm backbone '{backbone}'. See timm.list_models() for valid names."
+        raise ValueError(msg)
+    with torch.device("meta"):
+        model = timm.create_model(backbone, pretrained=False)
+    if _is_vit(model):
+        heads = int(getattr(getattr(model.blocks[0], "attn", None), "num_heads", 0))
+        return BackboneInfo(backbone, True, len(model.blocks), heads, [])
+    info = [dict(entry) for entry in getattr(model, "feature_info", [])]
+    return BackboneInfo(backbone, False, 0, 0, info)
+
+
+def layers_at_strides(backbone: str, layers: Sequence[int | str] | None, strides: Sequence[int]) -> list[int | str]:
+    """``layers`` as given, or for ``None`` the last feature layer of a CNN at each of ``strides``.
+
+    E.g. strides (4, 8, 16) give ``layer1``-``layer3`` for ResNets and ``blocks.1, blocks.2, blocks.4`` for
+    EfficientNet-Lite. An empty list, an unknown backbone, or a backbone without a layer at some stride is one clear
+    ``ValueError`` telling the user to pass ``layers``.
+    """
+    if layers is not None:
+        layers = list(layers)
+        if not layers:
+            msg = "layers must name at least one backbone layer, e.g. ['layer1', 'layer2'] or [1, 2]."
+            raise ValueError(msg)
+        return layers
+    info = probe_backbone(backbone).feature_info
+    chosen: list[int | str] = []
+    for stride in strides:
+        names = [entry["module"] for entry in info if entry.get("reduction") == stride]
+        if not names:
+            found = [(entry["module"], entry.get("reduction")) for entry in info]
+            msg = (
+                f"Cannot pick default layers for '{backbone}': no feature layer at stride {stride} "
+                f"(found {found}). Pass layers explicitly, e.g. layers=[1, 2, 3]."
+            )
+            raise ValueError(msg)
+        chosen.append(names[-1])
+    return chosen
