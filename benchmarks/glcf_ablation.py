@@ -1,7 +1,8 @@
 """GLCF key ablation: local branch only vs local + global correspondences (and global only), several seeds.
 
 Per seed, one GLCF is trained once through ``benchmarks/harness.py``'s datamodule, model builder and Engine
-settings; then each branch selection (``set_scoring(branch=...)``) is validated (so that anomalib's post-processor
+settings (without the per-epoch validation: the map statistics are fitted at the end of training); then each
+branch selection (``set_scoring(branch=...)``) is validated (so that anomalib's post-processor
 re-fits its threshold and normalisation for that map) and tested with the harness's metrics. Each seed runs in its
 own subprocess. Results go to ``benchmarks/results/glcf_<name>.json`` / ``.md``.
 
@@ -39,6 +40,7 @@ BASE_ARGS = {
     "decoder_depth": 2,
     "decoder_num_heads": 4,
     "lr": 0.001,
+    "stats_max_images": 256,
 }
 """Small DPTV for CPU budgets (paper: 480-d, 6 + 6 + 6 blocks, lr 1e-4 for 501 epochs)."""
 
@@ -74,6 +76,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         logger=False,
         enable_progress_bar=False,
         deterministic=False,
+        check_val_every_n_epoch=10**6,  # validate once per branch after training (below), not every epoch
     )
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)

@@ -1,16 +1,18 @@
-"""A generated logical-anomaly dataset for GLCF: a fixed arrangement of four coloured parts on a texture.
+"""A generated logical-anomaly dataset for GLCF: four coloured parts whose *arrangement* follows a rule.
 
-Normal images: a gray texture (random phase and noise) with four parts at fixed places (jittered by a pixel or
-two): a red disk top-left, a green square top-right, a blue triangle bottom-left, a yellow cross bottom-right.
+Normal images: a gray texture (random phase and noise) with four disks in four fixed slots (jittered by a pixel or
+two). The arrangement rule: the two disks of the top row share one colour and the two of the bottom row share
+another (two of four colours, drawn at random per image). So every colour appears in every slot across the normal
+images, and any single slot, seen on its own, always looks normal.
 
-Logical anomalies change only the arrangement; every part that is drawn looks exactly like a normal part:
+Logical anomalies break the rule and nothing else:
 
-* ``missing``: one part is left out;
-* ``duplicate``: one part appears a second time, in the centre of the image;
-* ``swap``: two parts exchange their places.
+* ``swap``: a top disk and a bottom disk exchange their colours (every slot still holds a normal-looking disk);
+* ``duplicate``: one disk takes the colour of the other row (three of one colour, one of the other);
+* ``missing``: one disk is left out (this one also leaves a slot empty, which a local model can notice).
 
-Structural anomalies (``--types structural``) are local defects: a dark scratch across a part or the texture.
-Masks cover the changed regions (both places for a swap).
+Structural anomalies (``--types structural``) are local defects: a dark scratch across a disk or the texture.
+Masks cover the changed slots (both for a swap).
 
 Write an MVTec-style category folder (``train/good``, ``test/good``, ``test/<type>``, ``ground_truth/<type>``)::
 
@@ -24,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-LOGICAL = ("missing", "duplicate", "swap")
+LOGICAL = ("swap", "duplicate", "missing")
+ARRANGEMENT_ONLY = ("swap", "duplicate")
+"""Logical anomalies in which every slot, taken alone, looks exactly like a normal slot."""
 TYPES = (*LOGICAL, "structural")
 COLORS = ((220, 40, 40), (40, 190, 60), (50, 80, 230), (235, 210, 40))
 
@@ -36,53 +40,45 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.repeat(texture[..., None], 3, axis=2)
 
 
-def _shape_mask(kind: int, size: int, cy: float, cx: float, radius: float) -> np.ndarray:
-    """Boolean mask of part ``kind`` (0 disk, 1 square, 2 triangle, 3 cross) centred at ``(cy, cx)``."""
+def _disk(size: int, cy: float, cx: float, radius: float) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    dy, dx = yy - cy, xx - cx
-    if kind == 0:
-        return dy**2 + dx**2 <= radius**2
-    if kind == 1:
-        return (np.abs(dy) <= 0.85 * radius) & (np.abs(dx) <= 0.85 * radius)
-    if kind == 2:
-        return (dy <= 0.8 * radius) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) / 1.8 * 1.0)
-    arm = 0.3 * radius
-    return ((np.abs(dy) <= arm) & (np.abs(dx) <= radius)) | ((np.abs(dx) <= arm) & (np.abs(dy) <= radius))
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
 
 
-def part_centres(size: int) -> list[tuple[float, float]]:
-    """Fixed centres of the four parts (top-left, top-right, bottom-left, bottom-right)."""
+def slot_centres(size: int) -> list[tuple[float, float]]:
+    """Fixed centres of the four slots: top-left, top-right, bottom-left, bottom-right."""
     a, b = size * 0.27, size * 0.73
     return [(a, a), (a, b), (b, a), (b, b)]
 
 
 def make_image(size: int, rng: np.random.Generator, defect: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One ``(size, size, 3)`` uint8 image and its ``(size, size)`` bool mask (all False for normal images)."""
+    if defect is not None and defect not in TYPES:
+        msg = f"unknown anomaly type {defect!r}; choose from {TYPES}."
+        raise ValueError(msg)
     image = _background(size, rng)
-    centres = part_centres(size)
+    centres = slot_centres(size)
     radius = size * 0.13
-    kinds = [0, 1, 2, 3]
-    places = list(centres)
+    top, bottom = (int(c) for c in rng.choice(len(COLORS), size=2, replace=False))
+    colours: list[int | None] = [top, top, bottom, bottom]
     changed = np.zeros((size, size), bool)
-    extra: list[tuple[int, tuple[float, float]]] = []
-    if defect == "missing":
-        gone = int(rng.integers(4))
-        changed |= _shape_mask(kinds[gone], size, *centres[gone], radius * 1.1)
-        kinds[gone] = -1
+    if defect == "swap":
+        i, j = int(rng.integers(2)), 2 + int(rng.integers(2))
+        colours[i], colours[j] = colours[j], colours[i]
+        changed |= _disk(size, *centres[i], radius * 1.2) | _disk(size, *centres[j], radius * 1.2)
     elif defect == "duplicate":
-        copy = int(rng.integers(4))
-        extra.append((kinds[copy], (size / 2, size / 2)))
-        changed |= _shape_mask(kinds[copy], size, size / 2, size / 2, radius * 1.1)
-    elif defect == "swap":
-        i, j = rng.choice(4, size=2, replace=False)
-        places[i], places[j] = places[j], places[i]
-        for k in (i, j):
-            changed |= _shape_mask(0, size, *centres[k], radius * 1.2)
-    for kind, (cy, cx) in [*zip(kinds, places, strict=True), *extra]:
-        if kind < 0:
+        k = int(rng.integers(4))
+        colours[k] = bottom if k < 2 else top
+        changed |= _disk(size, *centres[k], radius * 1.2)
+    elif defect == "missing":
+        k = int(rng.integers(4))
+        colours[k] = None
+        changed |= _disk(size, *centres[k], radius * 1.2)
+    for colour, (cy, cx) in zip(colours, centres, strict=True):
+        if colour is None:
             continue
         jy, jx = rng.uniform(-1.5, 1.5, 2)
-        image[_shape_mask(kind, size, cy + jy, cx + jx, radius)] = COLORS[kind]
+        image[_disk(size, cy + jy, cx + jx, radius)] = COLORS[colour]
     if defect == "structural":
         y0, x0 = rng.integers(size // 8, size - size // 8 - size // 6, 2)
         length, width = size // 6, max(2, size // 40)

@@ -78,6 +78,8 @@ class GLCF(CheckpointBackboneMixin, AnomalibModule):
         blur_sigma: Optional Gaussian σ per upsampled map (the reference's is commented out; σ = 4 if used).
         stats_split: Normal images for the map statistics: ``"auto"`` (the datamodule's validation split when it
             holds only normal images, else the training set), ``"train"`` or ``"val"``.
+        stats_max_images: Use at most this many images (whole batches, in dataset order) for the statistics;
+            ``None`` = all (**INFERRED** option, to bound the refit cost on large training sets).
         lr: AdamW learning rate (1e-4).
         betas: AdamW betas ((0.9, 0.95)).
         weight_decay: AdamW weight decay (0.01, PyTorch's default that the reference ends up with).
@@ -118,6 +120,7 @@ class GLCF(CheckpointBackboneMixin, AnomalibModule):
         score_reducer: str = "max",
         blur_sigma: float | None = None,
         stats_split: str = "auto",
+        stats_max_images: int | None = None,
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.01,
@@ -142,6 +145,9 @@ class GLCF(CheckpointBackboneMixin, AnomalibModule):
         if lr_decay_epoch < 1 or not 0 < lr_decay_factor <= 1:
             msg = f"need lr_decay_epoch >= 1 and 0 < lr_decay_factor <= 1; got {lr_decay_epoch}, {lr_decay_factor}."
             raise ValueError(msg)
+        if stats_max_images is not None and stats_max_images < 1:
+            msg = f"stats_max_images must be a positive number of images or None, got {stats_max_images}."
+            raise ValueError(msg)
         if stats_split not in STATS_SPLITS:
             msg = f"stats_split must be one of {STATS_SPLITS}, got {stats_split!r}."
             raise ValueError(msg)
@@ -155,6 +161,7 @@ class GLCF(CheckpointBackboneMixin, AnomalibModule):
         self.lr_decay_epoch = int(lr_decay_epoch)
         self.lr_decay_factor = float(lr_decay_factor)
         self.stats_split = stats_split
+        self.stats_max_images = stats_max_images
         self._stats_stale = False
 
         self.model = GLCFModel(
@@ -285,6 +292,15 @@ class GLCF(CheckpointBackboneMixin, AnomalibModule):
         transform = getattr(self.pre_processor, "transform", None)
         return transform(images) if transform is not None else images
 
+    def _limited(self, batches: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
+        """Stop once ``stats_max_images`` images have been yielded (whole batches)."""
+        seen = 0
+        for images in batches:
+            if self.stats_max_images is not None and seen >= self.stats_max_images:
+                return
+            seen += int(images.shape[0])
+            yield images
+
     def fit_statistics(self, dataloader: Iterable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Fit ``(μ, σ)`` per (branch, scale) on normal images and store them as buffers.
 
@@ -297,7 +313,7 @@ class GLCF(CheckpointBackboneMixin, AnomalibModule):
         if dataloader is None:
             dataloader, source = self._statistics_source()
         with torch.inference_mode(False), torch.no_grad():
-            mean, std = self.model.fit_statistics(self._prepare(batch) for batch in dataloader)
+            mean, std = self.model.fit_statistics(self._limited(self._prepare(batch) for batch in dataloader))
         self._stats_stale = False
         logger.info(
             "GLCF: map statistics fitted on the %s images: mean %s, std %s", source, mean.tolist(), std.tolist()
