@@ -293,9 +293,19 @@ def test_jitter_keeps_the_papers_noise_to_token_ratio_in_training_only(embed_dim
     assert width_matched_jitter_scale(768) == 20.0
 
 
-def test_explicit_jitter_scale_is_used():
-    assert tiny(jitter_scale=0.0).model.jitter_scale == 0.0
-    assert tiny(embed_dim=256, num_heads=8).model.jitter_scale == pytest.approx(20 * math.sqrt(256 / 768))
+def test_explicit_jitter_scale_is_used(monkeypatch):
+    """``jitter_scale=0`` trains without noise: with the random mask fixed, two training passes agree exactly; with
+    the default they do not."""
+    images = torch.randn(2, 3, 64, 64)
+    outputs = {}
+    for scale in (0.0, None):
+        torch.manual_seed(0)
+        net = tiny(jitter_scale=scale).model.train()
+        monkeypatch.setattr(net, "training_mask", lambda b, n, device: torch.zeros(b, n, dtype=torch.bool))
+        with torch.no_grad():
+            outputs[scale] = (net(images).pred_tokens, net(images).pred_tokens)
+    torch.testing.assert_close(*outputs[0.0], rtol=0, atol=0)
+    assert not torch.allclose(*outputs[None])
     with pytest.raises(ValueError, match="jitter_scale"):
         tiny(jitter_scale=-1.0)
 
