@@ -89,7 +89,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         results = engine.test(model=model, datamodule=datamodule)[0]
         rows.append(
             {
-                "model": f"GLCF ({branch})",
+                "model": f"GLCF ({branch}, seed {seed})",
                 "seed": seed,
                 **{m: float(results[m]) for m in harness.METRICS if m in results},
                 "train_s": train_s,

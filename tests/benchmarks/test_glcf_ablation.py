@@ -61,7 +61,7 @@ def test_ablation_writes_one_row_per_branch(tmp_path: Path, offline_hf_cache: Pa
     assert ablation.main(argv) == 0
     data = json.loads((tmp_path / "out" / "glcf_tiny.json").read_text())
     rows = data["rows"]
-    assert [r["model"] for r in rows] == ["GLCF (local)", "GLCF (both)"]
+    assert [r["model"] for r in rows] == ["GLCF (local, seed 0)", "GLCF (both, seed 0)"]
     for row in rows:
         assert "error" not in row, row
         assert 0.0 <= row["image_AUROC"] <= 1.0 and row["steps"] == 2
