@@ -84,6 +84,9 @@ class SCLVI(CheckpointBackboneMixin, AnomalibModule):
         >>> Engine(max_steps=476_400).fit(model, datamodule=datamodule)  # doctest: +SKIP
     """
 
+    # Memory banks change size with the training set: checkpoint loading re-sizes them instead of refusing them.
+    resizable_buffers = ("memory_bank_64", "memory_bank_32")
+
     def __init__(
         self,
         image_size: int | tuple[int, int] | None = None,
