@@ -610,3 +610,17 @@ def test_lightning_fit_statistics_applies_the_pre_processor_and_the_image_cap():
     assert not torch.allclose(other[0], expected[0])
     with pytest.raises(ValueError, match="stats_max_images"):
         tiny(stats_max_images=0)
+
+
+def test_statistics_are_outdated_after_training_steps_or_loading_other_weights():
+    torch.manual_seed(0)
+    model = tiny()
+    assert not model.statistics_outdated()  # nothing fitted in this process: checkpoint statistics are trusted
+    model.fit_statistics([torch.rand(2, 3, 64, 64)])
+    assert not model.statistics_outdated()
+    snapshot = {k: v.clone() for k, v in model.model.state_dict().items()}
+    with torch.no_grad():
+        model.model.global_estimator.heads[0].weight.add_(0.01)
+    assert model.statistics_outdated()
+    model.model.load_state_dict(snapshot)  # back to the weights the statistics were fitted with
+    assert not model.statistics_outdated()

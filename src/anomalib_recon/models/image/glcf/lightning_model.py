@@ -163,6 +163,7 @@ class GLCF(CheckpointBackboneMixin, AnomalibModule):
         self.stats_split = stats_split
         self.stats_max_images = stats_max_images
         self._stats_stale = False
+        self._stats_fingerprint: tuple[float, float] | None = None
 
         self.model = GLCFModel(
             backbone=backbone,
@@ -240,9 +241,35 @@ class GLCF(CheckpointBackboneMixin, AnomalibModule):
         return batch.update(**predictions._asdict())
 
     # ------------------------------------------------------------------------------------------------ statistics
+    def _weights_fingerprint(self) -> tuple[float, float]:
+        """Cheap summary of the trainable weights (sum and sum of squares, float64)."""
+        total, squares = 0.0, 0.0
+        with torch.no_grad():
+            for param in self.model.parameters():
+                if param.requires_grad:
+                    flat = param.detach().double()
+                    total += float(flat.sum())
+                    squares += float((flat * flat).sum())
+        return total, squares
+
+    def statistics_outdated(self) -> bool:
+        """Whether the weights changed since the statistics were fitted in this process.
+
+        True after training steps, or after other weights were loaded into ``model`` (e.g. a learning-curve
+        snapshot). Statistics restored from a checkpoint are trusted (no fingerprint yet).
+        """
+        if self._stats_stale:
+            return True
+        return self._stats_fingerprint is not None and self._stats_fingerprint != self._weights_fingerprint()
+
     def on_validation_start(self) -> None:
         """Refit the map statistics when the weights changed since the last fit (validation inside ``fit``)."""
-        if self._stats_stale:
+        if self.statistics_outdated():
+            self.fit_statistics()
+
+    def on_test_start(self) -> None:
+        """Refit the map statistics if other weights were loaded since they were fitted."""
+        if self.statistics_outdated():
             self.fit_statistics()
 
     def on_train_end(self) -> None:
@@ -315,6 +342,7 @@ class GLCF(CheckpointBackboneMixin, AnomalibModule):
         with torch.inference_mode(False), torch.no_grad():
             mean, std = self.model.fit_statistics(self._limited(self._prepare(batch) for batch in dataloader))
         self._stats_stale = False
+        self._stats_fingerprint = self._weights_fingerprint()
         logger.info(
             "GLCF: map statistics fitted on the %s images: mean %s, std %s", source, mean.tolist(), std.tolist()
         )
