@@ -5,7 +5,7 @@ in its own subprocess through anomalib's ``Engine`` (the harness's datamodule), 
 and the per-scale maps give every fusion at no extra cost: ``K64 x K32`` (the paper), ``K64`` alone, ``K32`` alone
 and ``K64 + K32`` — as the reference's ``eval_embeddings_NN_multiK`` reports them. Metrics are computed here on the
 raw maps (image AUROC of the map max, pixel AUROC against the masks), so no post-processor statistics are involved.
-Results go to ``benchmarks/results/scl_vi_<name>.json`` / ``.md``.
+Results go to ``benchmarks/results/scl_vi_ablation_<name>.json`` / ``.md``.
 
 Example (offline, Magnetic Tile at 128 px, CPU-sized encoder)::
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps({"model": args.single}), flush=True)
         return 0
     header = {
-        "name": f"scl_vi_{args.name}",
+        "name": f"scl_vi_ablation_{args.name}",
         "command": "python benchmarks/scl_vi_ablation.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "machine": harness.machine_info(),
         "dataset": args.dataset,

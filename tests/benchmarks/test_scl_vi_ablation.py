@@ -18,7 +18,7 @@ def test_ablation_rows_per_variant_and_fusion(folder_dataset: Path, tmp_path) ->
     argv += ["--batch-size", "4", "--threads", "1", "--workers", "0", "--results-dir", str(tmp_path / "results")]
     argv += ["--work-dir", str(tmp_path / "work"), "--name", "tiny", "--model-args", json.dumps(model_args)]
     assert ablation.main(argv) == 0
-    result = json.loads((tmp_path / "results" / "scl_vi_tiny.json").read_text())
+    result = json.loads((tmp_path / "results" / "scl_vi_ablation_tiny.json").read_text())
     rows = {row["model"]: row for row in result["rows"]}
     expected = {f"SCLVI ({v}, {f})" for v in ("svdd", "jigsaw") for f in ablation.FUSIONS}
     assert set(rows) == expected
@@ -31,4 +31,4 @@ def test_ablation_rows_per_variant_and_fusion(folder_dataset: Path, tmp_path) ->
     for variant in ("svdd", "jigsaw"):  # the fusions of a variant score the same banks differently
         aurocs = {rows[f"SCLVI ({variant}, {f})"]["pixel_AUROC"] for f in ablation.FUSIONS}
         assert len(aurocs) > 1
-    assert "jigsaw" in (tmp_path / "results" / "scl_vi_tiny.md").read_text()
+    assert "jigsaw" in (tmp_path / "results" / "scl_vi_ablation_tiny.md").read_text()
