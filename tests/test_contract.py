@@ -36,10 +36,32 @@ ATOL = 1e-4
 LITE0 = {"backbone": "tf_efficientnet_lite0", "weights": "imagenet"}
 # name -> (constructor arguments, input size, training steps)
 CONTRACT_KWARGS: dict[str, tuple[dict[str, Any], int, int]] = {
-    "NAFRAD": ({**LITE0, "layers": [1, 2], "base_channels": 32, "latent_channels": 32, "seg_base_width": 8}, 256, 2),
+    "NAFRAD": (
+        {**LITE0, "layers": [0, 1], "image_size": 128, "base_channels": 32, "latent_channels": 64, "seg_base_width": 8},
+        128,
+        2,
+    ),
     "AGPNet": ({**LITE0, "image_size": 64, "decoder_dim": 64, "decoder_heads": 2, "decoder_depth": 1}, 64, 2),
     "AMINet": ({**LITE0, "embed_dim": 32, "depth": 1, "num_heads": 2, "image_size": 64}, 64, 2),
     "InpFormerPP": ({**LITE0, "image_size": 64, "decoder_depth": 2, "seg_channels": [16, 8]}, 64, 2),
+    "GRNR": ({**LITE0, "image_size": 64, "num_global_priors": 8}, 64, 1),
+    "SCLVI": (
+        {"image_size": 64, "feature_dim": 16, "width": 0.125, "strides": {64: 4, 32: 16}, "pair_batch_size": 8},
+        64,
+        2,
+    ),
+    "DADF": (  # a step switch: 2 reconstruction steps, then 2 flow steps
+        {**LITE0, "image_size": 64, "embed_dim_per_scale": 16, "depth": 1, "num_heads": 2, "flow_steps": 2}
+        | {"reconstruction_steps": 2},
+        64,
+        4,
+    ),
+    "GLCF": (
+        {**LITE0, "image_size": 64, "embed_dim": 32, "depth": 1, "num_heads": 2}
+        | {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2},
+        64,
+        2,
+    ),
 }
 
 

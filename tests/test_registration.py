@@ -47,6 +47,29 @@ TINY_KWARGS: dict[str, dict] = {
         "image_size": 64,
     },
     "NAFRAD": {"backbone": "tf_efficientnet_lite0", "layers": [1, 2], "weights": None},
+    "GRNR": {"backbone": "tf_efficientnet_lite0", "weights": None, "image_size": 64, "num_global_priors": 8},
+    "SCLVI": {"image_size": 64, "feature_dim": 16, "width": 0.125, "pair_batch_size": 8},
+    "DADF": {
+        "backbone": "tf_efficientnet_lite0",
+        "weights": None,
+        "image_size": 64,
+        "embed_dim_per_scale": 16,
+        "depth": 1,
+        "num_heads": 2,
+        "flow_steps": 2,
+        "reconstruction_steps": 2,
+    },
+    "GLCF": {
+        "backbone": "tf_efficientnet_lite0",
+        "weights": None,
+        "image_size": 64,
+        "embed_dim": 32,
+        "depth": 1,
+        "num_heads": 2,
+        "decoder_embed_dim": 32,
+        "decoder_depth": 1,
+        "decoder_num_heads": 2,
+    },
 }
 
 
