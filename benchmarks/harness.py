@@ -149,9 +149,9 @@ def build_model(name: str, args: argparse.Namespace):
         "visualizer": False,  # metrics only; `anomalib predict` produces the images
     }
     if cls.__module__.startswith("anomalib_recon"):
-        kwargs |= {"backbone": args.backbone, "weights": "imagenet"}
-        if "image_size" in inspect.signature(cls.__init__).parameters:
-            kwargs["image_size"] = args.image_size
+        params = inspect.signature(cls.__init__).parameters  # SCLVI trains from scratch: no backbone, no weights
+        kwargs |= {"backbone": args.backbone, "weights": "imagenet", "image_size": args.image_size}
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
     elif name in {"Padim", "Patchcore", "Stfpm"}:
         kwargs |= {"backbone": args.backbone, "layers": (LITE_LAYERS if lite else RESNET_LAYERS)[name]}
         if name == "Padim" and lite:

@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-import timm
 import torch
 from anomalib.data import InferenceBatch
 from anomalib.models.components.flow import AllInOneBlock
@@ -28,7 +27,7 @@ from FrEIA.framework import SequenceINN
 from timm.layers import Mlp
 from torch import nn
 
-from anomalib_recon.components.feature_extractor import FeatureExtractor
+from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
 from anomalib_recon.components.patch_embed import MultiScalePatchEmbed, TokenToFeatureHead, patchify
 from anomalib_recon.components.position import SinCosPositionEmbedding2D
 from anomalib_recon.components.tracing import is_tracing
@@ -56,21 +55,7 @@ def default_layers(backbone: str) -> list[int | str]:
 
     ``layer1``-``layer3`` for ResNets (the reference), ``blocks.1, blocks.2, blocks.4`` for EfficientNet-Lite.
     """
-    if not timm.is_model(backbone.split(".")[0]):
-        msg = f"Unknown timm backbone '{backbone}'. See timm.list_models() for valid names."
-        raise ValueError(msg)
-    info = list(getattr(timm.create_model(backbone, pretrained=False), "feature_info", []))
-    chosen: list[int | str] = []
-    for stride in FEATURE_STRIDES:
-        names = [entry["module"] for entry in info if entry.get("reduction") == stride]
-        if not names:
-            msg = (
-                f"Cannot pick default layers for '{backbone}': no feature layer at stride {stride}. "
-                "Pass layers explicitly, e.g. layers=['layer1', 'layer2', 'layer3']."
-            )
-            raise ValueError(msg)
-        chosen.append(names[-1])
-    return chosen
+    return layers_at_strides(backbone, None, FEATURE_STRIDES)
 
 
 # ---------------------------------------------------------------------------------------------------- dual attention

@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import timm
 import torch
 from anomalib.data import InferenceBatch
 from anomalib.models.components.backbone.resnet_decoder import (
@@ -36,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from anomalib_recon.components.anomaly_map import make_blur, reduce_max, reduce_std
-from anomalib_recon.components.feature_extractor import FeatureExtractor
+from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
 from anomalib_recon.components.patch_embed import MultiScalePatchEmbed
 from anomalib_recon.components.position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
 from anomalib_recon.components.tracing import is_tracing
@@ -72,22 +71,7 @@ def resolve_layers(backbone: str, layers: Sequence[int | str] | None) -> list[in
             )
             raise ValueError(msg)
         return layers
-    if not timm.is_model(backbone.split(".")[0]):
-        msg = f"Unknown timm backbone '{backbone}'. See timm.list_models() for valid names."
-        raise ValueError(msg)
-    info = list(getattr(timm.create_model(backbone, pretrained=False), "feature_info", []))
-    chosen: list[int | str] = []
-    for stride in FEATURE_STRIDES:
-        names = [entry["module"] for entry in info if entry.get("reduction") == stride]
-        if not names:
-            found = [(entry["module"], entry.get("reduction")) for entry in info]
-            msg = (
-                f"Cannot pick default layers for '{backbone}': no feature layer at stride {stride} (found {found}). "
-                "Pass four layers explicitly, e.g. layers=[1, 2, 3, 4]."
-            )
-            raise ValueError(msg)
-        chosen.append(names[-1])
-    return chosen
+    return layers_at_strides(backbone, None, FEATURE_STRIDES)
 
 
 # ---------------------------------------------------------------------------------------------------- decoders
