@@ -12,7 +12,6 @@ from .anomaly_map import (
     reduce_std,
     reduce_topk_mean,
 )
-from .ema import EMATeacher
 from .feature_extractor import BackboneInfo, FeatureExtractor, layers_at_strides, probe_backbone
 from .few_shot import dihedral_augment, few_shot_subset, restrict_to_few_shot
 from .losses import (
@@ -58,7 +57,6 @@ __all__ = [
     "AnomalyMapGenerator",
     "BackboneInfo",
     "CheckpointBackboneMixin",
-    "EMATeacher",
     "EpochSchedule",
     "FeatureAggregator",
     "FeatureExtractor",
