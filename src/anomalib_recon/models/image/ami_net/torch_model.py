@@ -21,7 +21,6 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import timm
 import torch
 from anomalib.data import InferenceBatch
 from timm.models.vision_transformer import Block
@@ -29,7 +28,7 @@ from torch import nn
 
 from anomalib_recon.components.aggregation import FeatureAggregator
 from anomalib_recon.components.anomaly_map import AnomalyMapGenerator, reduce_std
-from anomalib_recon.components.feature_extractor import FeatureExtractor
+from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
 from anomalib_recon.components.losses import norm_cosine_distance
 from anomalib_recon.components.patch_embed import PatchEmbed, TokenToFeatureHead, patchify
 from anomalib_recon.components.perturbation import norm_scaled_jitter, random_token_mask, token_mask
@@ -72,28 +71,7 @@ def resolve_layers(backbone: str, layers: Sequence[int | str] | None) -> list[in
     That is ``layer1``-``layer3`` for ResNets (the paper's choice) and e.g. ``blocks.1, blocks.2, blocks.4`` for
     EfficientNet-Lite.
     """
-    if layers is not None:
-        layers = list(layers)
-        if not layers:
-            msg = "layers must name at least one backbone layer, e.g. ['layer1', 'layer2', 'layer3'] or [1, 2, 3]."
-            raise ValueError(msg)
-        return layers
-    if not timm.is_model(backbone.split(".")[0]):
-        msg = f"Unknown timm backbone '{backbone}'. See timm.list_models() for valid names."
-        raise ValueError(msg)
-    info = list(getattr(timm.create_model(backbone, pretrained=False), "feature_info", []))
-    chosen: list[int | str] = []
-    for stride in FEATURE_STRIDES:
-        names = [entry["module"] for entry in info if entry.get("reduction") == stride]
-        if not names:
-            found = [(entry["module"], entry.get("reduction")) for entry in info]
-            msg = (
-                f"Cannot pick default layers for '{backbone}': no feature layer at stride {stride} "
-                f"(found {found}). Pass layers explicitly, e.g. layers=[1, 2, 3]."
-            )
-            raise ValueError(msg)
-        chosen.append(names[-1])
-    return chosen
+    return layers_at_strides(backbone, layers, FEATURE_STRIDES)
 
 
 def adaptive_mask(scores: torch.Tensor, clusters: torch.Tensor, num_clusters: int, sigma: float) -> torch.Tensor:
