@@ -537,7 +537,7 @@ def test_label_only_heatmaps_do_not_saturate_and_scores_are_unchanged(tmp_path):
         post.enable_threshold_matching = True
         on = model(images)
     saturated = {name: float((out.anomaly_map >= 1).float().mean()) for name, out in (("off", off), ("on", on))}
-    assert saturated["on"] > 0.5  # the problem (measured: 70 % of the pixels clamp to 1; on ELPV 99 %)
+    assert saturated["on"] > 0.25  # the problem (measured: 46-70 % of the pixels clamp to 1 here; on ELPV 99 %)
     assert saturated["off"] < 0.05
     assert float(off.anomaly_map.std()) > 2 * float(on.anomaly_map.std())  # measured 0.17 vs 0.06
     torch.testing.assert_close(off.pred_score, on.pred_score)
