@@ -232,7 +232,8 @@ def convert_lite_state_dict(model_name: str) -> dict:
     if path is None:
         raise OfflineWeightsError(_offline_message(model_name))
     source = torch.load(path, map_location="cpu", weights_only=True)
-    target = timm.create_model(_base_name(model_name), pretrained=False).state_dict()
+    with torch.device("meta"):  # shapes only: no allocation, and the global RNG is left as it was
+        target = timm.create_model(_base_name(model_name), pretrained=False).state_dict()
     if len(source) != len(target):
         msg = f"{path} has {len(source)} tensors, timm's {model_name} expects {len(target)}."
         raise OfflineWeightsError(msg)
