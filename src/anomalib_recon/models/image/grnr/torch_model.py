@@ -21,14 +21,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
 from anomalib.data import InferenceBatch
 from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
-from anomalib_recon.components.feature_extractor import FeatureExtractor
+from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
 from anomalib_recon.components.tracing import is_tracing
 
 __all__ = [
@@ -53,28 +52,7 @@ def resolve_layers(backbone: str, layers: Sequence[int | str] | None) -> list[in
     ``layer2, layer3`` for ResNets (the paper), ``blocks.2, blocks.4`` (``features_only`` indices 2, 3) for
     EfficientNet-Lite.
     """
-    if layers is not None:
-        layers = list(layers)
-        if not layers:
-            msg = "layers must name at least one backbone layer, e.g. ['layer2', 'layer3'] or [2, 3]."
-            raise ValueError(msg)
-        return layers
-    if not timm.is_model(backbone.split(".")[0]):
-        msg = f"Unknown timm backbone '{backbone}'. See timm.list_models() for valid names."
-        raise ValueError(msg)
-    info = list(getattr(timm.create_model(backbone, pretrained=False), "feature_info", []))
-    chosen: list[int | str] = []
-    for stride in FEATURE_STRIDES:
-        names = [entry["module"] for entry in info if entry.get("reduction") == stride]
-        if not names:
-            found = [(entry["module"], entry.get("reduction")) for entry in info]
-            msg = (
-                f"Cannot pick default layers for '{backbone}': no feature layer at stride {stride} "
-                f"(found {found}). Pass layers explicitly, e.g. layers=[2, 3]."
-            )
-            raise ValueError(msg)
-        chosen.append(names[-1])
-    return chosen
+    return layers_at_strides(backbone, layers, FEATURE_STRIDES)
 
 
 # ------------------------------------------------------------------------------------------------ the algorithm
