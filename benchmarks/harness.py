@@ -131,6 +131,8 @@ def build_model(name: str, args: argparse.Namespace):
     import anomalib.models as am
     from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
 
+    from anomalib_recon.components.preprocessing import resize_pre_processor
+
     evaluator = Evaluator(
         test_metrics=[
             AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
@@ -145,7 +147,11 @@ def build_model(name: str, args: argparse.Namespace):
     lite = "lite" in args.backbone
     kwargs: dict = {
         "evaluator": evaluator,
-        "pre_processor": cls.configure_pre_processor(image_size=size),
+        # one protocol: anomalib's peers get the same non-antialiased resize + ImageNet normalisation as our models
+        # (their own default antialiases, which anomalib's forward and exports then drop)
+        "pre_processor": cls.configure_pre_processor(image_size=size)
+        if cls.__module__.startswith("anomalib_recon")
+        else resize_pre_processor(size),
         "visualizer": False,  # metrics only; `anomalib predict` produces the images
     }
     if cls.__module__.startswith("anomalib_recon"):
