@@ -43,6 +43,10 @@ RESNET_LAYERS = {
     "Stfpm": ["layer1", "layer2", "layer3"],
 }
 
+# Benchmark baselines (not product models): resolved from benchmarks/baselines.py, not anomalib.models.
+BASELINES_FILE = Path(__file__).resolve().parent / "baselines.py"
+BASELINE_NAMES = ("MeanFeature",)
+
 
 def machine_info() -> dict:
     """What the numbers were measured on."""
@@ -126,9 +130,25 @@ def _folder_datamodule(args: argparse.Namespace):
     )
 
 
+def model_class(name: str) -> type:
+    """A benchmark baseline from ``baselines.py`` (``MeanFeature``), else ``anomalib.models.<name>`` (ours included)."""
+    import importlib.util
+
+    import anomalib.models as am
+
+    if name in BASELINE_NAMES:
+        module = sys.modules.get("benchmark_baselines")
+        if module is None:
+            spec = importlib.util.spec_from_file_location("benchmark_baselines", BASELINES_FILE)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        return module.BASELINES[name]
+    return getattr(am, name)
+
+
 def build_model(name: str, args: argparse.Namespace):
     """One model with the shared backbone, image size and anomalib's full test metrics."""
-    import anomalib.models as am
     from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
 
     from anomalib_recon.components.preprocessing import resize_pre_processor
@@ -142,7 +162,7 @@ def build_model(name: str, args: argparse.Namespace):
             AUPR(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
         ]
     )
-    cls = getattr(am, name)
+    cls = model_class(name)
     size = (args.image_size, args.image_size)
     lite = "lite" in args.backbone
     kwargs: dict = {
@@ -162,6 +182,9 @@ def build_model(name: str, args: argparse.Namespace):
         kwargs |= {"backbone": args.backbone, "layers": (LITE_LAYERS if lite else RESNET_LAYERS)[name]}
         if name == "Padim" and lite:
             kwargs["n_features"] = 100  # random subset of the 176 channels, as Padim does for resnet18 (100 of 448)
+    elif name in BASELINE_NAMES:  # the trivial baseline reads the same layers as Padim
+        layers = (LITE_LAYERS if lite else RESNET_LAYERS)["Padim"]
+        kwargs |= {"backbone": args.backbone, "layers": layers, "weights": "imagenet"}
     elif name == "ReverseDistillation":
         if not args.backbone.startswith(("resnet", "wide_resnet")):
             msg = "n/a: ReverseDistillation needs a ResNet-family backbone (its decoder mirrors ResNet stages)."
