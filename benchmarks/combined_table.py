@@ -213,8 +213,8 @@ def collect(folder: Path, cutoff: float | None) -> tuple[list[dict], list[dict]]
         produced, clock = file_time(path)
         protocol = "unknown" if cutoff is None else ("current" if produced >= cutoff else "old")
         for row in data["rows"]:
-            if not isinstance(row, dict) or "model" not in row:
-                continue
+            if not isinstance(row, dict) or not isinstance(row.get("model"), str):
+                continue  # e.g. per_class.py's rows, whose "model" is a score
             variant, label_seed, snapshot = split_label(str(row["model"]))
             model = base_model(variant)
             if row.get("error"):

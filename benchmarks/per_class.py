@@ -1,12 +1,16 @@
 """Per-defect-class image AUROC of a trained checkpoint, for several image scores computed from its anomaly maps.
 
-Answers "which defects does a model miss, and would another image score help?": the checkpoint's torch model
-is run on the test split (Magnetic Tile, or any MVTec-style ``--data-root``); each defect class is scored
-against all good images with scikit-learn, for the model's own ``pred_score`` and for scores reduced from its
-maps (std, max, top-1 % mean, max of the 5×5 average-pooled map). Pixel AUROC is computed on the maps'
-resolution with nearest-resized masks.
+Answers "which defects does a model miss, and would another image score help?". The inputs are exactly the
+harness's: its datamodule (``harness.build_datamodule``, same dataset, batch size and seed) resizing each image with
+the model's ``Resize`` before collating, as anomalib's datamodules do under ``Engine`` (not anomalib's collate, which
+resizes a batch of mixed-size images to its largest member), and the model as the harness builds it
+(``harness.build_model``: the same pre-processor), which then transforms each batch as ``PreProcessor`` does in
+``Engine.test``. Each defect class is scored against all good images with scikit-learn,
+for the model's own ``pred_score`` and for scores reduced from its raw maps (std, max, top-1 % mean, max of the
+5×5 average-pooled map). Pixel AUROC (where the dataset has masks) is computed on the maps with the
+pre-processed masks (nearest-resized if a map is smaller than the input).
 
-Example::
+Example (the checkpoint of a harness run with the same ``--image-size``/``--batch-size``/``--seed``)::
 
     python benchmarks/per_class.py --model AMINet --ckpt /tmp/exp/ami/model.ckpt --image-size 128
 """
@@ -26,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import DEFAULT_MT_ROOT, build_datamodule, machine_info
+import harness
 
 SKIP_ARGS = {"evaluator", "pre_processor", "post_processor", "visualizer"}
 
@@ -47,13 +51,19 @@ def image_scores(maps, pred_score) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Evaluate, print a markdown table, optionally write it (and JSON) to ``--out``."""
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments (the data settings are the harness's, with its defaults)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--ckpt", required=True)
+    p.add_argument("--dataset", choices=["magnetic_tile", "elpv", "folder"], default="magnetic_tile")
+    p.add_argument("--data-root", default=None, help="dataset folder (magnetic_tile: optional; folder: required)")
+    p.add_argument("--cell-type", default="mono")
+    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="as the harness run (the checkpoint's wins)")
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="as the harness run: batches are collated per batch")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="as the harness run (ELPV's split)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write <out>.md and <out>.json")
     p.add_argument(
@@ -62,9 +72,54 @@ def main(argv: list[str] | None = None) -> int:
         default={},
         help="init args over the checkpoint's, JSON, e.g. '{\"adaptive_mask_at_inference\": false}'",
     )
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import anomalib.models as am
+
+def load_model(args: argparse.Namespace):
+    """The model as the harness builds it (its pre-processor), with the checkpoint's init args and weights."""
+    import torch
+
+    from anomalib_recon.components.weights import restoring_from_checkpoint
+
+    cls = harness.model_class(args.model)
+    state = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    allowed = set(inspect.signature(cls.__init__).parameters) - SKIP_ARGS
+    init = {k: v for k, v in state.get("hyper_parameters", {}).items() if k in allowed} | args.init_args
+    ns = argparse.Namespace(backbone=args.backbone, image_size=args.image_size, model_args={args.model: init})
+    with restoring_from_checkpoint():  # our models: no weight download, the checkpoint holds the backbone
+        model = harness.build_model(args.model, ns)
+    result = model.load_state_dict(state["state_dict"], strict=False)  # the evaluator's metric states may differ
+    missing = [k for k in result.missing_keys if k.startswith("model.")]
+    if missing:
+        msg = f"{args.ckpt} lacks {len(missing)} weights of {args.model} (e.g. {missing[:3]}): another model or size?"
+        raise ValueError(msg)
+    return model.eval()
+
+
+def harness_test_batches(model, datamodule):
+    """``(images, masks, batch)`` per test batch, exactly as ``Engine.test`` feeds ``model.model``.
+
+    Under a trainer, anomalib's image datamodules append the model's ``Resize`` to each dataset's augmentations, so
+    every image is resized on its own before collating (``AnomalibDataModule._update_augmentations``); without it,
+    anomalib's collate would first resize a batch of mixed-size images (Magnetic Tile) to its largest member. Then
+    the model's pre-processor transforms images and masks together, as ``PreProcessor.on_test_batch_start`` does.
+    """
+    datamodule.setup()
+    transform = model.pre_processor.transform if model.pre_processor is not None else None
+    if transform is not None:  # what the datamodule does once a trainer holds the model
+        datamodule._update_subset_augmentations(datamodule.test_data, datamodule.test_augmentations, transform)
+    for batch in datamodule.test_dataloader():
+        if transform is not None:
+            images, masks = transform(batch.image, batch.gt_mask)
+        else:
+            images, masks = batch.image, batch.gt_mask
+        yield images, masks, batch
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate, print a markdown table, optionally write it (and JSON) to ``--out``."""
+    args = parse(argv)
+
     import torch
     from sklearn.metrics import roc_auc_score
 
@@ -72,31 +127,31 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    cls = getattr(am, args.model)
-    state = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-    allowed = set(inspect.signature(cls.__init__).parameters) - SKIP_ARGS
-    init = {k: v for k, v in state.get("hyper_parameters", {}).items() if k in allowed} | args.init_args
-    size = (args.image_size, args.image_size)
-    model = cls(**init, pre_processor=cls.configure_pre_processor(image_size=size), evaluator=False, visualizer=False)
-    model.load_state_dict(state["state_dict"], strict=False)  # the harness evaluator's metric states are not needed
-    model.eval()
-
-    root = Path(args.data_root or os.environ.get("ANOMALIB_RECON_MAGNETIC_TILE", DEFAULT_MT_ROOT))
-    folder = argparse.Namespace(dataset="folder", data_root=str(root), batch_size=16, workers=1, seed=0)
-    data = build_datamodule(folder)  # the harness's MVTec-style Folder (checks the layout, one clear error)
-    data.setup()
+    model = load_model(args)
+    data_args = argparse.Namespace(
+        dataset=args.dataset,
+        data_root=args.data_root,
+        cell_type=args.cell_type,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        seed=args.seed,
+    )
+    data = harness.build_datamodule(data_args)  # the harness's datamodule: same collate, same split
     maps, scores, labels, masks, classes = [], [], [], [], []
     with torch.no_grad():
-        for batch in data.test_dataloader():
-            out = model.model(model.pre_processor.transform(batch.image))
+        for images, gt_mask, batch in harness_test_batches(model, data):
+            out = model.model(images)
             m = out.anomaly_map[:, 0] if out.anomaly_map.dim() == 4 else out.anomaly_map
             maps.append(m)
             scores.append(out.pred_score.flatten())
             labels.append(batch.gt_label)
-            gt = torch.nn.functional.interpolate(batch.gt_mask.float().unsqueeze(1), size=m.shape[-2:])
-            masks.append(gt[:, 0])
+            if gt_mask is not None:
+                gt = gt_mask.float().reshape(len(m), 1, *gt_mask.shape[-2:])
+                if gt.shape[-2:] != m.shape[-2:]:
+                    gt = torch.nn.functional.interpolate(gt, size=m.shape[-2:], mode="nearest")
+                masks.append(gt[:, 0])
             classes += [Path(p).parent.name for p in batch.image_path]
-    maps, labels, masks = torch.cat(maps), torch.cat(labels).numpy(), torch.cat(masks)
+    maps, labels = torch.cat(maps), torch.cat(labels).numpy()
     reduced = {k: v.numpy() for k, v in image_scores(maps, torch.cat(scores)).items()}
     classes = np.array(classes)
     good = labels == 0
@@ -106,16 +161,24 @@ def main(argv: list[str] | None = None) -> int:
         row = {"class": name, "n": int((~good & sel).sum())}
         row |= {k: round(float(roc_auc_score(labels[sel], v[sel])), 4) for k, v in reduced.items()}
         rows.append(row)
-    pixel = float(roc_auc_score(masks.flatten().numpy() > 0.5, maps.flatten().numpy()))
+    pixel = None
+    if masks and len(masks) == len(scores):
+        flat = torch.cat(masks).flatten().numpy() > 0.5
+        if 0 < flat.sum() < flat.size:
+            pixel = float(roc_auc_score(flat, maps.flatten().numpy()))
+    command = "python benchmarks/per_class.py " + " ".join(shlex.quote(a) for a in argv or sys.argv[1:])
     cols = list(rows[0])
+    pixel_text = f"Pixel AUROC on the maps: {pixel:.4f}." if pixel is not None else "No pixel masks: no pixel AUROC."
     lines = [
         f"# per-class image AUROC: {args.model}",
         "",
-        "Command: `python benchmarks/per_class.py " + " ".join(shlex.quote(a) for a in argv or sys.argv[1:]) + "`",
+        f"Command: `{command}`",
         "",
-        f"Machine: {json.dumps(machine_info())}",
+        f"Machine: {json.dumps(harness.machine_info())}",
         "",
-        f"Test images per class: {dict(Counter(classes.tolist()))}. Pixel AUROC on the maps: {pixel:.4f}.",
+        f"Inputs: the harness's {args.dataset} test split at {args.image_size} px (batch {args.batch_size}, seed "
+        f"{args.seed}) through the model's pre-processor. Test images per class: {dict(Counter(classes.tolist()))}. "
+        + pixel_text,
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
@@ -124,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
+        header = {"command": command, "model": args.model, "ckpt": args.ckpt, "dataset": args.dataset}
+        header |= {"image_size": args.image_size, "batch_size": args.batch_size, "seed": args.seed}
         Path(args.out + ".md").write_text(table)
-        Path(args.out + ".json").write_text(json.dumps({"rows": rows, "pixel_AUROC": pixel}, indent=2))
+        Path(args.out + ".json").write_text(json.dumps({**header, "rows": rows, "pixel_AUROC": pixel}, indent=2))
     return 0
 
 

@@ -1,14 +1,17 @@
-"""benchmarks/per_class.py on a Padim checkpoint trained on the tiny generated folder dataset."""
+"""benchmarks/per_class.py on a Padim checkpoint trained through the harness on a tiny generated folder dataset."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+from PIL import Image
 
-from tests.benchmarks.conftest import load_script
+from tests.benchmarks.conftest import load_script, write_folder_dataset
 
 
 @pytest.fixture(scope="module")
@@ -27,39 +30,53 @@ def test_image_scores_reduce_maps(per_class) -> None:
     assert scores["model"].tolist() == pytest.approx([0.1, 0.2])
 
 
-def test_per_class_table_from_checkpoint(per_class, folder_dataset: Path, offline_hf_cache: Path, tmp_path) -> None:
-    del offline_hf_cache
-    from anomalib.data import Folder
-    from anomalib.engine import Engine
-    from anomalib.models import Padim
+def mixed_size_dataset(root: Path) -> Path:
+    """The tiny folder dataset with some test images (and their masks) at other sizes, as in Magnetic Tile."""
+    write_folder_dataset(root)
+    for rel, size in (("test/good/001.png", (72, 90)), ("test/defect/000.png", (100, 72))):
+        Image.open(root / rel).resize(size, Image.BILINEAR).save(root / rel)
+        mask = root / rel.replace("test/", "ground_truth/")
+        if mask.exists():
+            Image.open(mask).resize(size, Image.NEAREST).save(mask)
+    return root
 
-    data = Folder(
-        name="tiles",
-        root=folder_dataset,
-        normal_dir="train/good",
-        normal_test_dir="test/good",
-        abnormal_dir="test/defect",
-        mask_dir="ground_truth/defect",
-        train_batch_size=4,
-        eval_batch_size=4,
-        num_workers=0,
-    )
-    model = Padim(
-        backbone="tf_efficientnet_lite0",
-        layers=["blocks.1", "blocks.2"],
-        n_features=40,
-        pre_processor=Padim.configure_pre_processor(image_size=(64, 64)),
-        visualizer=False,
-    )
-    engine = Engine(accelerator="cpu", devices=1, default_root_dir=str(tmp_path), logger=False)
+
+def test_per_class_sees_exactly_the_harness_inputs(
+    per_class, harness: ModuleType, offline_hf_cache: Path, tmp_path: Path
+) -> None:
+    del offline_hf_cache
+    from anomalib.engine import Engine
+
+    root = mixed_size_dataset(tmp_path / "tiles")
+    common = ["--dataset", "folder", "--data-root", str(root), "--image-size", "64", "--batch-size", "4"]
+    common += ["--workers", "0"]
+    padim_args = json.dumps({"Padim": {"layers": ["blocks.1", "blocks.2"], "n_features": 40}})
+    ns = harness.parse([*common, "--model-args", padim_args])
+    model = harness.build_model("Padim", ns)
+    data = harness.build_datamodule(ns)
+    engine = Engine(accelerator="cpu", devices=1, default_root_dir=str(tmp_path / "run"), logger=False)
     engine.fit(model=model, datamodule=data)
-    ckpt = next(tmp_path.rglob("*.ckpt"))
+    fed: list[torch.Tensor] = []
+    model.model.register_forward_pre_hook(lambda module, inputs: fed.append(inputs[0].detach().clone()))
+    engine.test(model=model, datamodule=data)
+    ckpt = next((tmp_path / "run").rglob("*.ckpt"))
+
+    argv = ["--model", "Padim", "--ckpt", str(ckpt), *common]
+    loaded = per_class.load_model(per_class.parse(argv))
+    data_args = argparse.Namespace(dataset="folder", data_root=str(root), cell_type="mono", batch_size=4)
+    data_args.workers, data_args.seed = 0, 0
+    ours = [images for images, _, _ in per_class.harness_test_batches(loaded, harness.build_datamodule(data_args))]
+    assert len(ours) == 2 and len(fed) >= 2
+    for mine, theirs in zip(ours, fed[-len(ours) :], strict=True):
+        assert mine.shape == theirs.shape == (4, 3, 64, 64)
+        assert torch.equal(mine, theirs)  # same collate, same pre-processor: bit-identical inputs
+
     out = tmp_path / "table"
-    argv = ["--model", "Padim", "--ckpt", str(ckpt), "--image-size", "64", "--data-root", str(folder_dataset)]
     assert per_class.main([*argv, "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     rows = {row["class"]: row for row in result["rows"]}
     assert set(rows) == {"all", "defect"} and rows["defect"]["n"] == 4
     assert rows["all"]["model"] >= 0.9  # saturated blue squares on a grey texture
     assert 0.5 < result["pixel_AUROC"] <= 1.0
+    assert result["dataset"] == "folder" and result["batch_size"] == 4
     assert "| defect | 4 |" in out.with_suffix(".md").read_text()
