@@ -8,13 +8,15 @@ from anomalib_recon.components.aggregation import FeatureAggregator
 from anomalib_recon.components.anomaly_map import (
     AnomalyMapGenerator,
     distance_map,
-    feature_residual_map,
-    image_score,
     reduce_max,
     reduce_max_avgpool,
     reduce_std,
-    reduce_topk_mean,
 )
+
+
+def residual_map(targets, recons, distance="cos", **kwargs) -> torch.Tensor:
+    """One call of a fresh :class:`AnomalyMapGenerator` (the map every model builds)."""
+    return AnomalyMapGenerator(distance=distance, **kwargs)(targets, recons)
 
 
 def _pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +42,7 @@ def test_map_is_higher_where_recon_differs():
     recon = target.clone()
     recon[:, :, 2, 5] = -target[:, :, 2, 5]  # one wrong position
     for d in ("cos", "l2", "cos*l2sq"):
-        amap = feature_residual_map([target], [recon], distance=d, out_size=32, align_corners=True)
+        amap = residual_map([target], [recon], distance=d, out_size=32, align_corners=True)
         assert amap.shape == (1, 1, 32, 32)
         peak = divmod(int(amap.flatten().argmax()), 32)
         assert abs(peak[0] - 2 * 31 / 7) <= 1.5 and abs(peak[1] - 5 * 31 / 7) <= 1.5  # align_corners: i -> i·31/7
@@ -52,13 +54,13 @@ def test_multiscale_combine_upsamples_and_combines():
     t2, r2 = torch.randn(2, 3, 3, 3), torch.randn(2, 3, 3, 3)
     m1 = distance_map(t1, r1, "cos")
     m2 = F.interpolate(distance_map(t2, r2, "cos"), size=(6, 6), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(feature_residual_map([t1, t2], [r1, r2]), (m1 + m2) / 2)
-    torch.testing.assert_close(feature_residual_map([t1, t2], [r1, r2], combine="sum"), m1 + m2)
-    torch.testing.assert_close(feature_residual_map([t1, t2], [r1, r2], combine="prod"), m1 * m2)
-    torch.testing.assert_close(feature_residual_map([t1, t2], [r1, r2], combine=[0.25, 2.0]), 0.25 * m1 + 2 * m2)
+    torch.testing.assert_close(residual_map([t1, t2], [r1, r2]), (m1 + m2) / 2)
+    torch.testing.assert_close(residual_map([t1, t2], [r1, r2], combine="sum"), m1 + m2)
+    torch.testing.assert_close(residual_map([t1, t2], [r1, r2], combine="prod"), m1 * m2)
+    torch.testing.assert_close(residual_map([t1, t2], [r1, r2], combine=[0.25, 2.0]), 0.25 * m1 + 2 * m2)
     stats = [(0.5, 2.0), (1.0, 4.0)]
     torch.testing.assert_close(
-        feature_residual_map([t1, t2], [r1, r2], combine="sum", scale_stats=stats),
+        residual_map([t1, t2], [r1, r2], combine="sum", scale_stats=stats),
         (m1 - 0.5) / 2 + (m2 - 1.0) / 4,
     )
 
@@ -68,23 +70,23 @@ def test_product_after_blur_factorises_like_ami_net():
     gen = AnomalyMapGenerator(
         distance="cos*l2sq", out_size=24, align_corners=True, blur_sigma=1.0, product_after_blur=True
     )
-    sq = feature_residual_map([t], [r], "l2sq_mean", out_size=24, align_corners=True, blur_sigma=1.0)
-    cos = feature_residual_map([t], [r], "cos", out_size=24, align_corners=True, blur_sigma=1.0)
+    sq = residual_map([t], [r], "l2sq_mean", out_size=24, align_corners=True, blur_sigma=1.0)
+    cos = residual_map([t], [r], "cos", out_size=24, align_corners=True, blur_sigma=1.0)
     torch.testing.assert_close(gen([t], [r]), sq * cos)
-    early = feature_residual_map([t], [r], "cos*l2sq", out_size=24, align_corners=True, blur_sigma=1.0)
+    early = residual_map([t], [r], "cos*l2sq", out_size=24, align_corners=True, blur_sigma=1.0)
     assert not torch.allclose(early, sq * cos)
 
 
 def test_blur_preserves_constant_map_and_smooths_a_peak():
     t = torch.randn(1, 3, 8, 8)
     r = -t  # cosine distance exactly 2 everywhere
-    amap = feature_residual_map([t], [r], "cos", out_size=40, blur_sigma=4.0)  # default kernel 33
+    amap = residual_map([t], [r], "cos", out_size=40, blur_sigma=4.0)  # default kernel 33
     torch.testing.assert_close(amap, torch.full_like(amap, 2.0))
     gen = AnomalyMapGenerator(distance="cos", blur_sigma=4.0, blur_kernel=5)
     assert gen.blur.kernel.shape[-1] == 5
     r2 = t.clone()
     r2[:, :, 4, 4] = -t[:, :, 4, 4]
-    raw = feature_residual_map([t], [r2], "cos")
+    raw = residual_map([t], [r2], "cos")
     blurred = gen([t], [r2])
     assert blurred.max() < raw.max()
     torch.testing.assert_close(blurred.sum(), raw.sum(), rtol=0.05, atol=0)  # the kernel integrates to one
@@ -94,13 +96,9 @@ def test_reducers_on_known_map():
     amap = torch.arange(100, dtype=torch.float32).view(1, 1, 10, 10)
     amap = torch.cat([amap, -amap])
     torch.testing.assert_close(reduce_max(amap), torch.tensor([99.0, 0.0]))
-    # top 5 % of 100 pixels = 5 pixels: 95..99 -> mean 97 ; second sample: 0,-1,..,-4 -> -2
-    torch.testing.assert_close(reduce_topk_mean(amap, ratio=0.05), torch.tensor([97.0, -2.0]))
-    torch.testing.assert_close(reduce_topk_mean(amap, ratio=0.001), torch.tensor([99.0, 0.0]))  # at least one pixel
     torch.testing.assert_close(reduce_std(amap), amap.flatten(1).std(dim=1, unbiased=False))
     assert reduce_std(amap, unbiased=True)[0] > reduce_std(amap)[0]
-    torch.testing.assert_close(image_score(amap, "mean"), torch.tensor([49.5, -49.5]))
-    torch.testing.assert_close(image_score(amap[:, 0], "max"), reduce_max(amap))  # (B, H, W) accepted
+    torch.testing.assert_close(reduce_max(amap[:, 0]), reduce_max(amap))  # (B, H, W) accepted
 
 
 def test_max_avgpool_equals_manual_computation():
@@ -116,7 +114,7 @@ def test_max_avgpool_equals_manual_computation():
         ]
     )
     torch.testing.assert_close(reduce_max_avgpool(amap, kernel_size=k, padding=pad), manual)
-    torch.testing.assert_close(image_score(amap, "max_avgpool", kernel_size=k, padding=pad), manual)
+    torch.testing.assert_close(reduce_max_avgpool(amap[:, 0], kernel_size=k, padding=pad), manual)  # (B, H, W)
     # pad 0: best mean of a full 4x4 window
     torch.testing.assert_close(reduce_max_avgpool(amap, 4), F.avg_pool2d(amap, 4, stride=1).flatten(1).amax(1))
 
@@ -124,21 +122,19 @@ def test_max_avgpool_equals_manual_computation():
 def test_clear_errors():
     t, r = _pair()
     with pytest.raises(ValueError, match="distance must be one of"):
-        feature_residual_map([t], [r], distance="l1")
+        residual_map([t], [r], distance="l1")
     with pytest.raises(ValueError, match="equal shape"):
-        feature_residual_map([t], [r[:, :3]])
+        residual_map([t], [r[:, :3]])
     with pytest.raises(ValueError, match="equally long"):
-        feature_residual_map([t, t], [r])
+        residual_map([t, t], [r])
     with pytest.raises(ValueError, match="weights"):
-        feature_residual_map([t], [r], combine=[1.0, 2.0])
+        residual_map([t], [r], combine=[1.0, 2.0])
     with pytest.raises(ValueError, match="combine must be one of"):
         AnomalyMapGenerator(combine="max")
     with pytest.raises(ValueError, match="reflect padding"):
-        feature_residual_map([t], [r], blur_sigma=4.0)  # 33x33 kernel on a 6x6 map
-    with pytest.raises(ValueError, match="method must be one of"):
-        image_score(torch.rand(1, 1, 4, 4), "median")
-    with pytest.raises(ValueError, match="ratio"):
-        reduce_topk_mean(torch.rand(1, 1, 4, 4), ratio=0.0)
+        residual_map([t], [r], blur_sigma=4.0)  # 33x33 kernel on a 6x6 map
+    with pytest.raises(ValueError, match="anomaly map"):
+        reduce_max(torch.rand(4))
     with pytest.raises(ValueError, match="larger than the padded map"):
         reduce_max_avgpool(torch.rand(1, 1, 4, 4), kernel_size=8)
 
@@ -157,20 +153,20 @@ def test_onnx_export_matches_torch():
             self.generator = AnomalyMapGenerator(
                 distance="cos*l2sq", out_size=32, align_corners=True, blur_sigma=2.0, product_after_blur=True
             )
+            self.l2_generator = AnomalyMapGenerator(
+                distance="l2", out_size=32, combine=[0.3, 0.7], blur_sigma=1.0, blur_kernel=5
+            )
 
         def forward(self, f1, f2):
             target = self.aggregator([f1, f2])  # AMI-Net-style target: 8 channels at 8x8
             targets, recons = [target, f2], [self.decoder(target), self.deep_decoder(f2)]  # two scales
             amap = self.generator(targets, recons)
-            amap_l2 = feature_residual_map(
-                targets, recons, "l2", out_size=32, combine=[0.3, 0.7], blur_sigma=1.0, blur_kernel=5
-            )
+            amap_l2 = self.l2_generator(targets, recons)
             return (
                 amap,
-                image_score(amap, "topk_mean", ratio=0.05),
-                image_score(amap_l2, "max_avgpool", kernel_size=8, padding=4),
-                image_score(amap, "std"),
-                image_score(amap_l2, "max"),
+                reduce_max_avgpool(amap_l2, kernel_size=8, padding=4),
+                reduce_std(amap),
+                reduce_max(amap_l2),
             )
 
     model = Tiny().eval()

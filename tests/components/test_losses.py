@@ -6,18 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from anomalib_recon.components.losses import (
-    cosine_distance,
-    dice_loss,
-    focal_loss_on_probs,
-    l1_loss_on_probs,
-    mse_loss,
-    mse_plus_cos,
-    norm_cosine_distance,
-    pairwise_center_diversity,
-    soft_mining_cosine,
-    soft_mining_mse,
-)
+from anomalib_recon.components.losses import cosine_distance, dice_loss, focal_loss_on_probs, mse_loss
 
 
 def test_cosine_distance_identical_zero_opposite_two():
@@ -45,12 +34,11 @@ def test_cosine_distance_per_token_vs_global_differ_and_match_manual():
     assert cosine_distance(a, b, reduction="none").shape == (2, 2, 2)
 
 
-def test_mse_plus_cos():
+def test_mse_loss_matches_torch():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
-    expected = F.mse_loss(a, b) + 5.0 * (1 - F.cosine_similarity(a, b, dim=1)).mean()
-    torch.testing.assert_close(mse_plus_cos(a, b), expected)
     torch.testing.assert_close(mse_loss(a, b), F.mse_loss(a, b))
+    torch.testing.assert_close(mse_loss(a, b, reduction="sum"), F.mse_loss(a, b, reduction="sum"))
 
 
 def test_focal_reduces_to_bce_with_gamma_zero():
@@ -74,80 +62,13 @@ def test_focal_down_weights_easy_examples():
     assert edge.item() == pytest.approx(-math.log(1e-6), rel=1e-3)
 
 
-def test_l1_and_dice():
+def test_dice():
     p = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])
     y = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
-    assert l1_loss_on_probs(p, y).item() == pytest.approx(0.25)
     # dice: inter 1.5, sums 2 + 2, smooth 1 -> 1 - 4/5
     assert dice_loss(p, y).item() == pytest.approx(1 - 4 / 5)
     assert dice_loss(y, y, smooth=0.0).item() == pytest.approx(0.0)
     assert dice_loss(torch.zeros_like(y), torch.zeros_like(y)).item() == pytest.approx(0.0)
-
-
-def test_pairwise_center_diversity_known_value_and_finite_grad():
-    c = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], requires_grad=True)
-    # d(c0,c1)=sqrt2*1, d(c0,c2)=2*2, d(c1,c2)=sqrt2*1
-    expected = (2 * math.sqrt(2) + 4) / 3
-    val = pairwise_center_diversity(c)
-    assert val.item() == pytest.approx(expected, rel=1e-6)
-    val.backward()
-    assert torch.isfinite(c.grad).all()
-    batched = pairwise_center_diversity(torch.stack([c.detach(), c.detach()]))
-    assert batched.item() == pytest.approx(expected, rel=1e-6)
-    torch.testing.assert_close(norm_cosine_distance(c[0].detach(), c[2].detach()), torch.tensor(4.0))
-    # identical centres: zero distance, gradient must stay finite
-    same = torch.ones(3, 4, requires_grad=True)
-    pairwise_center_diversity(same).backward()
-    assert torch.isfinite(same.grad).all()
-
-
-def test_soft_mining_mse_scales_gradient_per_position():
-    g = torch.Generator().manual_seed(3)
-    en = torch.randn(2, 3, 4, 4, generator=g)
-    de = torch.randn(2, 3, 4, 4, generator=g, requires_grad=True)
-    loss = soft_mining_mse(en, de, power=3)
-    torch.testing.assert_close(loss, F.mse_loss(de, en))
-    loss.backward()
-    plain = torch.autograd.grad(F.mse_loss(de, en), de)[0]
-    e = ((en - de.detach()) ** 2).mean(dim=1, keepdim=True)
-    w = (e / e.mean()) ** 3
-    torch.testing.assert_close(de.grad, plain * w)
-    assert not torch.allclose(de.grad, plain)
-
-
-def test_soft_mining_cosine_matches_anomalib_convention():
-    g = torch.Generator().manual_seed(4)
-    en = [torch.randn(2, 3, 4, 4, generator=g)]
-    de_leaf = torch.randn(2, 3, 4, 4, generator=g, requires_grad=True)
-    loss = soft_mining_cosine(en, [de_leaf], power=3)
-    torch.testing.assert_close(loss, cosine_distance(en[0], de_leaf.detach(), per_token=False))
-    loss.backward()
-    plain = torch.autograd.grad(cosine_distance(en[0], de_leaf, per_token=False), de_leaf)[0]
-    d = (1 - F.cosine_similarity(en[0], de_leaf.detach(), dim=1)).unsqueeze(1)
-    torch.testing.assert_close(de_leaf.grad, plain * (d / d.mean()) ** 3)
-
-
-def test_soft_mining_hooks_do_not_leak_into_other_terms():
-    """The cosine and MSE re-weightings each act on their own term only (INP-Former++ sums both)."""
-    g = torch.Generator().manual_seed(5)
-    en = torch.randn(2, 3, 4, 4, generator=g)
-    base = torch.randn(2, 3, 4, 4, generator=g)
-
-    def grad_of(fn):
-        de = base.clone().requires_grad_(True)
-        fn(de).backward()
-        return de.grad
-
-    both = grad_of(lambda de: soft_mining_cosine([en], [de]) + soft_mining_mse(en, de) + F.l1_loss(de, en))
-    parts = grad_of(lambda de: soft_mining_cosine([en], [de])) + grad_of(lambda de: soft_mining_mse(en, de))
-    parts = parts + grad_of(lambda de: F.l1_loss(de, en))
-    torch.testing.assert_close(both, parts)
-
-
-def test_soft_mining_without_grad_returns_value():
-    en, de = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
-    torch.testing.assert_close(soft_mining_cosine(en, de), cosine_distance(en, de, per_token=False))
-    torch.testing.assert_close(soft_mining_mse([en], [de]), F.mse_loss(de, en))
 
 
 def test_clear_errors_on_bad_input():
@@ -164,7 +85,3 @@ def test_clear_errors_on_bad_input():
         dice_loss(torch.tensor([float("nan")]), torch.ones(1))
     with pytest.raises(ValueError, match="reduction"):
         cosine_distance(a, a, reduction="avg")
-    with pytest.raises(ValueError, match="K >= 2"):
-        pairwise_center_diversity(torch.randn(1, 4))
-    with pytest.raises(ValueError, match="equally long"):
-        soft_mining_mse([a, a], [a])

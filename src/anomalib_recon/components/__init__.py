@@ -1,31 +1,10 @@
-"""Building blocks shared by two or more anomalib-recon models."""
+"""Building blocks shared by two or more anomalib-recon models (see README.md in this folder for each block's users)."""
 
-from .aggregation import FeatureAggregator, layer_norm_channels, map_to_tokens, smooth_map, tokens_to_map
-from .anomaly_map import (
-    AnomalyMapGenerator,
-    distance_map,
-    feature_residual_map,
-    image_score,
-    reduce_max,
-    reduce_max_avgpool,
-    reduce_mean,
-    reduce_std,
-    reduce_topk_mean,
-)
+from .aggregation import FeatureAggregator, layer_norm_channels, map_to_tokens, tokens_to_map
+from .anomaly_map import AnomalyMapGenerator, make_blur, reduce_max, reduce_max_avgpool, reduce_std
 from .feature_extractor import BackboneInfo, FeatureExtractor, layers_at_strides, probe_backbone
 from .few_shot import dihedral_augment, few_shot_subset, restrict_to_few_shot
-from .losses import (
-    cosine_distance,
-    dice_loss,
-    focal_loss_on_probs,
-    l1_loss_on_probs,
-    mse_loss,
-    mse_plus_cos,
-    norm_cosine_distance,
-    pairwise_center_diversity,
-    soft_mining_cosine,
-    soft_mining_mse,
-)
+from .losses import cosine_distance, dice_loss, focal_loss_on_probs, mse_loss
 from .neighborhood_attention import (
     NA_BACKEND_ENV_VAR,
     NeighborhoodAttention2D,
@@ -33,23 +12,8 @@ from .neighborhood_attention import (
     na_backend,
     neighborhood_attention_2d,
 )
-from .patch_embed import MultiScalePatchEmbed, PatchEmbed, TokenToFeatureHead, init_conv_as_linear, patchify, unpatchify
-from .perturbation import (
-    gather_tokens,
-    gaussian_feature_noise,
-    image_region_noise,
-    min_max_normalize,
-    norm_scaled_jitter,
-    random_partition,
-    random_token_mask,
-    restore_order,
-    scatter_tokens,
-    token_mask,
-    top_fraction_mask,
-    weighted_noise,
-)
+from .patch_embed import MultiScalePatchEmbed, PatchEmbed, TokenToFeatureHead, patchify, unpatchify
 from .position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
-from .schedules import EpochSchedule, cosine_ramp, linear_ramp
 from .weights import CheckpointBackboneMixin, OfflineWeightsError, restoring_from_checkpoint
 
 __all__ = [
@@ -57,7 +21,6 @@ __all__ = [
     "AnomalyMapGenerator",
     "BackboneInfo",
     "CheckpointBackboneMixin",
-    "EpochSchedule",
     "FeatureAggregator",
     "FeatureExtractor",
     "MultiScalePatchEmbed",
@@ -68,51 +31,25 @@ __all__ = [
     "TokenToFeatureHead",
     "available_backends",
     "cosine_distance",
-    "cosine_ramp",
     "dice_loss",
     "dihedral_augment",
-    "distance_map",
-    "feature_residual_map",
     "few_shot_subset",
     "focal_loss_on_probs",
-    "gather_tokens",
-    "gaussian_feature_noise",
     "get_2d_sincos_pos_embed",
-    "image_region_noise",
-    "image_score",
-    "init_conv_as_linear",
-    "l1_loss_on_probs",
     "layer_norm_channels",
     "layers_at_strides",
-    "linear_ramp",
+    "make_blur",
     "map_to_tokens",
-    "min_max_normalize",
     "mse_loss",
-    "mse_plus_cos",
     "na_backend",
     "neighborhood_attention_2d",
-    "norm_cosine_distance",
-    "norm_scaled_jitter",
-    "pairwise_center_diversity",
     "patchify",
     "probe_backbone",
-    "random_partition",
-    "random_token_mask",
     "reduce_max",
     "reduce_max_avgpool",
-    "reduce_mean",
     "reduce_std",
-    "reduce_topk_mean",
-    "restore_order",
     "restoring_from_checkpoint",
     "restrict_to_few_shot",
-    "scatter_tokens",
-    "smooth_map",
-    "soft_mining_cosine",
-    "soft_mining_mse",
-    "token_mask",
     "tokens_to_map",
-    "top_fraction_mask",
     "unpatchify",
-    "weighted_noise",
 ]

@@ -1,17 +1,17 @@
 """Anomaly maps from feature residuals, and image-score reducers (components.md C14).
 
-``feature_residual_map`` turns (target, reconstruction) feature pairs into one ``(B, 1, H, W)`` map:
-per-position distance per scale → optional standardisation → bilinear upsampling → combination over scales →
-optional Gaussian blur (anomalib's ``GaussianBlur2d``). The reducers turn maps into ``(B,)`` image scores.
+:class:`AnomalyMapGenerator` turns (target, reconstruction) feature pairs into one ``(B, 1, H, W)`` map:
+per-position distance per scale (:func:`distance_map`) → optional standardisation → bilinear upsampling →
+combination over scales → optional Gaussian blur (anomalib's ``GaussianBlur2d``, :func:`make_blur`). The reducers
+turn maps into ``(B,)`` image scores.
 
 Everything here is export-friendly (``torch.onnx.export(..., dynamo=True)``, OpenVINO): no ``.item()``, no
-data-dependent shapes; the top-k size is computed from the static map shape.
+data-dependent shapes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +21,6 @@ from .preprocessing import as_image_size
 
 DISTANCES = ("cos", "l2", "l2sq_mean", "l2sq_sum", "cos*l2sq")
 COMBINES = ("mean", "sum", "prod")
-SCORE_METHODS = ("max", "max_avgpool", "topk_mean", "std", "mean")
 
 
 def distance_map(target: torch.Tensor, recon: torch.Tensor, distance: str = "cos", eps: float = 1e-8) -> torch.Tensor:
@@ -147,23 +146,13 @@ def _residual_map(
     return results[0] if len(results) == 1 else results[0] * results[1]
 
 
-def feature_residual_map(
-    targets: Sequence[torch.Tensor],
-    recons: Sequence[torch.Tensor],
-    distance: str = "cos",
-    out_size: int | tuple[int, int] | None = None,
-    align_corners: bool = False,
-    combine: str | Sequence[float] = "mean",
-    blur_sigma: float | None = None,
-    blur_kernel: int | None = None,
-    scale_stats: Sequence[tuple[float, float]] | None = None,
-    product_after_blur: bool = False,
-) -> torch.Tensor:
-    """Anomaly map ``(B, 1, H, W)`` from per-scale feature residuals.
+class AnomalyMapGenerator(nn.Module):
+    """Anomaly map ``(B, 1, H, W)`` from per-scale feature residuals; the Gaussian blur is a registered submodule.
+
+    The blur kernel moves with the model and exports as a constant. ``forward(targets, recons, out_size=None)``
+    lets the caller pass the image size at run time.
 
     Args:
-        targets: Frozen features ``F`` per scale, each ``(B, C_s, H_s, W_s)`` (a single tensor is allowed).
-        recons: Reconstructions ``F̂`` with the same shapes.
         distance: One of :data:`DISTANCES` (see :func:`distance_map`).
         out_size: Output size (usually the input image size); ``None`` = the largest feature map.
         align_corners: Bilinear upsampling flag (True in AGPNet, AMI-Net, GLCF, INP-Former; False in NAFRAD).
@@ -173,20 +162,6 @@ def feature_residual_map(
         scale_stats: Optional per-scale ``(mean, std)`` fitted on normal images; maps become ``(m − mean)/std``.
         product_after_blur: For ``"cos*l2sq"`` only: upsample, combine and blur the squared-error and cosine maps
             separately and multiply at the end (AMI-Net) instead of multiplying per position first (ST-MAE).
-    """
-    blur = make_blur(blur_sigma, blur_kernel) if blur_sigma is not None else None
-    if blur is not None:
-        blur = blur.to(device=targets[0].device, dtype=targets[0].dtype)
-    return _residual_map(
-        targets, recons, distance, out_size, align_corners, combine, blur, scale_stats, product_after_blur
-    )
-
-
-class AnomalyMapGenerator(nn.Module):
-    """Module form of :func:`feature_residual_map`; the Gaussian blur is a registered submodule.
-
-    Prefer this inside ``torch_model.py``: the blur kernel moves with the model and exports as a constant.
-    ``forward(targets, recons, out_size=None)`` lets the caller pass the image size at run time.
     """
 
     def __init__(
@@ -247,11 +222,6 @@ def reduce_max(amap: torch.Tensor) -> torch.Tensor:
     return _flat(amap).amax(dim=1)
 
 
-def reduce_mean(amap: torch.Tensor) -> torch.Tensor:
-    """Image score = mean of the map, shape ``(B,)``."""
-    return _flat(amap).mean(dim=1)
-
-
 def reduce_max_avgpool(
     amap: torch.Tensor, kernel_size: int = 16, stride: int = 1, padding: int = 0, count_include_pad: bool = True
 ) -> torch.Tensor:
@@ -272,32 +242,6 @@ def reduce_max_avgpool(
     return pooled.flatten(1).amax(dim=1)
 
 
-def reduce_topk_mean(amap: torch.Tensor, ratio: float = 0.01) -> torch.Tensor:
-    """Image score = mean of the top ``ratio`` fraction of pixels, ``k = max(1, int(N·ratio))`` (INP-Former: 1 %)."""
-    if not 0 < ratio <= 1:
-        msg = f"ratio must be in (0, 1], got {ratio}."
-        raise ValueError(msg)
-    flat = _flat(amap)
-    k = max(1, int(flat.shape[1] * ratio))
-    return torch.topk(flat, k, dim=1).values.mean(dim=1)
-
-
 def reduce_std(amap: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
     """Image score = standard deviation of the map (AMI-Net, GLCF); population std by default, like ``np.std``."""
     return _flat(amap).std(dim=1, correction=1 if unbiased else 0)
-
-
-def image_score(amap: torch.Tensor, method: str = "max", **kwargs: Any) -> torch.Tensor:
-    """Dispatch to a reducer: ``"max"``, ``"max_avgpool"`` (kernel_size, stride, padding), ``"topk_mean"`` (ratio),
-    ``"std"`` (unbiased) or ``"mean"``. Returns ``(B,)``."""
-    reducers = {
-        "max": reduce_max,
-        "max_avgpool": reduce_max_avgpool,
-        "topk_mean": reduce_topk_mean,
-        "std": reduce_std,
-        "mean": reduce_mean,
-    }
-    if method not in reducers:
-        msg = f"method must be one of {SCORE_METHODS}, got {method!r}."
-        raise ValueError(msg)
-    return reducers[method](amap, **kwargs)

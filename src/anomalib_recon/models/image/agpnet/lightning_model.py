@@ -26,11 +26,12 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_recon.components import CheckpointBackboneMixin, linear_ramp
+from anomalib_recon.components import CheckpointBackboneMixin
 from anomalib_recon.components.few_shot import dihedral_augment, restrict_to_few_shot
 from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
 
 from .loss import AGPNetLoss
+from .schedule import linear_ramp
 from .torch_model import AGPNetModel
 
 logger = logging.getLogger(__name__)

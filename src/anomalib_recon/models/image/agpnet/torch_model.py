@@ -31,19 +31,16 @@ from torch.nn import functional as F
 
 from anomalib_recon.components import (
     AnomalyMapGenerator,
-    image_region_noise,
     layer_norm_channels,
     map_to_tokens,
-    min_max_normalize,
     reduce_max_avgpool,
     tokens_to_map,
-    top_fraction_mask,
-    weighted_noise,
 )
-from anomalib_recon.components.feature_extractor import FeatureExtractor
+from anomalib_recon.components.feature_extractor import BackboneInfo, FeatureExtractor, probe_backbone
 from anomalib_recon.components.tracing import is_tracing
 
 from .ema import EMATeacher
+from .perturbation import image_region_noise, min_max_normalize, top_fraction_mask, weighted_noise
 
 __all__ = [
     "AGPNetDecoder",
@@ -155,24 +152,15 @@ class AGPNetDecoder(nn.Module):
         return (x, attentions) if return_attention else x
 
 
-def _probe(backbone: str) -> tuple[bool, int]:
-    """Whether a timm model is a ViT (blocks + patch embedding) and its number of blocks; built on the meta device,
-    so nothing is allocated or downloaded."""
-    import timm
-
-    with torch.device("meta"):
-        probe = timm.create_model(backbone, pretrained=False)
-    blocks = getattr(probe, "blocks", None)
-    is_vit = blocks is not None and hasattr(probe, "patch_embed") and hasattr(probe, "forward_intermediates")
-    return is_vit, len(blocks) if is_vit else 0
-
-
-def default_layers(backbone: str) -> list[int]:
+def default_layers(backbone: str | BackboneInfo) -> list[int]:
     """Default encoder layers: 4 evenly spaced ViT blocks (``[2, 5, 8, 11]`` for 12 blocks) or CNN stages
-    ``[1, 2, 3]``."""
-    is_vit, depth = _probe(backbone)
-    if is_vit:
-        return sorted({max(depth * i // 4 - 1, 0) for i in (1, 2, 3, 4)})
+    ``[1, 2, 3]``.
+
+    ``backbone`` is a timm name or its :func:`~anomalib_recon.components.feature_extractor.probe_backbone` result.
+    """
+    info = backbone if isinstance(backbone, BackboneInfo) else probe_backbone(backbone)
+    if info.is_vit:
+        return sorted({max(info.depth * i // 4 - 1, 0) for i in (1, 2, 3, 4)})
     return [1, 2, 3]
 
 
@@ -288,9 +276,9 @@ class AGPNetModel(nn.Module):
         if not timm.is_model(name.split(".")[0]):
             msg = f"Unknown timm backbone {backbone!r}; pass a timm model name such as 'vit_small_patch16_224.dino'."
             raise ValueError(msg)
-        is_vit, _ = _probe(name)
-        vit_img = image_size[0] if is_vit and image_size[0] == image_size[1] else None
-        layers = list(layers) if layers is not None else default_layers(name)
+        info = probe_backbone(name)  # one build on the meta device: nothing allocated or downloaded
+        vit_img = image_size[0] if info.is_vit and image_size[0] == image_size[1] else None
+        layers = list(layers) if layers is not None else default_layers(info)
         self.encoder = FeatureExtractor(name, layers=layers, weights=weights, img_size=vit_img)
         self.is_vit = bool(self.encoder.is_vit)
         self.layers = list(self.encoder.layers)

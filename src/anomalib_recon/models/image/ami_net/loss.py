@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from anomalib_recon.components.losses import cosine_distance, mse_loss, pairwise_center_diversity
+from anomalib_recon.components.losses import cosine_distance, mse_loss, require_finite
 
-__all__ = ["AMINetLoss"]
+__all__ = ["AMINetLoss", "norm_cosine_distance", "pairwise_center_diversity"]
+
+
+def norm_cosine_distance(a: torch.Tensor, b: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
+    """AMI-Net's distance ``d(a, b) = ‖a − b‖₂ · (1 − cos(a, b))`` along ``dim`` (broadcasting allowed)."""
+    return torch.linalg.vector_norm(a - b, dim=dim) * (1 - F.cosine_similarity(a, b, dim=dim, eps=eps))
+
+
+def pairwise_center_diversity(centers: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
+    """Mean of ``d(c_k, c_l)`` over all pairs ``k ≠ l`` with ``d = ‖a−b‖₂·(1−cos)`` (AMI-Net ``L_aux``, weight −0.1).
+
+    Args:
+        centers: ``(K, D)`` or batched ``(B, K, D)`` cluster centres, ``K >= 2``. Batched input is averaged over B.
+    """
+    if centers.dim() not in (2, 3) or centers.shape[-2] < 2:
+        msg = f"pairwise_center_diversity expects (K, D) or (B, K, D) with K >= 2, got {tuple(centers.shape)}."
+        raise ValueError(msg)
+    if check_finite:
+        require_finite("pairwise_center_diversity", centers)
+    k = centers.shape[-2]
+    # only k < l: d is symmetric, and the zero diagonal would put sqrt(0) into the backward pass
+    rows, cols = torch.triu_indices(k, k, offset=1, device=centers.device)
+    return norm_cosine_distance(centers[..., rows, :], centers[..., cols, :]).mean()
 
 
 class AMINetLoss(nn.Module):

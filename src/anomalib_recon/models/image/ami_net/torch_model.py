@@ -29,11 +29,12 @@ from torch import nn
 from anomalib_recon.components.aggregation import FeatureAggregator
 from anomalib_recon.components.anomaly_map import AnomalyMapGenerator, reduce_std
 from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
-from anomalib_recon.components.losses import norm_cosine_distance
 from anomalib_recon.components.patch_embed import PatchEmbed, TokenToFeatureHead, patchify
-from anomalib_recon.components.perturbation import norm_scaled_jitter, random_token_mask, token_mask
 from anomalib_recon.components.position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
 from anomalib_recon.components.tracing import is_tracing as _tracing
+
+from .loss import norm_cosine_distance
+from .perturbation import norm_scaled_jitter, random_token_mask, token_mask
 
 __all__ = [
     "AMINetDetails",

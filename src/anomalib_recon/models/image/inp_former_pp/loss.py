@@ -7,20 +7,27 @@
   similarity, so the INPs cannot all collapse onto the one INP every token picks. As ``τ → 0`` the weights become
   one-hot at the nearest INP and ``L_sc`` equals the hard loss.
 * **Soft mining** (base): global cosine loss whose gradient at token ``i`` is scaled by ``(d_i / mean d)^γ``
-  (anomalib's ``GlobalCosineHmAdaptiveLoss`` via :func:`~anomalib_recon.components.soft_mining_cosine`); ++ adds the
-  same re-weighting on an MSE term (:func:`~anomalib_recon.components.soft_mining_mse`).
+  (anomalib's ``GlobalCosineHmAdaptiveLoss`` via :func:`soft_mining_cosine`); ++ adds the same re-weighting on an
+  MSE term (:func:`soft_mining_mse`).
 * **Segmentation** (++ residual head, unpublished; our default): Dice + focal (γ = 2) on the head's probability map.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from anomalib_recon.components import dice_loss, focal_loss_on_probs, soft_mining_cosine, soft_mining_mse
+from anomalib_recon.components.losses import (
+    cosine_distance,
+    dice_loss,
+    focal_loss_on_probs,
+    require_finite,
+    require_same_shape,
+)
 
 __all__ = [
     "COHERENCE_MODES",
@@ -28,10 +35,98 @@ __all__ = [
     "InpFormerPPLoss",
     "hard_inp_coherence",
     "soft_inp_coherence",
+    "soft_mining_cosine",
+    "soft_mining_mse",
 ]
 
 COHERENCE_MODES = ("soft", "hard")
 SEG_LOSSES = ("dice_focal", "focal", "dice")
+
+
+def _scale_grad(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return grad * weights
+
+
+def _as_list(x: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [x] if isinstance(x, torch.Tensor) else list(x)
+
+
+def _check_feature_lists(name: str, en: list[torch.Tensor], de: list[torch.Tensor]) -> None:
+    if len(en) == 0 or len(en) != len(de):
+        msg = f"{name}: need equally long non-empty feature lists, got {len(en)} and {len(de)}."
+        raise ValueError(msg)
+    for e, d in zip(en, de, strict=True):
+        require_same_shape(e, d, name)
+        if e.dim() != 4:
+            msg = f"{name}: expects (B, C, H, W) maps, got {tuple(e.shape)}; convert tokens with tokens_to_map."
+            raise ValueError(msg)
+
+
+def soft_mining_cosine(
+    encoder_features: torch.Tensor | Sequence[torch.Tensor],
+    decoder_features: torch.Tensor | Sequence[torch.Tensor],
+    power: float = 3.0,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """INP-Former's soft-mining global cosine loss, reusing anomalib's ``GlobalCosineHmAdaptiveLoss``.
+
+    Value: the global (per-sample flattened) cosine distance, averaged over layers. Gradient: the gradient reaching
+    decoder position i is scaled by ``(d_i / mean d)^power`` with ``d_i`` the per-position cosine distance and the
+    mean taken over the whole batch. Encoder features are detached.
+
+    anomalib registers its hook on the tensor it receives, which would also re-weight gradients of any other loss
+    on the same decoder features; we hand it a view so the re-weighting stays inside this term (INP-Former++ adds
+    :func:`soft_mining_mse` on the same features).
+    """
+    en, de = _as_list(encoder_features), _as_list(decoder_features)
+    _check_feature_lists("soft_mining_cosine", en, de)
+    if check_finite:
+        require_finite("soft_mining_cosine", *en, *de)
+    if not any(d.requires_grad for d in de):  # no graph (evaluation): same value without hooks
+        dists = [cosine_distance(e, d, per_token=False, check_finite=False) for e, d in zip(en, de, strict=True)]
+        return torch.stack(dists).mean()
+    from anomalib.models.image.inp_former.components.loss import GlobalCosineHmAdaptiveLoss  # heavy import
+
+    views = [d.view_as(d) for d in de]
+    zero = torch.zeros((), device=de[0].device, dtype=de[0].dtype)
+    return GlobalCosineHmAdaptiveLoss(power=power)(encoder_features=en, decoder_features=views, inp_loss=zero)
+
+
+def soft_mining_mse(
+    encoder_features: torch.Tensor | Sequence[torch.Tensor],
+    decoder_features: torch.Tensor | Sequence[torch.Tensor],
+    power: float = 3.0,
+    eps: float = 1e-12,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """MSE with soft-mining gradient re-weighting (INP-Former++'s added term).
+
+    Value: ``MSE(decoder, encoder.detach())`` averaged over layers. Gradient: the gradient of decoder position i is
+    scaled by ``(e_i / mean e)^power`` with ``e_i = mean_c (en − de)²`` (no grad) and the mean over the whole batch,
+    matching the convention of anomalib's ``GlobalCosineHmAdaptiveLoss``. The hook sits on a view of the decoder
+    features, so gradients from other losses on the same features are not re-weighted.
+
+    Args:
+        encoder_features, decoder_features: ``(B, C, H, W)`` maps or lists of them (one per layer group).
+        power: Exponent γ (3 in INP-Former).
+        eps: Floor of ``mean e`` (a perfect reconstruction yields zero weights instead of NaN).
+        check_finite: Raise on NaN/inf inputs.
+    """
+    en, de = _as_list(encoder_features), _as_list(decoder_features)
+    _check_feature_lists("soft_mining_mse", en, de)
+    if check_finite:
+        require_finite("soft_mining_mse", *en, *de)
+    losses = []
+    for e, d in zip(en, de, strict=True):
+        e = e.detach()
+        if d.requires_grad:
+            with torch.no_grad():
+                point = ((e - d) ** 2).mean(dim=1, keepdim=True)
+                weights = (point / point.mean().clamp_min(eps)) ** power
+            d = d.view_as(d)
+            d.register_hook(lambda grad, w=weights: _scale_grad(grad, w))
+        losses.append(F.mse_loss(d, e))
+    return torch.stack(losses).mean()
 
 
 def _check_tokens(query: torch.Tensor, prototypes: torch.Tensor) -> None:

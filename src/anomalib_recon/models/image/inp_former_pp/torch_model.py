@@ -39,15 +39,9 @@ from anomalib.models.image.inp_former.torch_model import InpFormerModel
 from torch import nn
 from torch.nn import functional as F
 
-from anomalib_recon.components import (
-    feature_residual_map,
-    layer_norm_channels,
-    map_to_tokens,
-    reduce_topk_mean,
-    tokens_to_map,
-)
-from anomalib_recon.components.anomaly_map import make_blur
-from anomalib_recon.components.feature_extractor import FeatureExtractor
+from anomalib_recon.components import layer_norm_channels, map_to_tokens, tokens_to_map
+from anomalib_recon.components.anomaly_map import AnomalyMapGenerator, make_blur
+from anomalib_recon.components.feature_extractor import BackboneInfo, FeatureExtractor, probe_backbone
 from anomalib_recon.components.tracing import is_tracing
 
 __all__ = [
@@ -58,6 +52,7 @@ __all__ = [
     "InpFormerPPTrainOutput",
     "ResidualSegHead",
     "default_layers",
+    "reduce_topk_mean",
 ]
 
 REC_MAPS = ("cos", "cos_l2")
@@ -116,26 +111,29 @@ class ResidualSegHead(nn.Module):
         return torch.sigmoid(logits)
 
 
-def _probe(backbone: str) -> tuple[bool, int, int]:
-    """(is ViT, depth, heads) of a timm model, built on the meta device (nothing allocated or downloaded)."""
-    import timm
+def reduce_topk_mean(amap: torch.Tensor, ratio: float = 0.01) -> torch.Tensor:
+    """Image score = mean of the top ``ratio`` fraction of pixels, ``k = max(1, int(N·ratio))`` (INP-Former: 1 %)."""
+    if not 0 < ratio <= 1:
+        msg = f"ratio must be in (0, 1], got {ratio}."
+        raise ValueError(msg)
+    if amap.dim() not in (3, 4):
+        msg = f"expected an anomaly map (B, 1, H, W) or (B, H, W), got {tuple(amap.shape)}."
+        raise ValueError(msg)
+    flat = amap.flatten(1)
+    k = max(1, int(flat.shape[1] * ratio))
+    return torch.topk(flat, k, dim=1).values.mean(dim=1)
 
-    with torch.device("meta"):
-        probe = timm.create_model(backbone, pretrained=False)
-    blocks = getattr(probe, "blocks", None)
-    is_vit = blocks is not None and hasattr(probe, "patch_embed") and hasattr(probe, "forward_intermediates")
-    if not is_vit:
-        return False, 0, 0
-    heads = getattr(getattr(blocks[0], "attn", None), "num_heads", 0)
-    return True, len(blocks), int(heads)
 
-
-def default_layers(backbone: str) -> list[int]:
+def default_layers(backbone: str | BackboneInfo) -> list[int]:
     """Paper layers for ViTs (12 blocks: 2-9; 24 blocks: 4, 6, ..., 18; otherwise 8 evenly spaced middle blocks, or
-    all blocks when there are at most 8); CNNs: ``features_only`` stages ``[1, 2, 3]``."""
-    is_vit, depth, _ = _probe(backbone)
-    if not is_vit:
+    all blocks when there are at most 8); CNNs: ``features_only`` stages ``[1, 2, 3]``.
+
+    ``backbone`` is a timm name or its :func:`~anomalib_recon.components.feature_extractor.probe_backbone` result.
+    """
+    info = backbone if isinstance(backbone, BackboneInfo) else probe_backbone(backbone)
+    if not info.is_vit:
         return [1, 2, 3]
+    depth = info.depth
     if depth in _PAPER_LAYERS:
         return list(_PAPER_LAYERS[depth])
     if depth <= 8:
@@ -247,8 +245,9 @@ class InpFormerPPModel(nn.Module):
         if not timm.is_model(name.split(".")[0]):
             msg = f"Unknown timm backbone {backbone!r}; e.g. 'vit_base_patch14_reg4_dinov2' or 'tf_efficientnet_lite0'."
             raise ValueError(msg)
-        is_vit, _, vit_heads = _probe(name)
-        layers = list(layers) if layers is not None else default_layers(name)
+        info = probe_backbone(name)  # one build on the meta device: nothing allocated or downloaded
+        is_vit, vit_heads = info.is_vit, info.num_heads
+        layers = list(layers) if layers is not None else default_layers(info)
         vit_img = image_size[0] if is_vit and image_size[0] == image_size[1] else None
         self.encoder = FeatureExtractor(name, layers=layers, weights=weights, img_size=vit_img)
         self.is_vit = bool(self.encoder.is_vit)
@@ -308,6 +307,7 @@ class InpFormerPPModel(nn.Module):
         self.rec_normalization = rec_normalization
         self.score_topk = float(score_topk)
         self.blur = make_blur(blur_sigma, blur_kernel) if blur_sigma else None
+        self.l2_map_generator = AnomalyMapGenerator(distance="l2", align_corners=True)  # rec_map="cos_l2"
         self.register_buffer("rec_min", torch.zeros(()))
         self.register_buffer("rec_max", torch.ones(()))
         self.register_buffer("rec_stats_updates", torch.zeros((), dtype=torch.long))
@@ -411,9 +411,7 @@ class InpFormerPPModel(nn.Module):
         """``M_rec`` ``(B, 1, H, W)`` (unblurred, before any min-max scaling)."""
         amap, _ = InpFormerModel.calculate_anomaly_maps(encoder_features, decoder_features, out_size=size)
         if self.rec_map == "cos_l2":
-            l2 = feature_residual_map(
-                encoder_features, decoder_features, distance="l2", out_size=size, align_corners=True
-            )
+            l2 = self.l2_map_generator(encoder_features, decoder_features, out_size=size)
             amap = 0.5 * (amap + l2)
         return amap
 

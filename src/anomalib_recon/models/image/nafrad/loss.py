@@ -6,7 +6,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from anomalib_recon.components.losses import focal_loss_on_probs, l1_loss_on_probs, mse_loss
+from anomalib_recon.components.losses import (
+    focal_loss_on_probs,
+    mse_loss,
+    reduce_loss,
+    require_probs,
+    require_same_shape,
+)
+
+
+def l1_loss_on_probs(
+    p: torch.Tensor, y: torch.Tensor, reduction: str = "mean", check_inputs: bool = True
+) -> torch.Tensor:
+    """Mean absolute error between a probability map and a binary mask (NAFRAD)."""
+    require_same_shape(p, y, "l1_loss_on_probs")
+    if check_inputs:
+        require_probs("l1_loss_on_probs", p, y)
+    return reduce_loss((p - y.to(p.dtype)).abs(), reduction)
 
 
 def downsample_mask(mask: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
