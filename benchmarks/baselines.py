@@ -99,9 +99,10 @@ class MeanFeatureModel(nn.Module):
         self.count.zero_()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
-        """Training: the embedding (accumulated by the caller). Inference: score and map at the input size."""
+        """Training: accumulate and return the embedding (as Padim's memory bank). Inference: score and map."""
         embedding = self.embed(images)
         if self.training:
+            self.accumulate(embedding)
             return embedding
         if self.mean.numel() == 0:
             msg = "MeanFeature is not fitted: train it (one pass over normal images) before testing."
@@ -166,9 +167,9 @@ class MeanFeature(MemoryBankMixin, AnomalibModule):
         return
 
     def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor:
-        """Accumulate the batch's embeddings; a dummy loss for Lightning (as Padim)."""
+        """The model accumulates the batch in training mode; a dummy loss for Lightning (as Padim)."""
         del args, kwargs
-        self.model.accumulate(self.model(batch.image))
+        self.model(batch.image)
         return torch.tensor(0.0, requires_grad=True, device=self.device)
 
     def fit(self) -> None:

@@ -57,6 +57,16 @@ def test_map_is_zero_on_the_mean_image_and_grows_with_the_distance(baselines: Mo
     assert torch.allclose(out.pred_score, out.anomaly_map.amax(dim=(1, 2, 3)))
 
 
+def test_throughput_builds_and_fits_meanfeature_as_a_memory_bank_model(harness: ModuleType) -> None:
+    """benchmarks/throughput.py (and so gpu_check.sh) fits memory-bank models by forwarding in training mode."""
+    throughput = load_script("throughput")
+    args = throughput.parse(["--models", "MeanFeature", "--image-size", "64", "--fit-images", "4"])
+    module, info = throughput.build("MeanFeature", args, harness)
+    assert info["fitted_on_random_images"] == 4 and module.model.mean.shape[-2:] == (16, 16)
+    out = module.model(torch.rand(2, 3, 64, 64))
+    assert out.anomaly_map.shape == (2, 1, 64, 64) and torch.all(out.pred_score > 0)
+
+
 def test_fitted_buffers_round_trip_through_a_state_dict(baselines: ModuleType) -> None:
     model = tiny_model(baselines)
     model.accumulate(model.embed(torch.rand(2, 3, 32, 32)))
