@@ -12,9 +12,11 @@ Patchcore, MeanFeature stop after one epoch whatever the step cap), ``training-f
 the header's ``max_steps`` / ``max_epochs`` / ``max_time``; the batch size is part of the budget.
 
 Protocol: issue #13 put every model on one pre-processing (anomalib's peers got our non-antialiased resize in the
-commit "harness: anomalib's peers get our non-antialiased resize"). A file last committed before that commit, or
-(untracked or modified files) last written before it, is ``old``; its rows are never averaged with ``current``
-rows. One seed of one row appearing in several files (a re-run) counts once: the newest file's value.
+commit "harness: anomalib's peers get our non-antialiased resize"). A file written before that commit (the earlier of
+its last commit's time and its mtime; untracked or modified files: its mtime) is ``old``; one written after it but
+started before it (write time minus its rows' ``train_s`` + ``test_s``) is ``uncertain``; rows of different
+protocols are never averaged together. One seed of one row appearing in several files (a re-run) counts once: the
+newest file's value.
 
 Example::
 
@@ -66,11 +68,31 @@ def protocol_cutoff(folder: Path) -> tuple[float, str] | None:
 
 
 def file_time(path: Path) -> tuple[float, str]:
-    """When a results file was produced: its last commit's time if committed and unmodified, else its mtime."""
+    """When a results file was written: the earlier of its last commit's time (committed and unmodified files) and
+    its mtime (a fresh clone's mtimes are all "now"; in the working tree that ran it, the mtime is the write)."""
+    mtime = path.stat().st_mtime
     committed = git(["log", "-1", "--format=%ct", "--", path.name], path.parent)
     if committed and git(["status", "--porcelain", "--", path.name], path.parent) == "":
-        return float(committed), "git"
-    return path.stat().st_mtime, "mtime"
+        return (float(committed), "git") if float(committed) <= mtime else (mtime, "mtime")
+    return mtime, "mtime"
+
+
+def run_seconds(rows: list) -> float:
+    """Training + test seconds of a file's rows: how long before its last write the run started, at least."""
+    total = 0.0
+    for row in rows:
+        if isinstance(row, dict):
+            total += sum(float(row[k]) for k in ("train_s", "test_s") if isinstance(row.get(k), int | float))
+    return total
+
+
+def protocol_of(written: float, seconds: float, cutoff: float | None) -> str:
+    """``old`` (written before the change), ``uncertain`` (written after it, started before it), else ``current``."""
+    if cutoff is None:
+        return "unknown"
+    if written < cutoff:
+        return "old"
+    return "uncertain" if written - seconds < cutoff else "current"
 
 
 def dataset_of(header: dict) -> str | None:
@@ -211,7 +233,7 @@ def collect(folder: Path, cutoff: float | None) -> tuple[list[dict], list[dict]]
         if dataset is None:
             continue
         produced, clock = file_time(path)
-        protocol = "unknown" if cutoff is None else ("current" if produced >= cutoff else "old")
+        protocol = protocol_of(produced, run_seconds(data["rows"]), cutoff)
         for row in data["rows"]:
             if not isinstance(row, dict) or not isinstance(row.get("model"), str):
                 continue  # e.g. per_class.py's rows, whose "model" is a score
@@ -291,7 +313,7 @@ def combine(runs: list[dict]) -> list[dict]:
             str(r["cell_type"]),
             str(r["backbone"]),
             r["image_size"] or 0,
-            r["protocol"] != "current",
+            ["current", "uncertain", "unknown", "old"].index(r["protocol"]),
             ROLE_ORDER[r["role"]],
             r["variant"],
             r["budget"],
@@ -324,7 +346,9 @@ def to_markdown(rows: list[dict], errors: list[dict], header: dict) -> str:
         (
             f"Protocol: rows from files produced before commit {cutoff['commit']} "
             f'({cutoff["date"]}, "{PROTOCOL_COMMIT_GREP}": anomalib\'s peers switched from their antialiased resize '
-            "to our non-antialiased one) are marked `old`: their peer numbers are not on the one pre-processing."
+            "to our non-antialiased one) are marked `old`: their peer numbers are not on the one pre-processing; "
+            "`uncertain`: written after that commit but started before it (write time minus the rows' training and "
+            "test seconds), so its first models may have run under the old harness."
             if cutoff
             else f'Protocol: the commit "{PROTOCOL_COMMIT_GREP}" was not found, so no row could be dated (`unknown`).'
         ),

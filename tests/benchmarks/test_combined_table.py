@@ -150,6 +150,8 @@ def test_rows_older_than_the_protocol_commit_are_flagged_old(combined: ModuleTyp
     git(repo, "commit", "-q", "-m", "padim seed 1", when=1_700_002_000)
     untracked = write(results, "untracked", [mt("Padim", 0.870, 0.780, 0.610, steps=96)], seed=2)
     os.utime(untracked, (1_700_003_000, 1_700_003_000))  # written after the change, not committed yet
+    slow = write(results, "slow", [mt("Padim", 0.9, 0.7, 0.6, steps=96, train_s=1_500.0, test_s=600.0)], seed=4)
+    os.utime(slow, (1_700_002_000, 1_700_002_000))  # written 1000 s after the change, after 2100 s of runs
     stale = write(results, "stale", [mt("Padim", 0.930, 0.780, 0.610, steps=96)], seed=3)
     os.utime(stale, (1_699_000_000, 1_699_000_000))  # an untracked file written before it
     # a committed file's own mtime is ignored: the commit date counts (a fresh clone's mtimes are all "now")
@@ -158,7 +160,8 @@ def test_rows_older_than_the_protocol_commit_are_flagged_old(combined: ModuleTyp
     data = run(combined, results)
     assert data["protocol_commit"]["time"] == 1_700_001_000
     by_protocol = {r["protocol"]: r for r in find(data["rows"], variant="Padim")}
-    assert set(by_protocol) == {"old", "current"}  # never averaged together
+    assert set(by_protocol) == {"old", "current", "uncertain"}  # never averaged together
+    assert by_protocol["uncertain"]["files"] == ["slow.json"]
     assert by_protocol["current"]["seeds"] == [1, 2] and by_protocol["current"]["files"] == [
         "after.json",
         "untracked.json",
