@@ -27,6 +27,7 @@ from anomalib_recon.models.image.nafrad.torch_model import (
     NAFRADModel,
     NAFRADTrainOutput,
     ResidualNABlock,
+    max_avgpool_score,
     resolve_backbone,
     rotation_range,
 )
@@ -367,6 +368,22 @@ def test_train_and_eval_outputs(small_model):
     torch.testing.assert_close(pooled[..., 1:-1, 1:-1], p[..., 1:-1, 1:-1], atol=2e-3, rtol=0)
 
 
+def test_image_score_is_the_box_filter_max_at_float64_accuracy():
+    """``max(avg_pool2d(map, k, 1, k // 2))``, summed as two 1-D box filters: the same function for odd and even
+    kernels, and in fp32 within 2.5e-7 of float64 on maps near 0.5 (PyTorch's 32×32 fp32 ``avg_pool2d`` is off by up
+    to 5e-7 on these maps; see ``max_avgpool_score``)."""
+    g = torch.Generator().manual_seed(0)
+    amap = torch.rand(2, 1, 40, 36, generator=g, dtype=torch.float64)
+    for k in (1, 4, 5, 32):
+        windows = torch.nn.functional.pad(amap, (k // 2,) * 4).unfold(2, k, 1).unfold(3, k, 1)  # brute force
+        expected = windows.sum(dim=(-1, -2)).flatten(1).amax(1) / (k * k)
+        torch.testing.assert_close(max_avgpool_score(amap, k), expected, atol=1e-12, rtol=0)
+    near_half = (0.5 + 0.05 * torch.rand(16, 1, 128, 128, generator=g, dtype=torch.float64)).float()
+    exact = torch.nn.functional.avg_pool2d(near_half.double(), 32, 1, 16).flatten(1).amax(1)
+    error = (max_avgpool_score(near_half, 32).double() - exact).abs().max()
+    assert error < 2.5e-7, error
+
+
 def test_segmentation_gradients_reach_the_autoencoder(small_model):
     small_model.train()
     small_model.zero_grad()
@@ -580,6 +597,50 @@ def test_onnx_and_openvino_export_match_torch(tmp_path):
     ov_results = {o.get_any_name(): ov_out[o] for o in compiled.outputs}
     np.testing.assert_allclose(ov_results["pred_score"].reshape(-1), expected.pred_score.numpy(), atol=1e-4)
     np.testing.assert_allclose(ov_results["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
+
+
+@pytest.mark.export
+def test_export_parity_at_128px_stride2_layers_with_a_narrow_score_range(tmp_path):
+    """ONNX Runtime and OpenVINO (fp32) keep the normalised ``pred_score`` within 1e-4 of torch at 128 px with
+    ``layers=[0, 1]`` (stride-2 grid), the configuration where it once differed by 1.2e-3.
+
+    anomalib's post-processor divides by the validation score range; after two training steps that range was 3.1e-3
+    (measured through the Engine), so a raw difference of 3e-7 became 1e-4. The statistics are set to that range here
+    instead of training. The NA blocks are left out (``use_neighborhood_attention=False``): the cause sat in the
+    score, and the 32 NA blocks would add about a minute of tracing (the 256-px test above exports them).
+    """
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    module = _small_module(layers=[0, 1], image_size=128, use_neighborhood_attention=False).eval()
+    x = textures(4, size=128, seed=3)
+    with torch.no_grad():
+        raw = module.model(x)
+    post = module.post_processor
+    threshold = raw.pred_score.median()
+    post._image_threshold.fill_(threshold)  # anomalib's buffer, set by validation otherwise
+    post.image_min.fill_(threshold - 1.55e-3)
+    post.image_max.fill_(threshold + 1.55e-3)
+    post._pixel_threshold.fill_(raw.anomaly_map.median())
+    post.pixel_min.fill_(raw.anomaly_map.min())
+    post.pixel_max.fill_(raw.anomaly_map.max())
+    with torch.no_grad():
+        expected = module(x)
+    assert ((expected.pred_score > 0) & (expected.pred_score < 1)).all()  # none clamped: every difference counts
+    path = module.to_onnx(tmp_path, input_size=(128, 128), opset_version=18)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    results = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x.numpy()}), strict=True))
+    np.testing.assert_allclose(results["pred_score"].reshape(-1), expected.pred_score.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(results["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4, rtol=0)
+
+    pytest.importorskip("openvino")
+    from anomalib_recon.deploy import compile_openvino
+
+    compiled = compile_openvino(path)
+    ov_out = compiled([x.numpy()])
+    ov_results = {o.get_any_name(): ov_out[o] for o in compiled.outputs}
+    np.testing.assert_allclose(ov_results["pred_score"].reshape(-1), expected.pred_score.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ov_results["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow
