@@ -89,13 +89,12 @@ class FeatureExtractor(nn.Module):
 
     # ------------------------------------------------------------------ construction
     def _build_timm(self, name: str, weights: str | os.PathLike | None, img_size: int | None) -> None:
-        if not timm.is_model(name.split(".")[0]):
-            msg = f"Unknown timm backbone '{name}'. See timm.list_models() for valid names."
-            raise ValueError(msg)
-        probe = timm.create_model(name, pretrained=False, **({"img_size": img_size} if img_size else {}))
-        if _is_vit(probe):
+        # Block count / feature names from the meta-device probe (an unknown name is its ValueError); the one real
+        # build below then carries the weights. ``img_size`` changes neither answer, so the probe does not take it.
+        info = probe_backbone(name)
+        if info.is_vit:
             self.is_vit = True
-            self.block_idx = [self._block_index(layer, len(probe.blocks)) for layer in self.layers]
+            self.block_idx = [self._block_index(layer, info.depth) for layer in self.layers]
             kwargs = {"dynamic_img_size": True, **({"img_size": img_size} if img_size else {})}
             self.model = timm.create_model(name, **resolve_pretrained(name, weights), **kwargs)
             self.patch_size = self.model.patch_embed.patch_size[0]
@@ -107,8 +106,7 @@ class FeatureExtractor(nn.Module):
                 for i in self.block_idx:
                     self.model.blocks[i].attn.register_forward_pre_hook(self._record_attention)
             return
-        names = [info["module"] for info in getattr(probe, "feature_info", [])]
-        del probe
+        names = [entry["module"] for entry in info.feature_info]
         if not names:
             msg = f"Backbone '{name}' exposes no feature layers (timm feature_info); choose a CNN or ViT."
             raise ValueError(msg)
