@@ -27,7 +27,6 @@ from anomalib_recon.models.image.nafrad.torch_model import (
     NAFRADModel,
     NAFRADTrainOutput,
     ResidualNABlock,
-    max_avgpool_score,
     resolve_backbone,
     rotation_range,
 )
@@ -369,22 +368,6 @@ def test_train_and_eval_outputs(small_model):
     taps = torch.tensor([0.125, 0.75, 0.125])
     filtered = torch.nn.functional.conv2d(p, torch.outer(taps, taps).view(1, 1, 3, 3))
     torch.testing.assert_close(pooled[..., 1:-1, 1:-1], filtered, atol=1e-6, rtol=0)
-
-
-def test_image_score_is_the_box_filter_max_at_float64_accuracy():
-    """``max(avg_pool2d(map, k, 1, k // 2))``, summed as two 1-D box filters: the same function for odd and even
-    kernels, and in fp32 within 2.5e-7 of float64 on maps near 0.5 (PyTorch's 32×32 fp32 ``avg_pool2d`` is off by up
-    to 5e-7 on these maps; see ``max_avgpool_score``)."""
-    g = torch.Generator().manual_seed(0)
-    amap = torch.rand(2, 1, 40, 36, generator=g, dtype=torch.float64)
-    for k in (1, 4, 5, 32):
-        windows = torch.nn.functional.pad(amap, (k // 2,) * 4).unfold(2, k, 1).unfold(3, k, 1)  # brute force
-        expected = windows.sum(dim=(-1, -2)).flatten(1).amax(1) / (k * k)
-        torch.testing.assert_close(max_avgpool_score(amap, k), expected, atol=1e-12, rtol=0)
-    near_half = (0.5 + 0.05 * torch.rand(16, 1, 128, 128, generator=g, dtype=torch.float64)).float()
-    exact = torch.nn.functional.avg_pool2d(near_half.double(), 32, 1, 16).flatten(1).amax(1)
-    error = (max_avgpool_score(near_half, 32).double() - exact).abs().max()
-    assert error < 2.5e-7, error
 
 
 def test_segmentation_gradients_reach_the_autoencoder(small_model):

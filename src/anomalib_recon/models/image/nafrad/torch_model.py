@@ -9,7 +9,7 @@ The pipeline (nafrad.md §2-§6):
 3. ``P = sigmoid(S(cat[(F̂ − F)², F]))``: DRAEM's discriminative U-Net turns the squared residual into a defect
    probability on the feature grid.
 4. The map is ``P`` upsampled to the input size; the image score is ``max(avg_pool2d(map, 32, 1, 16))``, computed
-   as two 1-D box filters (:func:`max_avgpool_score`).
+   as two 1-D box filters (:func:`~anomalib_recon.components.reduce_max_avgpool`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from anomalib_recon.components.aggregation import FeatureAggregator
+from anomalib_recon.components.anomaly_map import reduce_max_avgpool
 from anomalib_recon.components.feature_extractor import FeatureExtractor
 from anomalib_recon.components.neighborhood_attention import NeighborhoodAttention2D
 from anomalib_recon.components.tracing import is_tracing as _tracing
@@ -89,24 +90,6 @@ def default_layers(backbone: str) -> list[int | str]:
 def rotation_range(category: str | None) -> tuple[float, float]:
     """Rotation range of the reference for a category; ``(0, 0)`` (no rotation) when unknown."""
     return ROTATION_DEGREES.get((category or "").lower(), (0.0, 0.0))
-
-
-def max_avgpool_score(anomaly_map: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Image score ``max(avg_pool2d(map, k, stride=1, padding=k // 2))`` of a ``(B, 1, H, W)`` map -> ``(B,)``.
-
-    The ``k x k`` box filter is applied as a ``k x 1`` then a ``1 x k`` filter: the same function (stride 1 and
-    ``padding <= k // 2`` keep every window inside the zero-padded map, so the divisor is always ``k² = k · k``),
-    but each output sums ``2k`` fp32 terms instead of ``k²``. PyTorch's CPU ``avg_pool2d`` adds the 1024 terms of a
-    32×32 window one after another in fp32: on maps near 0.5 that is off the float64 value by up to 1e-6 (17 ulp),
-    five times the rest of the model's rounding, and anomalib's min-max normalisation divides it by the validation
-    score range (about 3e-3 after two training steps), which broke ONNX/OpenVINO parity (≤ 1e-4) at 128 px. The
-    separable form is within about 4e-8 of float64 in torch, ONNX Runtime and OpenVINO alike.
-    """
-    k = int(kernel_size)
-    pad = k // 2
-    pooled = F.avg_pool2d(anomaly_map, (k, 1), stride=1, padding=(pad, 0))
-    pooled = F.avg_pool2d(pooled, (1, k), stride=1, padding=(0, pad))
-    return pooled.flatten(1).amax(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------------- autoencoder
@@ -562,5 +545,5 @@ class NAFRADModel(nn.Module):
         reconstruction = self.reconstructor(features)
         prediction = self.segment(reconstruction, features)
         anomaly_map = F.interpolate(prediction, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        pred_score = max_avgpool_score(anomaly_map, self.score_kernel_size)
+        pred_score = reduce_max_avgpool(anomaly_map, self.score_kernel_size, padding=self.score_kernel_size // 2)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
