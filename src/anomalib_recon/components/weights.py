@@ -52,6 +52,14 @@ def restoring_from_checkpoint() -> Iterator[None]:
         _RESTORING.reset(token)
 
 
+def is_restoring_from_checkpoint() -> bool:
+    """Whether a model is being built inside :func:`restoring_from_checkpoint` (the one "loading" flag).
+
+    Constructors use it to skip what a checkpoint makes unnecessary: fetching weights, checking training-data folders.
+    """
+    return _RESTORING.get()
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint was trained with another model, or with settings that give other tensor shapes."""
 

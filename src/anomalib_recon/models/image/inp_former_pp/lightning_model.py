@@ -13,7 +13,6 @@ them off, leaving the base INP-Former on anomalib's blocks.
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from torchvision.transforms.v2 import functional as TF
 from anomalib_recon.components import CheckpointBackboneMixin
 from anomalib_recon.components.few_shot import dihedral_augment, restrict_to_few_shot
 from anomalib_recon.components.preprocessing import IMAGENET_MEAN, IMAGENET_STD, as_image_size
+from anomalib_recon.components.weights import is_restoring_from_checkpoint
 
 from .loss import InpFormerPPLoss
 from .torch_model import InpFormerPPModel
@@ -45,7 +45,6 @@ DEFAULT_IMAGE_SIZE = 448
 DEFAULT_CROP_SIZE = 392
 SCHEDULES = ("joint", "two_stage")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-_LOADING_CHECKPOINT = contextvars.ContextVar("inp_former_pp_loading_checkpoint", default=False)
 
 
 def few_shot_augment(
@@ -274,7 +273,7 @@ class InpFormerPP(CheckpointBackboneMixin, AnomalibModule):
             msg = f"few_shot_k and few_shot_folds must be >= 1, got {few_shot_k} and {few_shot_folds}."
             raise ValueError(msg)
         # training-data folders are checked when building a model to train, not when restoring one elsewhere
-        loading = _LOADING_CHECKPOINT.get()
+        loading = is_restoring_from_checkpoint()
         if anomaly_source_path is not None and not Path(anomaly_source_path).expanduser().is_dir() and not loading:
             msg = (
                 f"anomaly_source_path {anomaly_source_path!r} is not a folder; pass a folder of texture images "
@@ -345,16 +344,6 @@ class InpFormerPP(CheckpointBackboneMixin, AnomalibModule):
             raise ValueError(msg)
         self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    @classmethod
-    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> InpFormerPP:
-        """anomalib's safe loader, offline (no backbone download) and without requiring the training-data folders
-        (``anomaly_source_path``, ``real_anomaly_path``) to exist on this machine."""
-        token = _LOADING_CHECKPOINT.set(True)
-        try:
-            return super().load_from_checkpoint(*args, **kwargs)
-        finally:
-            _LOADING_CHECKPOINT.reset(token)
 
     # ------------------------------------------------------------------------------------------------ configuration
     @staticmethod
