@@ -143,3 +143,28 @@ def test_cli_prints_our_constructor_error_as_one_line(tmp_path: Path, backbone: 
     errors = [line for line in done.stderr.splitlines() if line.startswith("anomalib: error:")]
     assert len(errors) == 1 and expected in errors[0]
     assert "Union subtypes" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_checkpoint_trained_with_another_evaluator_loads(tmp_path):
+    """The benchmark harness trains with AUPRO in its evaluator (a ``fpr_limit`` buffer); the checkpoint must still
+    load into a model built with the default evaluator, with every model tensor restored."""
+    from anomalib.metrics import AUPRO, AUROC, Evaluator
+
+    evaluator = Evaluator(
+        test_metrics=[AUROC(fields=["pred_score", "gt_label"]), AUPRO(fields=["anomaly_map", "gt_mask"])]
+    )
+    torch.manual_seed(0)
+    trained = _aminet(evaluator=evaluator)
+    checkpoint = _checkpoint(trained)
+    assert any(k.startswith("evaluator.") for k in checkpoint["state_dict"])
+    path = tmp_path / "model.ckpt"
+    torch.save({**checkpoint, "pytorch-lightning_version": "2.5.0"}, path)
+    torch.manual_seed(1)
+    loaded = AMINet.load_from_checkpoint(path, evaluator=True)
+    assert not any(k.startswith("evaluator.") for k in loaded.state_dict())
+    for key, value in trained.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value)
+    # a checkpoint with a real tensor missing is still refused
+    del checkpoint["state_dict"][next(k for k in checkpoint["state_dict"] if k.startswith("model."))]
+    with pytest.raises(CheckpointMismatchError, match="1 missing"):
+        _aminet().on_load_checkpoint(checkpoint)

@@ -113,7 +113,12 @@ class CheckpointBackboneMixin:
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another model or of incompatible settings with one message, then load."""
+        """Refuse a checkpoint of another model or of incompatible settings with one message, then load.
+
+        The evaluator's metric buffers (e.g. AUPRO's ``fpr_limit``) are not model state: a checkpoint trained with
+        another evaluator (the benchmark harness adds AUPRO) loads into a model built with this one's.
+        """
+        align_evaluator_state(self, checkpoint)
         check_checkpoint_matches(self, checkpoint)
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
@@ -124,6 +129,18 @@ def _looks_unreadable(error: BaseException) -> bool:
         marker in text
         for marker in ("weights_only", "Unpickl", "invalid load key", "PytorchStreamReader", "zip archive", "magic")
     )
+
+
+def align_evaluator_state(model: object, checkpoint: dict) -> None:
+    """Make the checkpoint's ``evaluator.*`` entries those of ``model``'s evaluator (metric settings, not weights)."""
+    state = checkpoint.get("state_dict")
+    if not state:
+        return
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("evaluator.")}  # type: ignore[attr-defined]
+    for key in [k for k in state if k.startswith("evaluator.") and k not in own]:
+        del state[key]
+    for key, value in own.items():
+        state.setdefault(key, value)
 
 
 def check_checkpoint_matches(model: object, checkpoint: dict) -> None:
