@@ -840,3 +840,18 @@ def test_short_training_detects_synthetic_defects(tmp_path, tiny_category):
     results = engine.test(model, datamodule=datamodule, verbose=False)[0]
     assert results["pixel_AUROC"] > 0.8, results
     assert results["image_AUROC"] > 0.7, results
+
+
+def test_input_size_comes_from_a_user_pre_processor():
+    """A user's own pre-processor sets the size the model is built for (image_size only builds the default one):
+    with Resize(96) and the default image_size, the model is built for 96 px (no interpolated position embeddings)."""
+    from anomalib_recon.components.preprocessing import resize_pre_processor
+
+    args = {k: v for k, v in TINY.items() if k != "image_size"}
+    model = AGPNet(**args, pre_processor=resize_pre_processor((96, 96)), evaluator=False, visualizer=False)
+    assert tuple(model.input_size) == (96, 96)
+    assert model.model.image_size == (96, 96)  # the decoder's position grid (and a ViT's input size) follow it
+    model.eval()
+    with torch.no_grad():
+        out = model.model(_images(2, size=96))
+    assert out.anomaly_map.shape[-2:] == (96, 96) and torch.isfinite(out.pred_score).all()

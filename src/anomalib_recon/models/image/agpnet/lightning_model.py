@@ -191,6 +191,11 @@ class AGPNet(CheckpointBackboneMixin, AnomalibModule):
         self.few_shot_seed = int(few_shot_seed)
         self._warned_no_horizon = False
 
+        # The input size comes from the pre-processor (its Resize), as in every model; image_size only builds the
+        # default pre-processor. A user's own pre-processor of another size must not leave the decoder's position
+        # embedding at image_size's grid.
+        input_size = self.input_size
+        size = (int(input_size[0]), int(input_size[1])) if input_size is not None else size
         self.model = AGPNetModel(
             backbone=backbone,
             layers=layers,
