@@ -488,3 +488,17 @@ def test_engine_fit_and_safe_checkpoint_round_trip(tmp_path):
         first, second = model(x), loaded(x)
     torch.testing.assert_close(first.pred_score, second.pred_score)
     torch.testing.assert_close(first.anomaly_map, second.anomaly_map)
+
+
+def test_input_size_comes_from_a_user_pre_processor():
+    """A user's own pre-processor (Resize 96) sets the size the model is built for; the default image_size (448 →
+    392 crop) only builds the default pre-processor."""
+    from anomalib_recon.components.preprocessing import resize_pre_processor
+
+    args = {k: v for k, v in TINY.items() if k != "image_size"}
+    model = InpFormerPP(**args, pre_processor=resize_pre_processor((96, 96)), evaluator=False, visualizer=False)
+    assert model.model_input_size == (96, 96) and model.model.image_size == (96, 96)
+    model.eval()
+    with torch.no_grad():
+        out = model.model(_images(2, size=96))
+    assert out.anomaly_map.shape[-2:] == (96, 96) and torch.isfinite(out.pred_score).all()

@@ -285,7 +285,10 @@ class InpFormerPP(CheckpointBackboneMixin, AnomalibModule):
             raise ValueError(msg)
 
         self.resize_size, self.crop_size = resize, crop
-        self.model_input_size = crop or resize
+        # The input size comes from the pre-processor (after its Resize/CenterCrop), as in every model; image_size and
+        # crop_size only build the default one.
+        input_size = self.input_size
+        self.model_input_size = (int(input_size[0]), int(input_size[1])) if input_size is not None else crop or resize
         self.schedule = schedule
         self.seg_start = float(seg_start)
         self.seg_loss_weight = float(seg_loss_weight)
