@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from anomalib_recon.components import map_to_tokens, tokens_to_map
+from anomalib_recon.components.feature_extractor import attention_weights
 from anomalib_recon.components.few_shot import dihedral_augment, few_shot_subset
 from anomalib_recon.models.image.agpnet import AGPNet
 from anomalib_recon.models.image.agpnet.ema import EMATeacher
@@ -25,7 +26,6 @@ from anomalib_recon.models.image.agpnet.loss import AGPNetLoss
 from anomalib_recon.models.image.agpnet.torch_model import (
     AGPNetModel,
     AGPNetTrainOutput,
-    attention_weights,
     count_parameters,
     default_layers,
 )
@@ -95,12 +95,12 @@ def test_prior_and_learnable_attention_point_where_the_attention_goes(tiny_model
     images = _images()
     target, features = tiny_model.extract(images, record_prior=True)
     assert target.shape == (2, 64, 4, 4)
-    assert len(tiny_model._prior_maps) == 4  # one attention map per selected encoder block
+    assert len(tiny_model.encoder.attention_maps) == 4  # one attention map per selected encoder block
     p = tiny_model.encoder.num_prefix_tokens
     fake = torch.full((2, 2, p + 16, p + 16), 0.01)
     fake[:, :, 0, p + 5] = 0.9  # the CLS token attends to patch 5 = grid (1, 1)
     fake[:, :, p:, p + 10] = 0.9  # every patch attends to patch 10 = grid (2, 2)
-    tiny_model._prior_maps = [fake] * 4
+    tiny_model.encoder.attention_maps = [fake] * 4
     cls = tiny_model.prior_attention_map(features, (4, 4))
     assert cls.shape == (2, 4, 4) and (cls.flatten(1).argmax(1) == 5).all()
     tiny_model.prior_attention = "received"
@@ -121,7 +121,7 @@ def test_prior_and_learnable_attention_point_where_the_attention_goes(tiny_model
     assert learn.shape == (2, 4, 4) and (learn.flatten(1).argmax(1) == 3).all()
     # no attention is recorded outside an explicit training extraction
     tiny_model.extract(images)
-    assert tiny_model._prior_maps == []
+    assert tiny_model.encoder.attention_maps == []
 
 
 def _spy_decoder(model: AGPNetModel) -> list[tuple[torch.Tensor, torch.Tensor]]:

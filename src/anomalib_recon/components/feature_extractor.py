@@ -22,6 +22,18 @@ def _is_vit(model: nn.Module) -> bool:
     return hasattr(model, "blocks") and hasattr(model, "patch_embed") and hasattr(model, "forward_intermediates")
 
 
+def attention_weights(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax attention ``softmax(q kᵀ · scale)`` ``(B, heads, N, N)`` of a timm ``Attention`` on its input ``x``.
+
+    timm computes attention with fused SDPA, which never materialises the weights, so they are recomputed from
+    the module's own ``qkv`` projection (and its ``q_norm``/``k_norm``).
+    """
+    b, n, _ = x.shape
+    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
 class FeatureExtractor(nn.Module):
     """Frozen backbone returning a list of intermediate feature maps ``(B, C, h, w)``.
 
@@ -155,12 +167,9 @@ class FeatureExtractor(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _record_attention(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        """Recompute ``softmax(q kᵀ·scale)`` from the block's qkv projection (timm uses fused SDPA)."""
-        x = args[0]
-        b, n, _ = x.shape
-        qkv = module.qkv(x).reshape(b, n, 3, module.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = module.q_norm(qkv[0]), module.k_norm(qkv[1])
-        self.attention_maps.append(((q * module.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+        """Record the block's attention while ``return_attention`` is on (a model may switch it per call)."""
+        if self.return_attention:
+            self.attention_maps.append(attention_weights(module, args[0]))
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Stay in eval mode: batch-norm statistics of the frozen backbone must never update."""

@@ -36,7 +36,12 @@ from anomalib_recon.components import (
     reduce_max_avgpool,
     tokens_to_map,
 )
-from anomalib_recon.components.feature_extractor import BackboneInfo, FeatureExtractor, probe_backbone
+from anomalib_recon.components.feature_extractor import (
+    BackboneInfo,
+    FeatureExtractor,
+    attention_weights,
+    probe_backbone,
+)
 from anomalib_recon.components.tracing import is_tracing
 
 from .ema import EMATeacher
@@ -46,7 +51,6 @@ __all__ = [
     "AGPNetDecoder",
     "AGPNetModel",
     "AGPNetTrainOutput",
-    "attention_weights",
     "count_parameters",
     "default_layers",
 ]
@@ -74,18 +78,6 @@ class AGPNetTrainOutput(NamedTuple):
     reconstructions: list[torch.Tensor]
     attention_mask: torch.Tensor
     image_mask: torch.Tensor | None
-
-
-def attention_weights(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Softmax attention ``softmax(q kᵀ · scale)`` ``(B, heads, N, N)`` of a timm ``Attention`` on its input ``x``.
-
-    timm computes attention with fused SDPA, which never materialises the weights, so they are recomputed from
-    the module's own ``qkv`` projection.
-    """
-    b, n, _ = x.shape
-    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -279,7 +271,11 @@ class AGPNetModel(nn.Module):
         info = probe_backbone(name)  # one build on the meta device: nothing allocated or downloaded
         vit_img = image_size[0] if info.is_vit and image_size[0] == image_size[1] else None
         layers = list(layers) if layers is not None else default_layers(info)
-        self.encoder = FeatureExtractor(name, layers=layers, weights=weights, img_size=vit_img)
+        # ViT encoders record their blocks' attention (A_prior) only inside extract(record_prior=True)
+        self.encoder = FeatureExtractor(
+            name, layers=layers, weights=weights, img_size=vit_img, return_attention=bool(info.is_vit)
+        )
+        self.encoder.return_attention = False
         self.is_vit = bool(self.encoder.is_vit)
         self.layers = list(self.encoder.layers)
         if aggregation is None:
@@ -294,11 +290,6 @@ class AGPNetModel(nn.Module):
             raise ValueError(msg)
         self.feature_dim = int(self.encoder.out_dims[0]) if aggregation == "sum" else int(sum(self.encoder.out_dims))
         grid = (image_size[0] // self.stride, image_size[1] // self.stride)
-        self._prior_hooks_active = False
-        self._prior_maps: list[torch.Tensor] = []
-        if self.is_vit:
-            for i in self.encoder.block_idx:
-                self.encoder.model.blocks[i].attn.register_forward_pre_hook(self._record_prior)
 
         # ---------------------------------------------------------------- decoder (trained) and teacher (EMA)
         dim = decoder_dim if decoder_dim is not None else (self.feature_dim if self.is_vit else 384)
@@ -314,10 +305,6 @@ class AGPNetModel(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------------------ features
-    def _record_prior(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        if self._prior_hooks_active:
-            self._prior_maps.append(attention_weights(module, args[0]))
-
     def aggregate(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """``Σ_l LN(F_l)`` (or their concatenation) on the token grid ``(B, C, h, w)``; CNN maps are average-pooled
         to the coarsest selected resolution first."""
@@ -348,12 +335,11 @@ class AGPNetModel(nn.Module):
                 "resize the images (the default pre-processor resizes to image_size)."
             )
             raise ValueError(msg)
-        self._prior_maps = []
-        self._prior_hooks_active = record_prior
+        self.encoder.return_attention = record_prior and self.is_vit
         try:
             features = self.encoder(images)
         finally:
-            self._prior_hooks_active = False
+            self.encoder.return_attention = False
         target = self.aggregate(features)
         if not is_tracing() and not bool(torch.isfinite(target).all()):
             msg = (
@@ -376,12 +362,12 @@ class AGPNetModel(nn.Module):
         heads. CNN: channel mean of ``|F_l|`` pooled to the token grid.
         """
         if self.is_vit:
-            if not self._prior_maps:
+            if not self.encoder.attention_maps:
                 msg = "No encoder attention was recorded; call extract(images, record_prior=True) first."
                 raise RuntimeError(msg)
             p = self.encoder.num_prefix_tokens
             maps = []
-            for attn in self._prior_maps:
+            for attn in self.encoder.attention_maps:
                 attn = attn.mean(dim=1)  # over heads: (B, N, N)
                 if self.prior_attention == "cls":
                     maps.append(attn[:, 0, p:])
