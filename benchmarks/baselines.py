@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_recon.components.feature_extractor import FeatureExtractor
-from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
+from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
 
 __all__ = ["BASELINES", "MeanFeature", "MeanFeatureModel"]
 
@@ -146,13 +146,8 @@ class MeanFeature(MemoryBankMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if image_size is not None and pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size=as_image_size(image_size))
         super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
+            sized_pre_processor(type(self), image_size, pre_processor), post_processor, evaluator, visualizer
         )
         self.model = MeanFeatureModel(backbone=backbone, layers=list(layers), weights=weights, blur_sigma=blur_sigma)
 

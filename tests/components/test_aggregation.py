@@ -83,6 +83,31 @@ def test_sum_and_mean_modes():
     torch.testing.assert_close(FeatureAggregator(mode="mean")([a, b]), (a + b_up) / 2)
 
 
+def test_smallest_grid_with_area_pooling_averages_each_cell():
+    g = torch.Generator().manual_seed(3)
+    fine, coarse = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 5, 4, 4, generator=g)
+    out = FeatureAggregator(grid="smallest", resize_mode="area")([fine, coarse])
+    assert out.shape == (2, 8, 4, 4)
+    # brute force: each coarse cell is the mean of its 2x2 block of the fine map
+    blocks = fine.reshape(2, 3, 4, 2, 4, 2).mean(dim=(3, 5))
+    torch.testing.assert_close(out[:, :3], blocks)
+    torch.testing.assert_close(out[:, 3:], coarse)
+
+
+def test_norm_after_resize_normalises_the_pooled_tokens():
+    g = torch.Generator().manual_seed(4)
+    fine, coarse = torch.randn(1, 6, 8, 8, generator=g) * 3 + 1, torch.randn(1, 6, 4, 4, generator=g) * 2
+    after = FeatureAggregator(mode="sum", grid="smallest", resize_mode="area", layer_norm=True, norm_after_resize=True)
+    before = FeatureAggregator(mode="sum", grid="smallest", resize_mode="area", layer_norm=True)
+    pooled = F.adaptive_avg_pool2d(fine, (4, 4))
+    torch.testing.assert_close(after([fine, coarse]), layer_norm_channels(pooled) + layer_norm_channels(coarse))
+    # normalising at the fine resolution and then pooling is a different recipe: the pooled tokens lose variance
+    before_pooled = before([fine, coarse]) - layer_norm_channels(coarse)
+    assert float(before_pooled.var(dim=1, unbiased=False).mean()) < 0.9
+    after_pooled = after([fine, coarse]) - layer_norm_channels(coarse)
+    torch.testing.assert_close(after_pooled.var(dim=1, unbiased=False), torch.ones(1, 4, 4), atol=1e-3, rtol=0)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="equal channel counts"):
         FeatureAggregator(mode="sum")(_feats())
@@ -96,6 +121,10 @@ def test_clear_errors():
         FeatureAggregator()([torch.randn(2, 4, 8, 8), torch.randn(3, 4, 8, 8)])
     with pytest.raises(ValueError, match="non-empty list"):
         FeatureAggregator()([])
+    with pytest.raises(ValueError, match="grid must be"):
+        FeatureAggregator(grid="middle")
+    with pytest.raises(ValueError, match="resize_mode 'bilinear' or 'area'"):
+        FeatureAggregator(resize_mode="nearest")
 
 
 def test_tokens_map_round_trip():

@@ -98,7 +98,8 @@ class FeatureAggregator(nn.Module):
     """Resize, optionally normalise/smooth, and combine multi-layer feature maps into one target map.
 
     Args:
-        out_size: Common grid ``(H, W)`` (int = square). ``None`` uses the largest input map's size.
+        out_size: Common grid ``(H, W)`` (int = square). ``None`` uses the largest input map's size, or the
+            smallest with ``grid="smallest"``.
         mode: ``"concat"`` (channel concatenation), ``"sum"`` or ``"mean"`` (element-wise; maps must have equal
             channel counts).
         align_corners: ``align_corners`` of the bilinear resize.
@@ -107,11 +108,18 @@ class FeatureAggregator(nn.Module):
         include_image: Prepend the bilinearly resized raw image as extra channels (``"concat"`` only). The image
             is neither normalised nor smoothed.
         smooth_kernel: Kernel size of the smoothing pool.
+        grid: With ``out_size=None``: ``"largest"`` (upsample to the finest map) or ``"smallest"`` (pool to the
+            coarsest map, AGPNet's token grid).
+        resize_mode: ``"bilinear"`` (``align_corners`` as set) or ``"area"`` (average pooling; for maps whose size
+            is a multiple of the grid, the exact mean of each cell).
+        norm_after_resize: Apply ``layer_norm`` on the common grid instead of at each map's own resolution
+            (AGPNet normalises the pooled tokens).
 
     Example:
         >>> agg = FeatureAggregator(out_size=64, align_corners=True, smooth=True)   # AMI-Net
         >>> agg([torch.rand(1, 256, 64, 64), torch.rand(1, 512, 32, 32)]).shape
         torch.Size([1, 768, 64, 64])
+        >>> agpnet = FeatureAggregator(grid="smallest", resize_mode="area", layer_norm=True, norm_after_resize=True)
     """
 
     def __init__(
@@ -123,6 +131,9 @@ class FeatureAggregator(nn.Module):
         layer_norm: bool = False,
         include_image: bool = False,
         smooth_kernel: int = 3,
+        grid: str = "largest",
+        resize_mode: str = "bilinear",
+        norm_after_resize: bool = False,
     ) -> None:
         super().__init__()
         if mode not in _MODES:
@@ -134,7 +145,16 @@ class FeatureAggregator(nn.Module):
         if smooth and (smooth_kernel < 1 or smooth_kernel % 2 == 0):
             msg = f"smooth_kernel must be a positive odd int, got {smooth_kernel}."
             raise ValueError(msg)
+        if grid not in ("largest", "smallest") or resize_mode not in ("bilinear", "area"):
+            msg = (
+                f"grid must be 'largest' or 'smallest' and resize_mode 'bilinear' or 'area'; "
+                f"got {grid!r}, {resize_mode!r}."
+            )
+            raise ValueError(msg)
         self.out_size = None if out_size is None else _to_size(out_size)
+        self.grid = grid
+        self.resize_mode = resize_mode
+        self.norm_after_resize = norm_after_resize
         self.mode = mode
         self.align_corners = align_corners
         self.smooth = smooth
@@ -151,6 +171,8 @@ class FeatureAggregator(nn.Module):
     def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if tuple(x.shape[-2:]) == size:
             return x
+        if self.resize_mode == "area":
+            return F.adaptive_avg_pool2d(x, size)
         return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
 
     def forward(self, features: Sequence[torch.Tensor], image: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,12 +208,15 @@ class FeatureAggregator(nn.Module):
         if self.out_size is not None:
             size = self.out_size
         else:
-            size = max((tuple(int(s) for s in f.shape[-2:]) for f in features), key=lambda hw: hw[0] * hw[1])
+            pick = min if self.grid == "smallest" else max
+            size = pick((tuple(int(s) for s in f.shape[-2:]) for f in features), key=lambda hw: hw[0] * hw[1])
 
         maps = []
         for f in features:
-            x = layer_norm_channels(f) if self.layer_norm else f
+            x = layer_norm_channels(f) if self.layer_norm and not self.norm_after_resize else f
             x = self._resize(x, size)
+            if self.layer_norm and self.norm_after_resize:
+                x = layer_norm_channels(x)
             if self.smooth:
                 x = smooth_map(x, self.smooth_kernel)
             maps.append(x)

@@ -35,3 +35,16 @@ def resize_pre_processor(image_size: tuple[int, int] | None = None, normalize: b
     if normalize:
         transforms.append(Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)))
     return PreProcessor(transform=Compose(transforms))
+
+
+def sized_pre_processor(model_cls: type, image_size: int | Sequence[int] | None, pre_processor: object) -> object:
+    """The ``pre_processor`` argument to hand to ``AnomalibModule.__init__`` for a model with an ``image_size``.
+
+    ``pre_processor=True`` with a size becomes ``model_cls.configure_pre_processor(image_size=(H, W))`` (the size is
+    checked here, at construction); a given pre-processor, ``False``, or ``True`` without a size pass through (anomalib
+    then builds the model's default). The model reads its input size back from the pre-processor
+    (``self.input_size``), so the size lives in one place.
+    """
+    if image_size is not None and pre_processor is True:
+        return model_cls.configure_pre_processor(image_size=as_image_size(image_size))
+    return pre_processor

@@ -12,7 +12,7 @@ Two branches (paper §3.1):
   added to the features (``F + E ⊙ (α·mask + β)``) and, binarised at a growing mask ratio, Gaussian noise added to
   the image. The decoder learns to map both perturbed versions back to the clean ``F``.
 
-The eval forward touches only ``encoder``, ``aggregate`` and ``decoder``; the teacher and the attention
+The eval forward touches only ``encoder``, ``aggregator`` and ``decoder``; the teacher and the attention
 recording are used behind ``self.training`` only, so exported graphs contain neither.
 """
 
@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from anomalib_recon.components import (
     AnomalyMapGenerator,
-    layer_norm_channels,
+    FeatureAggregator,
     map_to_tokens,
     reduce_max_avgpool,
     tokens_to_map,
@@ -284,6 +284,11 @@ class AGPNetModel(nn.Module):
             msg = f"aggregation='sum' needs equal layer widths, got {self.encoder.out_dims}; use 'concat'."
             raise ValueError(msg)
         self.aggregation = aggregation
+        # Σ_l LN(F_l) (or their concatenation) on the token grid; CNN maps are average-pooled to the coarsest grid
+        # and normalised there.
+        self.aggregator = FeatureAggregator(
+            mode=aggregation, grid="smallest", resize_mode="area", layer_norm=True, norm_after_resize=True
+        )
         self.stride = int(max(self.encoder.reductions))
         if image_size[0] % self.stride or image_size[1] % self.stride:
             msg = f"image_size {image_size} must be a multiple of the encoder stride {self.stride}."
@@ -305,25 +310,6 @@ class AGPNetModel(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------------------ features
-    def aggregate(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``Σ_l LN(F_l)`` (or their concatenation) on the token grid ``(B, C, h, w)``; CNN maps are average-pooled
-        to the coarsest selected resolution first."""
-        grid = tuple(int(s) for s in features[-1].shape[-2:])
-        for f in features:
-            if f.shape[-2] * f.shape[-1] < grid[0] * grid[1]:
-                grid = tuple(int(s) for s in f.shape[-2:])
-        maps = []
-        for f in features:
-            if tuple(f.shape[-2:]) != grid:
-                f = F.adaptive_avg_pool2d(f, grid)
-            maps.append(layer_norm_channels(f))
-        if self.aggregation == "sum":
-            out = maps[0]
-            for m in maps[1:]:
-                out = out + m
-            return out
-        return torch.cat(maps, dim=1)
-
     def extract(self, images: torch.Tensor, record_prior: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Encoder features aggregated into the target ``(B, C, h, w)``, and the raw per-layer maps."""
         if images.ndim != 4 or images.shape[1] != 3:
@@ -340,7 +326,7 @@ class AGPNetModel(nn.Module):
             features = self.encoder(images)
         finally:
             self.encoder.return_attention = False
-        target = self.aggregate(features)
+        target = self.aggregator(features)
         if not is_tracing() and not bool(torch.isfinite(target).all()):
             msg = (
                 "AGPNet: the backbone features contain NaN or inf; check the input images (normalised, finite) "

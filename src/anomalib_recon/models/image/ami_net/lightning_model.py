@@ -24,7 +24,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
+from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
 from anomalib_recon.components.weights import CheckpointBackboneMixin
 
 from .loss import AMINetLoss
@@ -123,13 +123,8 @@ class AMINet(CheckpointBackboneMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if image_size is not None and pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size=as_image_size(image_size))
         super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
+            sized_pre_processor(type(self), image_size, pre_processor), post_processor, evaluator, visualizer
         )
         if few_shot_k is not None and few_shot_k < 1:
             msg = f"few_shot_k must be a positive number of normal images or None, got {few_shot_k}."

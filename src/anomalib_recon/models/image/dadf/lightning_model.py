@@ -25,7 +25,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
+from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
 from anomalib_recon.components.weights import CheckpointBackboneMixin, restoring_from_checkpoint
 
 from .loss import DADFFlowLoss, DADFReconstructionLoss
@@ -121,13 +121,8 @@ class DADF(CheckpointBackboneMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if image_size is not None and pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size=as_image_size(image_size))
         super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
+            sized_pre_processor(type(self), image_size, pre_processor), post_processor, evaluator, visualizer
         )
         for name, value in (("reconstruction_epochs", reconstruction_epochs), ("flow_epochs", flow_epochs)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

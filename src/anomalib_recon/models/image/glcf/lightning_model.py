@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.utils.data import DataLoader
 
-from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
+from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
 from anomalib_recon.components.weights import CheckpointBackboneMixin
 
 from .loss import GLCFLoss
@@ -131,13 +131,8 @@ class GLCF(CheckpointBackboneMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if image_size is not None and pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size=as_image_size(image_size))
         super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
+            sized_pre_processor(type(self), image_size, pre_processor), post_processor, evaluator, visualizer
         )
         if lr <= 0 or weight_decay < 0 or len(betas) != 2:
             msg = f"need lr > 0, weight_decay >= 0 and two betas; got {lr}, {weight_decay}, {betas}."
