@@ -47,6 +47,29 @@ BASELINES = {"MeanFeature"}
 ONE_PASS = {"Padim", "Patchcore", "MeanFeature"}
 ROLE_ORDER = {"baseline": 0, "peer": 1, "ours": 2}
 OUTPUT_STEM = "combined"
+_AGPNET_DISTANCE_BUG = "AGPNet trained with a cosine loss and scored with an L2 map (issue #13, fixed)"
+# Results measured with a bug that has since been fixed: listed apart with the reason, never averaged or ranked.
+# file -> (models of that file concerned, or None for every row; reason)
+WITHDRAWN: dict[str, tuple[set[str] | None, str]] = {
+    "agpnet_mt_lite0_128_curve.json": (
+        None,
+        _AGPNET_DISTANCE_BUG + "; its snapshots were tested with the final weights' post-processor statistics",
+    ),
+    "agpnet_mt_lite0_noise.json": (None, _AGPNET_DISTANCE_BUG + "; fixed image noise σ = 0.2"),
+    "agpnet_mt_lite0_128_stride8_600steps.json": (None, _AGPNET_DISTANCE_BUG),
+    "mt_lite0_128_300steps.json": ({"AGPNet"}, _AGPNET_DISTANCE_BUG),
+    "elpv_mono_lite0_128_300steps.json": ({"AGPNet"}, _AGPNET_DISTANCE_BUG),
+    "ami_net_mt_lite0_128_curve.json": (
+        None,
+        "learning_curve.py before issue #13's fix: snapshots tested with the final weights' post-processor statistics",
+    ),
+}
+
+
+def withdrawn_reason(file: str, model: str) -> str | None:
+    """Why a row of ``file`` is withdrawn, or ``None`` when it stands."""
+    models, reason = WITHDRAWN.get(file, (set(), ""))
+    return reason if models is None or model in models else None
 
 
 def git(args: list[str], cwd: Path) -> str | None:
@@ -217,9 +240,9 @@ def seed_of(header: dict, row: dict, label_seed: int | None) -> int | None:
     return None
 
 
-def collect(folder: Path, cutoff: float | None) -> tuple[list[dict], list[dict]]:
-    """Every result row of a Magnetic Tile / ELPV file as one run, plus the rows that hold an error."""
-    runs, errors = [], []
+def collect(folder: Path, cutoff: float | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """Every result row of a Magnetic Tile / ELPV file as one run, the rows that hold an error, the withdrawn rows."""
+    runs, errors, withdrawn = [], [], []
     for path in sorted(folder.glob("*.json")):
         if path.stem == OUTPUT_STEM:
             continue
@@ -246,6 +269,10 @@ def collect(folder: Path, cutoff: float | None) -> tuple[list[dict], list[dict]]
             if not metrics:
                 continue
             config = config_of(data, str(row["model"]), variant, model)
+            reason = withdrawn_reason(path.name, model)
+            if reason:
+                withdrawn.append({"file": path.name, "model": row["model"], "reason": reason, "metrics": metrics})
+                continue
             runs.append(
                 {
                     "variant": variant,
@@ -267,7 +294,7 @@ def collect(folder: Path, cutoff: float | None) -> tuple[list[dict], list[dict]]
                     "clock": clock,
                 }
             )
-    return runs, errors
+    return runs, errors, withdrawn
 
 
 GROUP_KEYS = ("dataset", "cell_type", "backbone", "image_size", "budget", "role", "variant", "config", "protocol")
@@ -331,7 +358,7 @@ def cell(stats: dict | None) -> str:
     return f"{stats['mean']:.3f} ± {stats['std']:.3f} ({stats['min']:.3f}–{stats['max']:.3f})"
 
 
-def to_markdown(rows: list[dict], errors: list[dict], header: dict) -> str:
+def to_markdown(rows: list[dict], errors: list[dict], header: dict, withdrawn: list[dict] | None = None) -> str:
     """The combined tables, one per dataset, with how they were made."""
     cutoff = header["protocol_commit"]
     lines = [
@@ -391,6 +418,15 @@ def to_markdown(rows: list[dict], errors: list[dict], header: dict) -> str:
     if superseded:
         lines += ["", "Runs replaced by a newer run of the same seed:", ""]
         lines += [f"- {variant}: `{f}`" for variant, f in superseded]
+    if withdrawn:
+        lines += [
+            "",
+            "Withdrawn: measured with a bug since fixed (kept in their files for the record, not in the tables):",
+            "",
+        ]
+        for w in withdrawn:
+            values = ", ".join(f"{m.replace('_', ' ')} {v:.3f}" for m, v in w["metrics"].items())
+            lines.append(f"- `{w['file']}` {w['model']} ({values}): {w['reason']}")
     if errors:
         lines += ["", "Rows without a result:", ""]
         lines += [f"- `{e['file']}` {e['model']}: {e['error'][:200]}" for e in errors]
@@ -415,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(msg)
     found = protocol_cutoff(folder) if args.protocol_cutoff is None else (args.protocol_cutoff, "given")
     cutoff = found[0] if found else None
-    runs, errors = collect(folder, cutoff)
+    runs, errors, withdrawn = collect(folder, cutoff)
     rows = combine(runs)
     command = "python benchmarks/combined_table.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     header = {
@@ -429,11 +465,13 @@ def main(argv: list[str] | None = None) -> int:
         if found
         else None,
     }
-    table = to_markdown(rows, errors, header)
+    table = to_markdown(rows, errors, header, withdrawn)
     out = Path(args.out) if args.out else folder / OUTPUT_STEM
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table)
-    out.with_suffix(".json").write_text(json.dumps({**header, "rows": rows, "errors": errors}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({**header, "rows": rows, "errors": errors, "withdrawn": withdrawn}, indent=2) + "\n"
+    )
     print(table)
     return 0
 

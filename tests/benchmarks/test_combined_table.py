@@ -175,3 +175,17 @@ def test_without_git_or_cutoff_the_protocol_is_unknown(combined: ModuleType, tmp
     data = run(combined, tmp_path)
     assert data["protocol_commit"] is None and data["rows"][0]["protocol"] == "unknown"
     assert "was not found" in (tmp_path / "combined.md").read_text()
+
+
+def test_withdrawn_rows_are_listed_apart_and_never_averaged(combined: ModuleType, tmp_path: Path) -> None:
+    # a file whose AGPNet row was measured under the fixed cosine-loss / L2-map bug, with a valid Padim row beside it
+    write(tmp_path, "mt_lite0_128_300steps", [mt("Padim", 0.9, 0.78, 0.63, steps=96), mt("AGPNet", 0.725, 0.65, 0.39)])
+    write(tmp_path, "agpnet_new", [mt("AGPNet", 0.75, 0.70, 0.50)])
+    data = run(combined, tmp_path, "--protocol-cutoff", "0")
+    agpnet = find(data["rows"], variant="AGPNet")
+    assert len(agpnet) == 1 and agpnet[0]["files"] == ["agpnet_new.json"]
+    assert agpnet[0]["metrics"]["image_AUROC"]["mean"] == pytest.approx(0.75)
+    assert len(find(data["rows"], variant="Padim")) == 1  # only the named model of that file is withdrawn
+    assert [(w["file"], w["model"]) for w in data["withdrawn"]] == [("mt_lite0_128_300steps.json", "AGPNet")]
+    text = (tmp_path / "combined.md").read_text()
+    assert "Withdrawn" in text and "cosine loss" in text and "0.725" in text
