@@ -105,6 +105,18 @@ def cpu_engine(root_dir: Path, max_steps: int = 2, **kwargs) -> object:
     return Engine(**options)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> object:
+    """One intra-op torch thread for a module of tiny-tensor tests: as fast, and no OpenMP spin-waits on a shared
+    2-core machine. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_category(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 64-px textured category (8 train, 4 good and 4 defective test images with masks), written once."""

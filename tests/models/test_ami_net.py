@@ -20,14 +20,7 @@ from anomalib_recon.models.image.ami_net.torch_model import (
     width_matched_jitter_scale,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and avoids OpenMP spin-waits on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = {"backbone": "tf_efficientnet_lite0", "weights": None, "embed_dim": 32, "depth": 1, "num_heads": 2}

@@ -18,14 +18,7 @@ from anomalib_recon.models.image.dadf.loss import DADFFlowLoss, DADFReconstructi
 from anomalib_recon.models.image.dadf.torch_model import DualAttentionBlock, create_flow, default_layers
 from tests.conftest import cpu_engine, folder_datamodule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and avoids OpenMP spin-waits on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = {

@@ -24,14 +24,7 @@ from anomalib_recon.models.image.scl_vi.torch_model import (
 )
 from tests.conftest import cpu_engine, folder_datamodule, write_textured_category
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and avoids OpenMP spin-waits on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # 64-px inputs: K=64 covers the image (a 1x1 grid), K=32 on a 3x3 grid at stride 16; a narrow encoder (D=16).
