@@ -93,9 +93,8 @@ class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
         na_backend: Neighborhood-attention backend: ``"auto"``, ``"natten"``, ``"flex"`` or ``"pure"``.
         standardize_features: Standardise each channel of the aggregated features ``F`` (input of ``R``, its target
             and the input of ``S``) with a mean/std measured once on the training images when fitting starts, stored
-            in the checkpoint and the exported graph. ``None`` (default): off for the reference's backbones (ResNet,
-            Swin), on for any other (EfficientNet-Lite features have std ≈ 5; without it NAFRAD scored at chance on
-            Magnetic Tile). **INFERRED** (not in the reference); see the README for the measured effect.
+            in the checkpoint and the exported graph. **INFERRED** (not in the reference); see the README for the
+            measured effect.
         feature_stats_max_images: At most this many training images (whole batches) are used for those statistics.
         anomaly_source_path: Folder of texture images (e.g. DTD) for the synthetic anomalies; ``"skimage"`` = the
             brick, grass and gravel photographs shipped in scikit-image's wheel (offline, needs ``scikit-image``);
@@ -140,7 +139,7 @@ class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
         drop_path_rate: float = 0.1,
         seg_base_width: int = 64,
         na_backend: str = "auto",
-        standardize_features: bool | None = None,
+        standardize_features: bool = False,
         feature_stats_max_images: int = 256,
         anomaly_source_path: str | None = None,
         anomaly_probability: float = 0.5,

@@ -73,11 +73,6 @@ def is_swin(backbone: str) -> bool:
     return backbone.split(".")[0].startswith("swin")
 
 
-def reference_backbone(backbone: str) -> bool:
-    """Whether the reference trains on this backbone family (ResNet features, Swin stages)."""
-    return is_swin(backbone) or backbone.split(".")[0].startswith(("resnet", "wide_resnet"))
-
-
 def default_layers(backbone: str) -> list[int | str]:
     """Feature layers used by the reference: stride-4 and stride-8 stages.
 
@@ -343,9 +338,7 @@ class NAFRADModel(nn.Module):
         na_backend: Neighborhood-attention backend.
         standardize_features: Standardise every channel of ``F`` with a mean and standard deviation measured once on
             the training features (:meth:`fit_feature_statistics`, stored as buffers so checkpoints and exports carry
-            them). ``None`` (default): off for the reference's backbones (ResNet, Swin), on for any other (e.g.
-            EfficientNet-Lite, whose features have std ≈ 5: without it NAFRAD scored at chance on Magnetic Tile).
-            **INFERRED** (not in the reference).
+            them). **INFERRED** (not in the reference): Lite0 features have std ≈ 5 and made the loss spike.
 
     Raises:
         ValueError: when ``image_size`` is not a multiple of :attr:`input_size_divisor` (the feature grid, input /
@@ -370,7 +363,7 @@ class NAFRADModel(nn.Module):
         seg_base_width: int = 64,
         score_kernel_size: int = 32,
         na_backend: str = "auto",
-        standardize_features: bool | None = None,
+        standardize_features: bool = False,
     ) -> None:
         super().__init__()
         if channel_order not in ("bgr", "rgb"):
@@ -419,8 +412,6 @@ class NAFRADModel(nn.Module):
         self.segmentor = DiscriminativeSubNetwork(
             in_channels=2 * self.in_channels, out_channels=1, base_width=seg_base_width
         )
-        if standardize_features is None:
-            standardize_features = not reference_backbone(backbone)
         self.standardize_features = bool(standardize_features)
         if self.standardize_features:
             # Identity until fit_feature_statistics runs; persistent so checkpoints and exports carry them.
