@@ -29,7 +29,6 @@ Example (the 300-step ablation checkpoints, Magnetic Tile at 128 px)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -251,11 +250,7 @@ def _cell(row: dict, col: str) -> str:
 def to_markdown(rows: list[dict], header: dict) -> str:
     """The table plus how it was produced."""
     lines = [
-        f"# {header['name']}",
-        "",
-        f"Command: `{header['command']}`",
-        "",
-        f"Machine: {json.dumps(header['machine'])}",
+        *harness.result_preamble(header),
         "",
         f"Dataset {header['dataset']}, {header['split']} split: {header['n_images']} of {header['split_size']} images "
         f"(seeded subset, seed {header['seed']}), batches of {header['batch_size']} through each checkpoint's "
@@ -324,12 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"=== {label} ===", flush=True)
         rows += measure(model, batches, label, args.split)
-    results = Path(args.results_dir)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"{header['name']}.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
-    table = to_markdown(rows, header)
-    (results / f"{header['name']}.md").write_text(table)
-    print(table)
+    print(harness.write_results(Path(args.results_dir), header, rows, render=to_markdown))
     return 0
 
 

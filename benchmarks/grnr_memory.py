@@ -89,11 +89,7 @@ def to_markdown(rows: list[dict], header: dict) -> str:
         "error",
     ]
     lines = [
-        f"# {header['name']}",
-        "",
-        f"Command: `{header['command']}`",
-        "",
-        f"Machine: {json.dumps(header['machine'])}",
+        *harness.result_preamble(header),
         "",
         "CPU, random backbone weights, torch eager `model.model(batch)` (no pre/post-processing). "
         "`full_nxn_mb_per_batch`: what one unchunked float32 N×N distance matrix per image of the batch takes at the "
@@ -145,11 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                     rows.append({"backbone": backbone, "image_size": size, "distance_chunk": value, "error": tail})
-                results = Path(args.results_dir)
-                results.mkdir(parents=True, exist_ok=True)
-                (results / f"{header['name']}.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
-                table = to_markdown(rows, header)
-                (results / f"{header['name']}.md").write_text(table)
+                table = harness.write_results(Path(args.results_dir), header, rows, render=to_markdown)
     print(table)
     return 0
 

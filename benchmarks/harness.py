@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,15 +251,22 @@ def run_single(args: argparse.Namespace) -> dict:
     }
 
 
-def to_markdown(rows: list[dict], header: dict) -> str:
-    """A results table plus how it was produced."""
-    cols = ["model", *METRICS, "train_s", "test_s", "steps", "infer_img_per_s", "peak_rss_mb", "params_m"]
-    lines = [
+def result_preamble(header: dict) -> list[str]:
+    """The first lines of every results file: its name, the exact command and the machine."""
+    return [
         f"# {header['name']}",
         "",
         f"Command: `{header['command']}`",
         "",
         f"Machine: {json.dumps(header['machine'])}",
+    ]
+
+
+def to_markdown(rows: list[dict], header: dict) -> str:
+    """A results table plus how it was produced."""
+    cols = ["model", *METRICS, "train_s", "test_s", "steps", "infer_img_per_s", "peak_rss_mb", "params_m"]
+    lines = [
+        *result_preamble(header),
         "",
         f"Dataset {header['dataset']}, backbone {header['backbone']}, {header['image_size']} px, "
         f"budget max_steps={header['max_steps']} max_epochs={header['max_epochs']} max_time={header['max_time']}, "
@@ -297,11 +305,18 @@ def run_child(child: list[str], label: str) -> dict:
     return row
 
 
-def write_results(results: Path, header: dict, rows: list[dict], note: str = "") -> str:
-    """``<results>/<header['name']>.json`` and ``.md`` (the table plus ``note``); returns the markdown."""
+def write_results(
+    results: Path,
+    header: dict,
+    rows: list[dict],
+    note: str = "",
+    render: Callable[[list[dict], dict], str] | None = None,
+) -> str:
+    """``<results>/<header['name']>.json`` and ``.md`` (``render(rows, header)``, the harness's table by default,
+    plus ``note``); returns the markdown. Every benchmark script records its results through this."""
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{header['name']}.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
-    table = to_markdown(rows, header) + note
+    table = (render or to_markdown)(rows, header) + note
     (results / f"{header['name']}.md").write_text(table)
     return table
 

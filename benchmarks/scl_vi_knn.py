@@ -120,11 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{header['name']}.json").write_text(json.dumps(header, indent=2))
     lines = [
-        f"# {header['name']}",
-        "",
-        f"Command: `{header['command']}`",
-        "",
-        f"Machine: {json.dumps(header['machine'])}",
+        *harness.result_preamble(header),
     ]
     lines += [
         "",
