@@ -13,6 +13,9 @@ Example (offline, Magnetic Tile, Lite0)::
 
     python benchmarks/learning_curve.py --models AMINet --image-size 128 --max-steps 1500 --eval-every 300 \
         --threads 1 --workers 1 --model-args '{"AMINet": {"patch_size": 2}}' --name ami_net_mt_curve
+
+``--save-snapshots`` also writes each snapshot as ``<work-dir>/<model>/snapshots/step_<N>.ckpt`` (state dict and
+init args, the layout ``per_class.py --ckpt`` and ``nafrad_branches.py`` read), for diagnosing a curve afterwards.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         at = argv.index("--eval-every")
         every = int(argv[at + 1])
         del argv[at : at + 2]
+    save_snapshots = "--save-snapshots" in argv
+    if save_snapshots:
+        argv.remove("--save-snapshots")
     args = parse(argv)
     if len(args.models) != 1 or every <= 0 or args.max_steps <= 0:
         msg = "learning_curve.py needs exactly one --models entry, --max-steps N > 0 and --eval-every K > 0."
@@ -92,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for step in sorted(snapshots):
         model.model.load_state_dict(snapshots[step])
+        if save_snapshots:
+            save_snapshot(model, Path(args.work_dir) / name / "snapshots" / f"step_{step}.ckpt")
         start = time.perf_counter()
         engine.validate(model=model, datamodule=datamodule, verbose=False)  # this snapshot's own statistics
         results = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
@@ -108,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]), flush=True)
         write_results(Path(args.results_dir), header, rows, note=_NOTE)
     return 0
+
+
+def save_snapshot(model, path: Path) -> None:
+    """The model's weights and init args in the checkpoint layout ``per_class.load_model`` reads."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
 
 
 def post_processor_stats(model) -> dict[str, float]:

@@ -1,0 +1,154 @@
+"""NAFRAD's two maps, per checkpoint: the segmentation head's (the model's map) and the reconstruction error it reads.
+
+Answers "when a NAFRAD learning curve falls, which part falls?". The head ``S`` sees ``(F̂ − F)²`` and ``F`` and is
+trained only on synthetic anomalies, so its map can drift towards the synthetic defects while the reconstruction
+``R`` (trained to map perturbed features back to normal ones) keeps improving, or the other way round. For each
+checkpoint (e.g. the snapshots of ``learning_curve.py --save-snapshots``) it scores the test split with
+
+* ``head``: the model's own map ``P`` and image score (max of the 32×32 box filter; checked equal to ``pred_score``),
+* ``rec``: ``mean_c (F̂ − F)²`` upsampled to the input like ``P``, with the same image rule,
+
+as raw-score image AUROC (scikit-learn) and, where masks exist, pixel AUROC. The inputs are exactly the harness's
+(``per_class.harness_test_batches``).
+
+Example (snapshots of a Magnetic Tile curve)::
+
+    python benchmarks/nafrad_branches.py --image-size 256 --ckpts /tmp/naf/NAFRAD/snapshots/step_*.ckpt \
+        --name nafrad_branches_mt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness
+import per_class
+
+COLUMNS = ["checkpoint", "step", "head_image_AUROC", "head_pixel_AUROC", "rec_image_AUROC", "rec_pixel_AUROC"]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments (data settings as in ``per_class.py``, i.e. the harness's)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpts", nargs="+", required=True, help="NAFRAD checkpoints (Lightning or snapshot files)")
+    p.add_argument("--dataset", choices=["magnetic_tile", "elpv", "folder"], default="magnetic_tile")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--cell-type", default="mono")
+    p.add_argument("--backbone", default="tf_efficientnet_lite0")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--name", default="nafrad_branches")
+    p.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"))
+    return p.parse_args(argv)
+
+
+def branch_outputs(torch_model, images):
+    """``(head_map, rec_map, head_score, rec_score, pred_score)`` of a NAFRAD torch model in eval mode."""
+    import torch.nn.functional as F
+
+    from anomalib_recon.components.anomaly_map import reduce_max_avgpool
+
+    features = torch_model.get_features(images)
+    reconstruction = torch_model.reconstructor(features)
+    head = torch_model.segment(reconstruction, features)
+    rec = ((reconstruction - features) ** 2).mean(1, keepdim=True)
+    size = images.shape[-2:]
+    maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in (head, rec)]
+    k = torch_model.score_kernel_size
+    scores = [reduce_max_avgpool(m, k, padding=k // 2).flatten() for m in maps]
+    return maps[0][:, 0], maps[1][:, 0], scores[0], scores[1], torch_model(images).pred_score.flatten()
+
+
+def evaluate(ckpt: str, args: argparse.Namespace) -> dict:
+    """One row: image and pixel AUROC of the head's and the reconstruction error's maps."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    load_args = argparse.Namespace(
+        model="NAFRAD", ckpt=ckpt, backbone=args.backbone, image_size=args.image_size, init_args={}
+    )
+    model = per_class.load_model(load_args)
+    data = harness.build_datamodule(args)
+    labels, scores, pixels, masks = [], {"head": [], "rec": []}, {"head": [], "rec": []}, []
+    with torch.no_grad():
+        for images, gt_mask, batch in per_class.harness_test_batches(model, data):
+            head_map, rec_map, head_score, rec_score, pred_score = branch_outputs(model.model, images)
+            if not torch.allclose(head_score, pred_score, atol=1e-6):
+                msg = "the head's box-filter score differs from NAFRAD's pred_score: the model's rule changed?"
+                raise RuntimeError(msg)
+            labels.append(batch.gt_label.numpy())
+            scores["head"].append(head_score.numpy())
+            scores["rec"].append(rec_score.numpy())
+            if gt_mask is not None:
+                gt = gt_mask.float().reshape(len(images), 1, *gt_mask.shape[-2:])
+                gt = torch.nn.functional.interpolate(gt, size=head_map.shape[-2:], mode="nearest")
+                masks.append((gt[:, 0] > 0.5).flatten().numpy())
+                pixels["head"].append(head_map.flatten().numpy())
+                pixels["rec"].append(rec_map.flatten().numpy())
+    labels = np.concatenate(labels)
+    match = re.search(r"step_(\d+)", Path(ckpt).name)
+    row: dict = {"checkpoint": ckpt, "step": int(match.group(1)) if match else None}
+    flat = np.concatenate(masks) if masks else None
+    for branch in ("head", "rec"):
+        row[f"{branch}_image_AUROC"] = round(float(roc_auc_score(labels, np.concatenate(scores[branch]))), 4)
+        has_pixels = flat is not None and 0 < flat.sum() < flat.size
+        pixel = roc_auc_score(flat, np.concatenate(pixels[branch])) if has_pixels else float("nan")
+        row[f"{branch}_pixel_AUROC"] = round(float(pixel), 4)
+    return row
+
+
+def render(rows: list[dict], header: dict) -> str:
+    """The table with the command and machine."""
+    lines = [
+        *harness.result_preamble(header),
+        "",
+        f"Inputs: the harness's {header['dataset']} test split at {header['image_size']} px (batch "
+        f"{header['batch_size']}, seed {header['seed']}). Raw-score AUROCs (scikit-learn), no normalisation: `head` is "
+        "NAFRAD's map P (its anomaly map and, through the 32×32 box-filter max, its pred_score); `rec` is the "
+        "reconstruction error mean_c (F̂ − F)² that P is computed from, with the same image rule.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+        *["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate every checkpoint, print and write ``<name>.md`` / ``.json``."""
+    args = parse(argv)
+    import torch
+
+    import anomalib_recon.models  # noqa: F401  (registers our models in anomalib.models)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    header = {
+        "name": args.name,
+        "command": "python benchmarks/nafrad_branches.py " + " ".join(shlex.quote(a) for a in argv or sys.argv[1:]),
+        "machine": harness.machine_info(),
+        **{k: getattr(args, k) for k in ("dataset", "backbone", "image_size", "batch_size", "seed")},
+    }
+    rows = []
+    for ckpt in args.ckpts:
+        rows.append(evaluate(ckpt, args))
+        print(json.dumps(rows[-1]), flush=True)
+        table = harness.write_results(Path(args.results_dir), header, rows, render=render)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
