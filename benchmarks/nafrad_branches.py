@@ -9,7 +9,11 @@ checkpoint (e.g. the snapshots of ``learning_curve.py --save-snapshots``) it sco
 * ``rec``: ``mean_c (F̂ − F)²`` upsampled to the input like ``P``, with the same image rule,
 
 as raw-score image AUROC (scikit-learn) and, where masks exist, pixel AUROC. The inputs are exactly the harness's
-(``per_class.harness_test_batches``).
+(``per_class.harness_test_batches``). ``synthetic_*`` scores the head on what it is trained on: the model's own
+anomaly synthesis (``NAFRAD.synthesize``: rotation, then the generator) applied to the *normal* test images (fixed
+seed, the same images and draws for every checkpoint; about half get an anomaly), image AUROC anomalous vs
+untouched and pixel AUROC against the generated masks. A head whose synthetic AUROCs rise while the real ones fall
+is learning its task and transferring worse; a head whose synthetic AUROCs fall is broken.
 
 Example (snapshots of a Magnetic Tile curve)::
 
@@ -32,7 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 import per_class
 
-COLUMNS = ["checkpoint", "step", "head_image_AUROC", "head_pixel_AUROC", "rec_image_AUROC", "rec_pixel_AUROC"]
+COLUMNS = [
+    "checkpoint",
+    "step",
+    "head_image_AUROC",
+    "head_pixel_AUROC",
+    "rec_image_AUROC",
+    "rec_pixel_AUROC",
+    "synthetic_image_AUROC",
+    "synthetic_pixel_AUROC",
+]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +95,9 @@ def evaluate(ckpt: str, args: argparse.Namespace) -> dict:
     model = per_class.load_model(load_args)
     data = harness.build_datamodule(args)
     labels, scores, pixels, masks = [], {"head": [], "rec": []}, {"head": [], "rec": []}, []
+    synthetic = {"labels": [], "scores": [], "masks": [], "maps": []}
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(args.seed)  # the same synthetic anomalies for every checkpoint
     with torch.no_grad():
         for images, gt_mask, batch in per_class.harness_test_batches(model, data):
             head_map, rec_map, head_score, rec_score, pred_score = branch_outputs(model.model, images)
@@ -97,6 +113,16 @@ def evaluate(ckpt: str, args: argparse.Namespace) -> dict:
                 masks.append((gt[:, 0] > 0.5).flatten().numpy())
                 pixels["head"].append(head_map.flatten().numpy())
                 pixels["rec"].append(rec_map.flatten().numpy())
+            good = batch.gt_label == 0
+            if good.any():
+                _, augmented, mask = model.synthesize(images[good])  # as in training_step
+                head_map, _, head_score, _, _ = branch_outputs(model.model, augmented)
+                mask = mask.reshape(len(augmented), -1) > 0.5
+                synthetic["labels"].append(mask.any(1).numpy())
+                synthetic["scores"].append(head_score.numpy())
+                synthetic["masks"].append(mask.flatten().numpy())
+                synthetic["maps"].append(head_map.flatten().numpy())
+    torch.random.set_rng_state(generator_state)
     labels = np.concatenate(labels)
     match = re.search(r"step_(\d+)", Path(ckpt).name)
     row: dict = {"checkpoint": ckpt, "step": int(match.group(1)) if match else None}
@@ -106,6 +132,10 @@ def evaluate(ckpt: str, args: argparse.Namespace) -> dict:
         has_pixels = flat is not None and 0 < flat.sum() < flat.size
         pixel = roc_auc_score(flat, np.concatenate(pixels[branch])) if has_pixels else float("nan")
         row[f"{branch}_pixel_AUROC"] = round(float(pixel), 4)
+    for level, truth, values in (("image", "labels", "scores"), ("pixel", "masks", "maps")):
+        y = np.concatenate(synthetic[truth]) if synthetic[truth] else np.zeros(0, bool)
+        auroc = roc_auc_score(y, np.concatenate(synthetic[values])) if 0 < y.sum() < y.size else float("nan")
+        row[f"synthetic_{level}_AUROC"] = round(float(auroc), 4)
     return row
 
 
@@ -117,7 +147,8 @@ def render(rows: list[dict], header: dict) -> str:
         f"Inputs: the harness's {header['dataset']} test split at {header['image_size']} px (batch "
         f"{header['batch_size']}, seed {header['seed']}). Raw-score AUROCs (scikit-learn), no normalisation: `head` is "
         "NAFRAD's map P (its anomaly map and, through the 32×32 box-filter max, its pred_score); `rec` is the "
-        "reconstruction error mean_c (F̂ − F)² that P is computed from, with the same image rule.",
+        "reconstruction error mean_c (F̂ − F)² that P is computed from, with the same image rule; `synthetic_*`: the "
+        "head on the model's own generator applied to the normal test images (fixed seed).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
