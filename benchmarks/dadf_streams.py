@@ -267,8 +267,7 @@ def to_markdown(rows: list[dict], header: dict) -> str:
             f"- {c['label']}: `{c['path']}` (global_step {c['global_step']}, reconstruction_steps "
             f"{c['reconstruction_steps']}, use_memory {c['use_memory']}, {c['input_size'][0]} px)"
         )
-    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row, col) for col in COLUMNS) + " |" for row in rows]
+    lines += ["", *harness.markdown_table(COLUMNS, rows, _cell)]
     return "\n".join(lines) + "\n"
 
 

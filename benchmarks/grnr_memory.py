@@ -95,10 +95,8 @@ def to_markdown(rows: list[dict], header: dict) -> str:
         "`full_nxn_mb_per_batch`: what one unchunked float32 N×N distance matrix per image of the batch takes at the "
         "largest grid; `peak_rss_above_model_mb`: peak resident memory of the forwards minus the built model.",
         "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
+        *harness.markdown_table(cols, rows),
     ]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in cols) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

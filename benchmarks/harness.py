@@ -262,6 +262,14 @@ def result_preamble(header: dict) -> list[str]:
     ]
 
 
+def markdown_table(columns: list[str], rows: list[dict], cell: Callable[[dict, str], str] | None = None) -> list[str]:
+    """A markdown table's lines: header, separator, one line per row (``cell(row, column)``, default ``str``; a
+    missing column is empty). Every benchmark script writes its tables through this."""
+    cell = cell or (lambda row, col: str(row.get(col, "")))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(cell(row, col) for col in columns) + " |" for row in rows]
+
+
 def to_markdown(rows: list[dict], header: dict) -> str:
     """A results table plus how it was produced."""
     cols = ["model", *METRICS, "train_s", "test_s", "steps", "infer_img_per_s", "peak_rss_mb", "params_m"]
@@ -273,15 +281,8 @@ def to_markdown(rows: list[dict], header: dict) -> str:
         f"seed {header['seed']}. Metrics from anomalib's Evaluator on the test split; images/s is torch eager "
         f"`model.model(batch)` at batch {header['batch_size']}.",
         "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
+        *markdown_table(cols, rows, _metric_cell),
     ]
-    for row in rows:
-        cells = []
-        for col in cols:
-            value = row.get(col, "")
-            cells.append(f"{value:.4f}" if isinstance(value, float) and col in METRICS else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
     errors = [f"- {row['model']}: {row['error']}" for row in rows if row.get("error")]
     if errors:
         lines += ["", "Models without a result:", "", *errors]
@@ -303,6 +304,12 @@ def run_child(child: list[str], label: str) -> dict:
     if proc.wait() != 0 and "error" in row:
         row["error"] = last_error or f"exit code {proc.returncode}"
     return row
+
+
+def _metric_cell(row: dict, col: str) -> str:
+    """Metrics to four decimals, anything else as it is."""
+    value = row.get(col, "")
+    return f"{value:.4f}" if isinstance(value, float) and col in METRICS else str(value)
 
 
 def write_results(

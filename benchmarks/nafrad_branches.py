@@ -150,9 +150,7 @@ def render(rows: list[dict], header: dict) -> str:
         "reconstruction error mean_c (F̂ − F)² that P is computed from, with the same image rule; `synthetic_*`: the "
         "head on the model's own generator applied to the normal test images (fixed seed).",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-        *["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows],
+        *harness.markdown_table(COLUMNS, rows),
     ]
     return "\n".join(lines) + "\n"
 

@@ -145,10 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.max_steps} training steps, seed {args.seed}; errors are the largest absolute difference from the "
         f"checkpoint's normalised outputs over {args.images} test images; images/s at batch 1.",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        *harness.markdown_table(COLUMNS, rows),
     ]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |" for row in rows]
     (results / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -180,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.seed}) through the model's pre-processor. Test images per class: {dict(Counter(classes.tolist()))}. "
         + pixel_text,
         "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
-        *["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows],
+        *harness.markdown_table(cols, rows),
     ]
     table = "\n".join(lines) + "\n"
     print(table)
