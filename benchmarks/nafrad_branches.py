@@ -5,8 +5,8 @@ trained only on synthetic anomalies, so its map can drift towards the synthetic 
 ``R`` (trained to map perturbed features back to normal ones) keeps improving, or the other way round. For each
 checkpoint (e.g. the snapshots of ``learning_curve.py --save-snapshots``) it scores the test split with
 
-* ``head``: the model's own map ``P`` and image score (max of the 32×32 box filter; checked equal to ``pred_score``),
-* ``rec``: ``mean_c (F̂ − F)²`` upsampled to the input like ``P``, with the same image rule,
+* ``head``: the model's own output, its map ``P`` and image score ``pred_score`` (max of the 32×32 box filter),
+* ``rec``: ``mean_c (F̂ − F)²`` from the same forward (a hook on ``R``), upsampled like ``P``, same image rule,
 
 as raw-score image AUROC (scikit-learn) and, where masks exist, pixel AUROC. The inputs are exactly the harness's
 (``per_class.harness_test_batches``). ``synthetic_*`` scores the head on what it is trained on: the model's own
@@ -66,21 +66,28 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def branch_outputs(torch_model, images):
-    """``(head_map, rec_map, head_score, rec_score, pred_score)`` of a NAFRAD torch model in eval mode."""
+def reconstruction_error(torch_model, images):
+    """NAFRAD's own ``InferenceBatch`` and its reconstruction error map ``(B, H, W)`` and score ``(B,)``.
+
+    One forward of the model: a hook on ``R`` records its input ``F`` and output ``F̂``; the error map is upsampled
+    and reduced to an image score exactly as the model treats ``P``.
+    """
     import torch.nn.functional as F
 
     from anomalib_recon.components.anomaly_map import reduce_max_avgpool
 
-    features = torch_model.get_features(images)
-    reconstruction = torch_model.reconstructor(features)
-    head = torch_model.segment(reconstruction, features)
-    rec = ((reconstruction - features) ** 2).mean(1, keepdim=True)
-    size = images.shape[-2:]
-    maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in (head, rec)]
+    seen: dict = {}
+    hook = torch_model.reconstructor.register_forward_hook(
+        lambda _m, inputs, output: seen.update(features=inputs[0], reconstruction=output)
+    )
+    try:
+        output = torch_model(images)
+    finally:
+        hook.remove()
+    error = ((seen["reconstruction"] - seen["features"]) ** 2).mean(1, keepdim=True)
+    error = F.interpolate(error, size=images.shape[-2:], mode="bilinear", align_corners=False)
     k = torch_model.score_kernel_size
-    scores = [reduce_max_avgpool(m, k, padding=k // 2).flatten() for m in maps]
-    return maps[0][:, 0], maps[1][:, 0], scores[0], scores[1], torch_model(images).pred_score.flatten()
+    return output, error[:, 0], reduce_max_avgpool(error, k, padding=k // 2).flatten()
 
 
 def evaluate(ckpt: str, args: argparse.Namespace) -> dict:
@@ -92,36 +99,35 @@ def evaluate(ckpt: str, args: argparse.Namespace) -> dict:
     load_args = argparse.Namespace(
         model="NAFRAD", ckpt=ckpt, backbone=args.backbone, image_size=args.image_size, init_args={}
     )
+    generator_state = torch.random.get_rng_state()
+    # The same synthetic anomalies for every checkpoint and run: seeded before the model is built, because
+    # anomalib's generator draws some parameters once, at construction (e.g. its solarize threshold).
+    torch.manual_seed(args.seed)
     model = per_class.load_model(load_args)
     data = harness.build_datamodule(args)
     labels, scores, pixels, masks = [], {"head": [], "rec": []}, {"head": [], "rec": []}, []
     synthetic = {"labels": [], "scores": [], "masks": [], "maps": []}
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(args.seed)  # the same synthetic anomalies for every checkpoint
     with torch.no_grad():
         for images, gt_mask, batch in per_class.harness_test_batches(model, data):
-            head_map, rec_map, head_score, rec_score, pred_score = branch_outputs(model.model, images)
-            if not torch.allclose(head_score, pred_score, atol=1e-6):
-                msg = "the head's box-filter score differs from NAFRAD's pred_score: the model's rule changed?"
-                raise RuntimeError(msg)
+            output, rec_map, rec_score = reconstruction_error(model.model, images)
             labels.append(batch.gt_label.numpy())
-            scores["head"].append(head_score.numpy())
+            scores["head"].append(output.pred_score.flatten().numpy())
             scores["rec"].append(rec_score.numpy())
             if gt_mask is not None:
                 gt = gt_mask.float().reshape(len(images), 1, *gt_mask.shape[-2:])
-                gt = torch.nn.functional.interpolate(gt, size=head_map.shape[-2:], mode="nearest")
+                gt = torch.nn.functional.interpolate(gt, size=rec_map.shape[-2:], mode="nearest")
                 masks.append((gt[:, 0] > 0.5).flatten().numpy())
-                pixels["head"].append(head_map.flatten().numpy())
+                pixels["head"].append(output.anomaly_map.flatten().numpy())
                 pixels["rec"].append(rec_map.flatten().numpy())
             good = batch.gt_label == 0
             if good.any():
                 _, augmented, mask = model.synthesize(images[good])  # as in training_step
-                head_map, _, head_score, _, _ = branch_outputs(model.model, augmented)
+                output = model.model(augmented)
                 mask = mask.reshape(len(augmented), -1) > 0.5
                 synthetic["labels"].append(mask.any(1).numpy())
-                synthetic["scores"].append(head_score.numpy())
+                synthetic["scores"].append(output.pred_score.flatten().numpy())
                 synthetic["masks"].append(mask.flatten().numpy())
-                synthetic["maps"].append(head_map.flatten().numpy())
+                synthetic["maps"].append(output.anomaly_map.flatten().numpy())
     torch.random.set_rng_state(generator_state)
     labels = np.concatenate(labels)
     match = re.search(r"step_(\d+)", Path(ckpt).name)
