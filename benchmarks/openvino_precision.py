@@ -135,11 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2)
     )
     lines = [
-        f"# {args.name}",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {json.dumps(machine)}",
+        *harness.result_preamble({"name": args.name, "command": command, "machine": machine}),
         "",
         f"{args.dataset} ({args.cell_type if args.dataset == 'elpv' else ''}), {args.backbone}, {args.image_size} px, "
         f"{args.max_steps} training steps, seed {args.seed}; errors are the largest absolute difference from the "
