@@ -49,12 +49,34 @@ BASELINES_FILE = Path(__file__).resolve().parent / "baselines.py"
 BASELINE_NAMES = ("MeanFeature",)
 
 
+def cpu_model() -> str:
+    """The CPU's model name: CPU training is not bit-reproducible across CPU models, so results record it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector/bf16 flags that change kernels and precision (empty where /proc/cpuinfo is absent)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return []
+    return sorted({f for f in flags if "bf16" in f or f in {"amx_tile", "avx512f", "avx2"}})
+
+
 def machine_info() -> dict:
     """What the numbers were measured on."""
     import torch
 
     info = {
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,

@@ -33,15 +33,6 @@ import harness
 COLUMNS = ["model", "backend", "precision", "max_score_err", "max_map_err", "img_per_s", "error"]
 
 
-def cpu_flags() -> list[str]:
-    """The CPU's bf16-related flags (empty where the CPU has none, or /proc/cpuinfo is absent)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return []
-    return sorted({f for f in flags if "bf16" in f or f in {"amx_tile", "avx512f"}})
-
-
 def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict]:
     """Fit briefly, export to OpenVINO, compare fp32/bf16 compiled models with the checkpoint."""
     import numpy as np
@@ -128,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += run_model(name, args, Path(work))
             except Exception as error:  # a model that cannot run is a row
                 rows.append({"model": name, "error": f"{type(error).__name__}: {str(error)[:300]}"})
-    machine = {**harness.machine_info(), "cpu_flags": cpu_flags()}
+    machine = harness.machine_info()
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{args.name}.json").write_text(

@@ -34,7 +34,7 @@ def test_harness_writes_json_and_markdown_with_command(harness_run: dict) -> Non
     assert [row["model"] for row in data["rows"]] == MODELS
     assert data["command"].startswith("python benchmarks/harness.py ")
     assert "--models Padim AGPNet ReverseDistillation" in data["command"]
-    assert data["machine"]["cpu_count"] >= 1 and data["image_size"] == 64
+    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["cpu"] and data["image_size"] == 64
     table = harness_run["md"].read_text()
     assert data["command"] in table
     assert sum(line.startswith(f"| {m} |") for m in MODELS for line in table.splitlines()) == len(MODELS)
