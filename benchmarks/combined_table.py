@@ -16,7 +16,9 @@ commit "harness: anomalib's peers get our non-antialiased resize"). A file writt
 its last commit's time and its mtime; untracked or modified files: its mtime) is ``old``; one written after it but
 started before it (write time minus its rows' ``train_s`` + ``test_s``) is ``uncertain``; rows of different
 protocols are never averaged together. One seed of one row appearing in several files (a re-run) counts once: the
-newest file's value.
+newest file's value, unless the runs were on different CPU models (the results' ``machine.cpu``; files written before
+it was recorded count as one unnamed CPU): CPU training is not bit-reproducible across CPU models, so such a run is
+another sample and counts as its own run.
 
 Example::
 
@@ -287,6 +289,7 @@ def collect(folder: Path, cutoff: float | None) -> tuple[list[dict], list[dict],
                     "config": config_id(config),
                     "config_args": config,
                     "seed": seed_of(data, row, label_seed),
+                    "cpu": (data.get("machine") or {}).get("cpu"),
                     "steps": row.get("steps"),
                     "metrics": metrics,
                     "file": path.name,
@@ -312,12 +315,13 @@ def summarise(values: list[float]) -> dict:
 
 
 def combine(runs: list[dict]) -> list[dict]:
-    """One row per group: seeds deduplicated (newest file wins), every metric summarised."""
+    """One row per group: a seed re-run on the same CPU counts once (newest file wins), every metric summarised."""
     groups: dict[tuple, dict] = {}
     for run in sorted(runs, key=lambda r: r["time"]):  # oldest first: a newer run of a seed replaces it
         key = tuple(run[k] for k in GROUP_KEYS)
         group = groups.setdefault(key, {"by_seed": {}, "superseded": set()})
-        seed_key = run["seed"] if run["seed"] is not None else f"?{len(group['by_seed'])}"
+        seed = run["seed"] if run["seed"] is not None else f"?{len(group['by_seed'])}"
+        seed_key = (seed, run["cpu"])
         if seed_key in group["by_seed"]:
             group["superseded"].add(group["by_seed"][seed_key]["file"])
         group["by_seed"][seed_key] = run
@@ -366,8 +370,9 @@ def to_markdown(rows: list[dict], errors: list[dict], header: dict, withdrawn: l
         "",
         f"Command: `{header['command']}` (generated {header['generated']} from `benchmarks/results/*.json`).",
         "",
-        "Each metric: mean over seeds ± sample standard deviation (min–max); one run is shown as its value. `n` runs, "
-        "`seeds` their seeds. Roles: `peer` = anomalib's built-in models, `baseline` = MeanFeature (per-position "
+        "Each metric: mean over runs ± sample standard deviation (min–max); one run is shown as its value. `n` runs, "
+        "`seeds` their seeds (a seed twice: the same seed on two CPU models, which CPU training does not reproduce "
+        "bit for bit). Roles: `peer` = anomalib's built-in models, `baseline` = MeanFeature (per-position "
         "distance to the mean normal feature on the same backbone), `ours` = this package's models.",
         "",
         (
@@ -416,7 +421,7 @@ def to_markdown(rows: list[dict], errors: list[dict], header: dict, withdrawn: l
         lines += [f"- `{name}`: `{json.dumps(args, sort_keys=True)}`" for name, args in sorted(configs.items())]
     superseded = [(r["variant"], f) for r in rows for f in r["superseded_files"]]
     if superseded:
-        lines += ["", "Runs replaced by a newer run of the same seed:", ""]
+        lines += ["", "Runs replaced by a newer run of the same seed on the same CPU model:", ""]
         lines += [f"- {variant}: `{f}`" for variant, f in superseded]
     if withdrawn:
         lines += [

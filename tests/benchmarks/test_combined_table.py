@@ -125,6 +125,19 @@ def test_a_rerun_seed_counts_once_and_other_configs_stay_apart(combined: ModuleT
     assert patch2["files"] == ["rerun.json"] and patch2["superseded_files"] == ["first.json"]
 
 
+def test_a_seed_rerun_on_another_cpu_model_is_its_own_run(combined: ModuleType, tmp_path: Path) -> None:
+    """Same seed, two CPU models: both count (CPU training differs across them); same CPU again: replaced."""
+    unnamed = write(tmp_path, "a", [mt("NAFRAD", 0.78, 0.60, 0.7)])  # written before results recorded the CPU
+    xeon = write(tmp_path, "b", [mt("NAFRAD", 0.70, 0.62, 0.6)], machine={"cpu": "Xeon"})
+    xeon_again = write(tmp_path, "c", [mt("NAFRAD", 0.72, 0.64, 0.6)], machine={"cpu": "Xeon"})
+    for when, path in enumerate((unnamed, xeon, xeon_again), start=1):
+        os.utime(path, (when * 1_000, when * 1_000))
+    (row,) = find(run(combined, tmp_path, "--protocol-cutoff", "0")["rows"], variant="NAFRAD")
+    assert row["n"] == 2 and row["seeds"] == [0, 0]
+    assert row["files"] == ["a.json", "c.json"] and row["superseded_files"] == ["b.json"]
+    assert row["metrics"]["image_AUROC"]["mean"] == pytest.approx((0.78 + 0.72) / 2)
+
+
 def git(folder: Path, *args: str, when: int | None = None) -> None:
     env = dict(os.environ)
     if when is not None:
