@@ -28,6 +28,10 @@ import torch
 
 from anomalib_recon.components import neighborhood_attention as na
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import cpu_flags, cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -36,6 +40,8 @@ def machine_info() -> dict:
     """What the numbers were measured on."""
     info = {
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
