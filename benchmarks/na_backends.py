@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -30,22 +29,16 @@ from anomalib_recon.components import neighborhood_attention as na
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import cpu_flags, cpu_model
+import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
 def machine_info() -> dict:
-    """What the numbers were measured on."""
+    """What the numbers were measured on: the harness's record plus the attention backends and the load."""
     info = {
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        **harness.machine_info(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "available_backends": na.available_backends(),
         "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
