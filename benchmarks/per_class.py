@@ -79,7 +79,7 @@ def load_model(args: argparse.Namespace):
     """The model as the harness builds it (its pre-processor), with the checkpoint's init args and weights."""
     import torch
 
-    from anomalib_recon.components.weights import restoring_from_checkpoint
+    from anomalib_recon.components.checkpoint import restoring_from_checkpoint
 
     cls = harness.model_class(args.model)
     state = torch.load(args.ckpt, map_location="cpu", weights_only=False)

@@ -17,12 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from anomalib_recon.components.weights import (
-    CheckpointMismatchError,
-    WeightsFileError,
-    check_checkpoint_matches,
-    check_weights_file,
-)
+from anomalib_recon.components.checkpoint import CheckpointMismatchError, check_checkpoint_matches
+from anomalib_recon.components.weights import WeightsFileError, check_weights_file
 from anomalib_recon.models import NAFRAD, AMINet
 
 

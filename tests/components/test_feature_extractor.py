@@ -168,7 +168,7 @@ def test_install_hf_cache_makes_timm_and_anomalib_load_offline(tmp_path):
 
 def test_checkpoint_restore_needs_no_pretrained_weights(offline):
     """Inside restoring_from_checkpoint a non-Lite backbone builds offline: the checkpoint brings its weights."""
-    from anomalib_recon.components.weights import restoring_from_checkpoint
+    from anomalib_recon.components.checkpoint import restoring_from_checkpoint
 
     with restoring_from_checkpoint():
         extractor = FeatureExtractor("resnet18", layers=["layer1"], weights="imagenet")

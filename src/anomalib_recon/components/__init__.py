@@ -2,9 +2,12 @@
 
 from .aggregation import FeatureAggregator, layer_norm_channels, map_to_tokens, tokens_to_map
 from .anomaly_map import AnomalyMapGenerator, make_blur, reduce_max, reduce_max_avgpool, reduce_std
+from .checkpoint import CheckpointMismatchError, restoring_from_checkpoint
 from .feature_extractor import BackboneInfo, FeatureExtractor, layers_at_strides, probe_backbone
 from .few_shot import dihedral_augment, few_shot_subset, restrict_to_few_shot
+from .guards import InputImageError, NonFiniteError, UntrainedModelError, check_finite, check_images
 from .losses import cosine_distance, dice_loss, focal_loss_on_probs, mse_loss
+from .module import ModelGuard, ReconModuleMixin
 from .neighborhood_attention import (
     NA_BACKEND_ENV_VAR,
     NeighborhoodAttention2D,
@@ -12,24 +15,34 @@ from .neighborhood_attention import (
     na_backend,
     neighborhood_attention_2d,
 )
+from .normal_images import collect_normal_images
 from .patch_embed import MultiScalePatchEmbed, PatchEmbed, TokenToFeatureHead, patchify, unpatchify
 from .position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
-from .weights import CheckpointBackboneMixin, OfflineWeightsError, restoring_from_checkpoint
+from .schedules import multistep_lr
+from .weights import OfflineWeightsError
 
 __all__ = [
     "NA_BACKEND_ENV_VAR",
     "AnomalyMapGenerator",
     "BackboneInfo",
-    "CheckpointBackboneMixin",
+    "CheckpointMismatchError",
     "FeatureAggregator",
     "FeatureExtractor",
+    "InputImageError",
+    "ModelGuard",
     "MultiScalePatchEmbed",
     "NeighborhoodAttention2D",
+    "NonFiniteError",
     "OfflineWeightsError",
     "PatchEmbed",
+    "ReconModuleMixin",
     "SinCosPositionEmbedding2D",
     "TokenToFeatureHead",
+    "UntrainedModelError",
     "available_backends",
+    "check_finite",
+    "check_images",
+    "collect_normal_images",
     "cosine_distance",
     "dice_loss",
     "dihedral_augment",
@@ -41,6 +54,7 @@ __all__ = [
     "make_blur",
     "map_to_tokens",
     "mse_loss",
+    "multistep_lr",
     "na_backend",
     "neighborhood_attention_2d",
     "patchify",

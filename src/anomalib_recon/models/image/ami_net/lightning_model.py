@@ -24,8 +24,8 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
-from anomalib_recon.components.weights import CheckpointBackboneMixin
 
 from .loss import AMINetLoss
 from .torch_model import AMINetModel
@@ -37,7 +37,7 @@ __all__ = ["AMINet"]
 DEFAULT_IMAGE_SIZE = (256, 256)
 
 
-class AMINet(CheckpointBackboneMixin, AnomalibModule):
+class AMINet(ReconModuleMixin, AnomalibModule):
     """AMI-Net (T-ASE 2024): adaptive-mask feature inpainting.
 
     ``load_from_checkpoint`` restores the frozen backbone from the checkpoint alone (no weight download).

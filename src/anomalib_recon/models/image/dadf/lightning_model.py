@@ -25,8 +25,9 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from anomalib_recon.components.checkpoint import restoring_from_checkpoint
+from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
-from anomalib_recon.components.weights import CheckpointBackboneMixin, restoring_from_checkpoint
 
 from .loss import DADFFlowLoss, DADFReconstructionLoss
 from .torch_model import DADFModel
@@ -39,7 +40,7 @@ DEFAULT_IMAGE_SIZE = (256, 256)
 STAGES = ("reconstruction", "flow")
 
 
-class DADF(CheckpointBackboneMixin, AnomalibModule):
+class DADF(ReconModuleMixin, AnomalibModule):
     """DADF (T-ASE 2023): dual-attention feature reconstruction, then discriminative normalizing flows.
 
     ``load_from_checkpoint`` restores the frozen backbone from the checkpoint alone (no weight download).

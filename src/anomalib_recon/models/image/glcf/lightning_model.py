@@ -27,8 +27,8 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.utils.data import DataLoader
 
+from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
-from anomalib_recon.components.weights import CheckpointBackboneMixin
 
 from .loss import GLCFLoss
 from .torch_model import GLCFModel
@@ -49,7 +49,7 @@ def _all_normal(dataset: Any) -> bool:
     return bool((samples["label_index"] == 0).all())
 
 
-class GLCF(CheckpointBackboneMixin, AnomalibModule):
+class GLCF(ReconModuleMixin, AnomalibModule):
     """GLCF (arXiv 2303.05768): global-local correspondence with a semantic bottleneck.
 
     ``load_from_checkpoint`` restores the teacher and the fitted map statistics from the checkpoint alone.

@@ -23,8 +23,8 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
-from anomalib_recon.components.weights import CheckpointBackboneMixin
 
 from .torch_model import REFERENCE_SIZE, GRNRModel
 
@@ -35,7 +35,7 @@ __all__ = ["GRNR"]
 DEFAULT_IMAGE_SIZE = (REFERENCE_SIZE, REFERENCE_SIZE)
 
 
-class GRNR(CheckpointBackboneMixin, AnomalibModule):
+class GRNR(ReconModuleMixin, AnomalibModule):
     """GRNR (arXiv 2406.07333): zero-shot, training-free texture anomaly detection.
 
     ``learning_type`` is ``ZERO_SHOT``: ``Engine.test``/``predict`` work without a fit (anomalib runs a validation

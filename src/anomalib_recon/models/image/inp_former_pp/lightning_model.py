@@ -31,10 +31,10 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from anomalib_recon.components import CheckpointBackboneMixin
+from anomalib_recon.components.checkpoint import is_restoring_from_checkpoint
 from anomalib_recon.components.few_shot import dihedral_augment, restrict_to_few_shot
+from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.preprocessing import IMAGENET_MEAN, IMAGENET_STD, as_image_size
-from anomalib_recon.components.weights import is_restoring_from_checkpoint
 
 from .loss import InpFormerPPLoss
 from .torch_model import InpFormerPPModel
@@ -123,7 +123,7 @@ def load_real_anomalies(path: str | Path) -> list[tuple[torch.Tensor, torch.Tens
     return pairs
 
 
-class InpFormerPP(CheckpointBackboneMixin, AnomalibModule):
+class InpFormerPP(ReconModuleMixin, AnomalibModule):
     """INP-Former++ (residual learning on INP-Former), built on anomalib's INP-Former blocks.
 
     Args:

@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.transforms.v2 import InterpolationMode, Normalize
 from torchvision.transforms.v2 import functional as TF
 
-from anomalib_recon.components import CheckpointBackboneMixin
+from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.preprocessing import IMAGENET_MEAN, IMAGENET_STD, as_image_size, resize_pre_processor
 
 from .loss import NAFRADLoss
@@ -64,7 +64,7 @@ def skimage_texture_paths() -> list[Path]:
 __all__ = ["NAFRAD"]
 
 
-class NAFRAD(CheckpointBackboneMixin, AnomalibModule):
+class NAFRAD(ReconModuleMixin, AnomalibModule):
     """NAFRAD (TOMM 2026): NA-autoencoder feature reconstruction + segmentation of the residual.
 
     Args:

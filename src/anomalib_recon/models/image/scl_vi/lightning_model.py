@@ -27,8 +27,8 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
-from anomalib_recon.components.weights import CheckpointBackboneMixin
 
 from .loss import SCLVILoss
 from .torch_model import PAPER_SCALES, SCLVIModel
@@ -40,7 +40,7 @@ __all__ = ["SCLVI"]
 DEFAULT_IMAGE_SIZE = (256, 256)
 
 
-class SCLVI(CheckpointBackboneMixin, AnomalibModule):
+class SCLVI(ReconModuleMixin, AnomalibModule):
     """SCL-VI (arXiv 2311.06504): jigsaw + SVDD patch encoder trained from scratch, affinity-kNN memory banks.
 
     There is **no pretrained backbone**: the encoder is trained from scratch on the training images, so the

@@ -1,0 +1,124 @@
+"""Nothing silent: the checks every model applies to what enters it and what leaves it.
+
+* :func:`check_images`: raw images, before the pre-processor: a floating-point ``(B, 3, H, W)`` (or ``(3, H, W)``)
+  tensor, finite, with values in [0, 1] as anomalib's readers give them. uint8 tensors, 1- or 4-channel images,
+  0-255 values (a forgotten ``/ 255``) and already-normalised images (a normalising augmentation) each get one
+  error that says what to do, before any pre-processing or backbone sees them.
+* :func:`check_finite`: a model's own outputs (loss, features, map, score); NaN or inf is a
+  :class:`NonFiniteError`, never a metric.
+* :func:`nonfinite_parameters`: names of non-finite parameters and buffers, for the message that tells a corrupt
+  checkpoint from a diverged fit.
+
+Every check is skipped while a graph is captured (export, ``torch.compile``): exported graphs carry no checks.
+:class:`~anomalib_recon.components.module.ReconModuleMixin` applies them to every model at every stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .tracing import is_tracing
+
+RAW_RANGE = (-0.5, 1.5)
+"""Raw images must lie in [0, 1]; values outside this wider band are refused (below: already normalised; above:
+0-255 pixel values). The band leaves room for augmentations that overshoot [0, 1] slightly (noise, jitter)."""
+
+
+class InputImageError(ValueError):
+    """Images of the wrong type, shape or value range for a model's pre-processor."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, feature map, anomaly map or score that is NaN or inf."""
+
+
+class UntrainedModelError(RuntimeError):
+    """A model that needs training was asked to test or predict without having been trained or loaded."""
+
+
+def check_images(images: object, model_name: str) -> None:
+    """Raise one :class:`InputImageError` unless ``images`` are raw RGB images in [0, 1] (skipped while tracing).
+
+    Args:
+        images: ``(B, 3, H, W)`` or ``(3, H, W)`` floating-point tensor, as anomalib's datamodules and readers give.
+        model_name: Named in the message.
+    """
+    if is_tracing():
+        return
+    if not isinstance(images, torch.Tensor):
+        msg = f"{model_name}: expected the images as a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}."
+        raise InputImageError(msg)
+    shape = tuple(images.shape)
+    if images.dim() not in (3, 4) or min(shape, default=0) == 0:
+        msg = (
+            f"{model_name}: expected images of shape (B, 3, H, W) or (3, H, W), got {shape}. Batch single images "
+            "with image.unsqueeze(0)."
+        )
+        raise InputImageError(msg)
+    channels = shape[-3]
+    if channels != 3:
+        if channels == 1:
+            how = "grayscale: repeat it to 3 channels (images.repeat(1, 3, 1, 1)), as anomalib's read_image does"
+        elif channels == 4:
+            how = "RGBA: drop the alpha channel (images[:, :3])"
+        else:
+            how = "pass RGB images with the channels on dimension -3 (B, 3, H, W)"
+        msg = f"{model_name}: images have {channels} channels (shape {shape}); the model takes 3-channel RGB. {how}."
+        raise InputImageError(msg)
+    if not images.is_floating_point():
+        msg = (
+            f"{model_name}: images are {images.dtype}; the model takes floating-point images in [0, 1] (what "
+            "anomalib's read_image and datamodules give). Convert with images.float() / 255 for 8-bit images."
+        )
+        raise InputImageError(msg)
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        bad = int((~finite).flatten(1).any(dim=1).sum()) if images.dim() == 4 else 1
+        msg = f"{model_name}: {bad} image(s) contain NaN or inf pixels; clean or drop those images."
+        raise InputImageError(msg)
+    low, high = (float(v) for v in torch.aminmax(images.detach()))
+    if high > RAW_RANGE[1]:
+        msg = (
+            f"{model_name}: image values reach {high:.4g}, but the model takes raw images in [0, 1] (its pre-processor "
+            "normalises them). These look like 0-255 pixel values: divide by 255."
+        )
+        raise InputImageError(msg)
+    if low < RAW_RANGE[0]:
+        msg = (
+            f"{model_name}: image values go down to {low:.4g}, but the model takes raw images in [0, 1]. These look "
+            "normalised already: pass the raw images; the model's pre-processor normalises them (a Normalize in the "
+            "datamodule's augmentations would normalise twice)."
+        )
+        raise InputImageError(msg)
+
+
+def check_finite(model_name: str, what: str, *tensors: torch.Tensor, hint: str = "") -> None:
+    """Raise :class:`NonFiniteError` when a floating tensor holds NaN or inf (skipped while tracing).
+
+    Args:
+        model_name: Named in the message.
+        what: What the tensors are ("the anomaly map", "the training loss", ...).
+        *tensors: Tensors to check (``None`` and non-floating tensors are ignored).
+        hint: What to do, appended to the message.
+    """
+    if is_tracing():
+        return
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            msg = f"{model_name}: {what} contains NaN or inf." + (f" {hint}" if hint else "")
+            raise NonFiniteError(msg)
+
+
+def nonfinite_parameters(module: nn.Module, limit: int = 3) -> list[str]:
+    """Names of up to ``limit`` parameters or buffers of ``module`` that hold NaN or inf."""
+    found = []
+    named: Iterable[tuple[str, torch.Tensor]] = (*module.named_parameters(), *module.named_buffers())
+    for name, tensor in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            found.append(name)
+            if len(found) >= limit:
+                break
+    return found
