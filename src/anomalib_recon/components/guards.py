@@ -31,8 +31,8 @@ class InputImageError(ValueError):
     """Images of the wrong type, shape or value range for a model's pre-processor."""
 
 
-class NonFiniteError(FloatingPointError):
-    """A loss, feature map, anomaly map or score that is NaN or inf."""
+class NonFiniteError(ValueError, FloatingPointError):
+    """A loss, feature map, anomaly map or score that is NaN or inf (also a ``ValueError``, as the losses raised)."""
 
 
 class UntrainedModelError(RuntimeError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from .guards import NonFiniteError
 from .tracing import is_tracing as _tracing
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -25,13 +26,14 @@ def require_same_shape(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
 
 
 def require_finite(name: str, *tensors: torch.Tensor) -> None:
-    """Raise one ``ValueError`` when a floating-point input holds NaN/inf; skipped while tracing."""
+    """Raise one :class:`NonFiniteError` (a ``ValueError``) when a floating-point input holds NaN/inf; skipped while
+    tracing."""
     if _tracing():
         return
     for t in tensors:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             msg = f"{name}: input contains NaN or inf; check the features/predictions (e.g. lower the learning rate)."
-            raise ValueError(msg)
+            raise NonFiniteError(msg)
 
 
 def require_probs(name: str, *tensors: torch.Tensor) -> None:
