@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         harness.check_folder_root(args)
     models = {label: (path, load_dadf(path, label)) for label, path in args.ckpt}
     for label, (_, model) in models.items():
-        size = tuple(model.model.input_size)
+        size = tuple(model.model.image_size)
         if args.image_size is not None and size != (args.image_size, args.image_size):
             msg = f"--image-size {args.image_size} differs from the input size {size} checkpoint {label} was built for."
             raise ValueError(msg)
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 "global_step": torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step"),
                 "reconstruction_steps": hp.get("reconstruction_steps"),
                 "use_memory": bool(model.model.use_memory),
-                "input_size": list(model.model.input_size),
+                "input_size": list(model.model.image_size),
             }
         )
         print(f"=== {label} ===", flush=True)

@@ -37,7 +37,7 @@ LITE0 = {"backbone": "tf_efficientnet_lite0", "weights": "imagenet"}
 # name -> (constructor arguments, input size, training steps)
 CONTRACT_KWARGS: dict[str, tuple[dict[str, Any], int, int]] = {
     "NAFRAD": ({**LITE0, "layers": [1, 2], "base_channels": 32, "latent_channels": 32, "seg_base_width": 8}, 256, 2),
-    "AGPNet": ({**LITE0, "image_size": 64, "decoder_dim": 64, "decoder_heads": 2, "decoder_depth": 1}, 64, 2),
+    "AGPNet": ({**LITE0, "image_size": 64, "decoder_embed_dim": 64, "decoder_num_heads": 2, "decoder_depth": 1}, 64, 2),
     "AMINet": ({**LITE0, "embed_dim": 32, "depth": 1, "num_heads": 2, "image_size": 64}, 64, 2),
     "InpFormerPP": ({**LITE0, "image_size": 64, "decoder_depth": 2, "seg_channels": [16, 8]}, 64, 2),
     "GRNR": ({**LITE0, "image_size": 64, "num_global_priors": 8}, 64, 1),

@@ -52,6 +52,20 @@ def test_bad_weights_file_fails_at_model_construction(tmp_path):
         AMINet(backbone="tf_efficientnet_lite0", weights=str(path), embed_dim=32, depth=1, num_heads=2, image_size=64)
 
 
+def test_partial_weights_file_fails_at_model_construction(tmp_path):
+    """A Lite0 state dict missing two thirds of its tensors used to build silently (and score as a different model)."""
+    import timm
+
+    state = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    path = tmp_path / "lite0_third.pth"
+    torch.save(dict(list(state.items())[: len(state) // 3]), path)
+    with pytest.raises(WeightsFileError) as info:
+        NAFRAD(backbone="tf_efficientnet_lite0", layers=[1, 2], weights=str(path))
+    message = str(info.value)
+    assert "lite0_third.pth" in message and "tf_efficientnet_lite0" in message and "missing" in message
+    assert message.count("\n") == 0
+
+
 def test_valid_weights_files_pass(tmp_path):
     state = {"a": torch.ones(2), "b": torch.zeros(3)}
     torch.save(state, tmp_path / "ok.pth")

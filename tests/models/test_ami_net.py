@@ -568,7 +568,7 @@ def test_lightning_contract_and_harness_kwargs():
         assert value is None or isinstance(value, (str, int, float, bool, list, tuple))
 
 
-def test_default_layers():
+def test_resolve_layers():
     assert resolve_layers("resnet18", None) == ["layer1", "layer2", "layer3"]
     assert resolve_layers("tf_efficientnet_lite0", None) == ["blocks.1", "blocks.2", "blocks.4"]
     assert resolve_layers("resnet18", (2, 3)) == [2, 3]
@@ -620,7 +620,7 @@ def test_other_input_sizes_share_the_weights():
     images = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         on_the_fly = net(images)
-        net.set_input_size((128, 128))
+        net.set_image_size((128, 128))
         cached = net(images)
     assert net.grid_size == (8, 8)
     assert cached.anomaly_map.shape == (1, 1, 128, 128)

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from anomalib_recon.components.patch_embed import patchify
 from anomalib_recon.models.image.dadf import DADF
 from anomalib_recon.models.image.dadf.loss import DADFFlowLoss, DADFReconstructionLoss
-from anomalib_recon.models.image.dadf.torch_model import DualAttentionBlock, create_flow, default_layers
+from anomalib_recon.models.image.dadf.torch_model import DualAttentionBlock, create_flow, resolve_layers
 from tests.conftest import cpu_engine, folder_datamodule
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -85,8 +85,8 @@ def test_paper_sizes_give_256_tokens_of_width_1440():
     """The paper's token shape (B, 256, 1440) at 256 px; resnet18 (the reference's config default) layer1-3."""
     from anomalib_recon.models.image.dadf.torch_model import DADFModel
 
-    net = DADFModel(backbone="resnet18", weights=None, input_size=(256, 256), depth=1, flow_steps=1)
-    assert default_layers("resnet18") == ["layer1", "layer2", "layer3"]
+    net = DADFModel(backbone="resnet18", weights=None, image_size=(256, 256), depth=1, flow_steps=1)
+    assert resolve_layers("resnet18") == ["layer1", "layer2", "layer3"]
     assert net.channels == [64, 128, 256]
     assert (net.patch_sizes, net.grid_size, net.embed_dim) == ([4, 2, 1], (16, 16), 1440)
     assert net.memory.shape == (1, 256, 1440)
@@ -455,7 +455,7 @@ def test_safe_checkpoint_round_trip(tmp_path, tiny_category):
     ckpt = tmp_path / "dadf.ckpt"
     engine.trainer.save_checkpoint(ckpt)
     loaded = DADF.load_from_checkpoint(ckpt, weights_only=True, visualizer=False, evaluator=False)
-    assert loaded.model.input_size == (64, 64)  # rebuilt from the checkpoint's pre-processor (default is 256)
+    assert loaded.model.image_size == (64, 64)  # rebuilt from the checkpoint's pre-processor (default is 256)
     assert loaded.hparams["reconstruction_steps"] == 2
     images = torch.rand(2, 3, 64, 64)
     model.eval()

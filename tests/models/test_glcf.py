@@ -368,7 +368,7 @@ def test_teacher_frozen_unless_train_teacher(train_teacher):
 
 
 def test_optimizer_and_step_decay():
-    model = tiny(lr_decay_epoch=3)
+    model = tiny(lr_milestones=[3])
     config = model.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert isinstance(optimizer, torch.optim.AdamW)
@@ -567,7 +567,8 @@ def test_engine_fit_fits_statistics_on_training_images_and_safe_checkpoint_round
         ({"scale_weights": (1, 3)}, "scale_weights needs 3"),
         ({"image_size": 80}, "multiple of 32"),
         ({"backbone": "not_a_backbone"}, "Unknown timm backbone"),
-        ({"lr_decay_epoch": 0}, "lr_decay_epoch"),
+        ({"lr_milestones": [0]}, "lr_milestones"),
+        ({"lr_gamma": 0}, "lr_gamma"),
     ],
 )
 def test_constructor_errors(kwargs, match):

@@ -311,7 +311,7 @@ def test_lightning_contract():
         assert value is None or isinstance(value, (str, int, float, bool, list, tuple))
 
 
-def test_default_layers_and_paper_defaults():
+def test_resolve_layers_and_paper_defaults():
     assert resolve_layers("wide_resnet50_2.tv_in1k", None) == ["layer2", "layer3"]
     assert resolve_layers("tf_efficientnet_lite0", None) == ["blocks.2", "blocks.4"]
     assert resolve_layers("resnet18", (2, 3)) == [2, 3]

@@ -497,7 +497,7 @@ def test_input_size_comes_from_a_user_pre_processor():
 
     args = {k: v for k, v in TINY.items() if k != "image_size"}
     model = InpFormerPP(**args, pre_processor=resize_pre_processor((96, 96)), evaluator=False, visualizer=False)
-    assert model.model_input_size == (96, 96) and model.model.image_size == (96, 96)
+    assert model.model_image_size == (96, 96) and model.model.image_size == (96, 96)
     model.eval()
     with torch.no_grad():
         out = model.model(_images(2, size=96))

@@ -140,7 +140,7 @@ def test_backbone_table_and_rotation_ranges():
 def test_resnet18_features_have_195_channels_on_a_64_grid():
     model = NAFRADModel("resnet18", weights=None, **SMALL).eval()
     assert model.in_channels == 195
-    assert model.input_size_divisor == 256
+    assert model.image_size_divisor == 256
     assert model.segmentor.encoder_segment.block1[0].in_channels == 390
     with torch.no_grad():
         assert model.get_features(torch.rand(1, 3, 256, 256)).shape == (1, 195, 64, 64)
@@ -409,7 +409,9 @@ def test_lightning_module_defaults():
     assert list(transforms[0].size) == [256, 256]
     normalized = NAFRAD.configure_pre_processor((512, 512), normalize_input=True).transform.transforms
     assert [type(t).__name__ for t in normalized] == ["Resize", "Normalize"]
-    [optimizer], [scheduler] = module.configure_optimizers()
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "epoch"
     assert optimizer.defaults["lr"] == 1e-4 and optimizer.defaults["weight_decay"] == 1e-8
     assert dict(scheduler.milestones) == {400: 1, 600: 1} and scheduler.gamma == 0.1
     trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -492,7 +494,7 @@ def test_input_size_it_cannot_take_fails_at_construction():
     ):
         with pytest.raises(ValueError, match=r"image_size=.*multiples of 256 \(256, 512, 768, ...\)"):
             _small_module(**kwargs)
-    assert _small_module(image_size=(256, 512)).model.input_size_divisor == 256
+    assert _small_module(image_size=(256, 512)).model.image_size_divisor == 256
     # Stride-8 layers: the constraint doubles, derived from the backbone's reductions.
     with pytest.raises(ValueError, match=r"multiples of 512"):
         _small_model(layers=[2, 3], image_size=(256, 256))
@@ -515,7 +517,7 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     module = _small_module(weights="imagenet", lr=1e-3, anomaly_probability=1.0)
     torch.manual_seed(1)
     normal, augmented, mask = module.synthesize(_real_or_generated_batch(2))
-    [optimizer], _ = module.configure_optimizers()
+    optimizer = module.configure_optimizers()["optimizer"]
     module.train()
     history = []
     for _ in range(6):

@@ -235,6 +235,12 @@ class ReconModuleMixin:
     _recon_trained: bool = False
 
     @property
+    def input_normalization(self) -> str:
+        """What the default pre-processor does after its Resize: ``"imagenet"`` (ImageNet mean/std ``Normalize``) or
+        ``"none"`` (images stay in [0, 1]). A model's contract, listed in the README and tested for every model."""
+        return "imagenet"
+
+    @property
     def requires_training(self) -> bool:
         """Models that learn need training (or a checkpoint) before they score; zero-shot models do not."""
         return self.learning_type != LearningType.ZERO_SHOT  # type: ignore[attr-defined]

@@ -29,6 +29,7 @@ from torch import nn
 from anomalib_recon.components.few_shot import dihedral_augment, restrict_to_few_shot
 from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
+from anomalib_recon.components.schedules import check_lr_schedule, multistep_lr, training_horizon
 
 from .loss import AGPNetLoss
 from .schedule import linear_ramp
@@ -65,9 +66,9 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
         weights: ``"imagenet"`` (pretrained, offline-aware), a local weights file, or ``None`` (random init).
         image_size: Input size of the default pre-processor and of the decoder's position embedding.
         aggregation: ``"sum"`` of layer-normed layers (paper, ViT default), ``"concat"`` (CNN default) or ``None``.
-        decoder_dim: Decoder width (``None``: the ViT's width, 384 for CNNs).
+        decoder_embed_dim: Decoder width (``None``: the ViT's width, 384 for CNNs).
         decoder_depth: Decoder blocks (4, paper).
-        decoder_heads: Decoder heads (6).
+        decoder_num_heads: Decoder heads (6).
         decoder_mlp_ratio: Decoder MLP ratio (4; 7.3 M decoder parameters with ViT-S, the paper reports 4.42 M).
         feature_noise: Feature-level noise ``"attention"`` (guided), ``"random"`` or ``"none"`` (ablation).
         image_noise: Image-level noise ``"attention"``, ``"random"`` or ``"none"`` (ablation).
@@ -91,9 +92,10 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
         lr: AdamW learning rate (1e-4).
         weight_decay: AdamW weight decay (1e-4).
         betas: AdamW betas.
-        lr_decay_at: Fraction of training after which the learning rate is multiplied by ``lr_decay_gamma``
-            (0.8, ADer; the paper's 200 of 500 epochs is 0.4). ``None`` = constant.
-        lr_decay_gamma: Learning-rate factor (0.1).
+        lr_milestones: Where the learning rate is multiplied by ``lr_gamma``: fractions of training in (0, 1) or
+            epoch numbers (:mod:`~anomalib_recon.components.schedules`); ``(0.8,)`` as ADer (the paper's 200 of 500
+            epochs is 0.4); empty = constant.
+        lr_gamma: Learning-rate factor (0.1).
         few_shot_k: Train on only ``k`` normal images (drawn with ``few_shot_seed``), each repeated
             ``few_shot_folds`` times per epoch with random rotations/flips. ``None`` = all images.
         few_shot_folds: Replication factor of the few-shot images (32, paper).
@@ -116,9 +118,9 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
         weights: str | None = "imagenet",
         image_size: int | tuple[int, int] = 256,
         aggregation: str | None = None,
-        decoder_dim: int | None = None,
+        decoder_embed_dim: int | None = None,
         decoder_depth: int = 4,
-        decoder_heads: int = 6,
+        decoder_num_heads: int = 6,
         decoder_mlp_ratio: float = 4.0,
         feature_noise: str = "attention",
         image_noise: str = "attention",
@@ -140,8 +142,8 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
-        lr_decay_at: float | None = 0.8,
-        lr_decay_gamma: float = 0.1,
+        lr_milestones: Sequence[float] = (0.8,),
+        lr_gamma: float = 0.1,
         few_shot_k: int | None = None,
         few_shot_folds: int = 32,
         few_shot_seed: int = 0,
@@ -170,9 +172,6 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
             if ramp[0] > ramp[1]:
                 msg = f"{name} must be (begin, end) with begin <= end, got {ramp}."
                 raise ValueError(msg)
-        if lr_decay_at is not None and not 0.0 < lr_decay_at <= 1.0:
-            msg = f"lr_decay_at must be a fraction of training in (0, 1] or None, got {lr_decay_at}."
-            raise ValueError(msg)
         if few_shot_k is not None and (few_shot_k < 1 or few_shot_folds < 1):
             msg = f"few_shot_k and few_shot_folds must be >= 1, got {few_shot_k} and {few_shot_folds}."
             raise ValueError(msg)
@@ -184,8 +183,8 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.betas = _pair(betas, "betas", 0.0, 1.0)
-        self.lr_decay_at = lr_decay_at
-        self.lr_decay_gamma = float(lr_decay_gamma)
+        self.lr_milestones = check_lr_schedule(lr_milestones, lr_gamma)
+        self.lr_gamma = float(lr_gamma)
         self.few_shot_k = few_shot_k
         self.few_shot_folds = int(few_shot_folds)
         self.few_shot_seed = int(few_shot_seed)
@@ -202,9 +201,9 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
             weights=weights,
             image_size=size,
             aggregation=aggregation,
-            decoder_dim=decoder_dim,
+            decoder_embed_dim=decoder_embed_dim,
             decoder_depth=decoder_depth,
-            decoder_heads=decoder_heads,
+            decoder_num_heads=decoder_num_heads,
             decoder_mlp_ratio=decoder_mlp_ratio,
             feature_noise=feature_noise,
             image_noise=image_noise,
@@ -238,34 +237,12 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
         """Trained on normal images (one-class, multi-class through a concatenating datamodule, or few-shot)."""
         return LearningType.ONE_CLASS
 
-    def _horizon(self) -> tuple[str, int] | None:
-        """``("epoch", max_epochs)`` or ``("step", max_steps)`` the ramps and the LR decay are spread over.
-
-        Epochs are used whenever ``max_epochs`` is set (> 0); with only ``max_steps`` (``max_epochs=-1``) the
-        schedules follow optimizer steps; with neither (e.g. ``max_time`` only) there is no horizon.
-        """
-        trainer = self._trainer
-        if trainer is None:
-            return None
-        max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs > 0:
-            return "epoch", int(max_epochs)
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            return "step", int(trainer.max_steps)
-        return None
-
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW on the decoder only; ×``lr_decay_gamma`` after ``lr_decay_at`` of the epochs (or steps)."""
+        """AdamW on the decoder only; ×``lr_gamma`` at ``lr_milestones`` (fractions of the epochs, or of the steps)."""
         optimizer = torch.optim.AdamW(
             self.model.decoder.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
         )
-        horizon = self._horizon()
-        if self.lr_decay_at is None or horizon is None:
-            return {"optimizer": optimizer}
-        unit, total = horizon
-        milestone = max(round(self.lr_decay_at * total), 1)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[milestone], gamma=self.lr_decay_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": unit}}
+        return multistep_lr(optimizer, self.lr_milestones, self.lr_gamma, self._trainer)
 
     # ------------------------------------------------------------------------------------------------ schedules
     @staticmethod
@@ -292,7 +269,7 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
         self.model.mask_ratio = self._ramp(self.mask_ratio_range, self.mask_ratio_ramp, position, total)
 
     def _update_schedules(self, unit: str) -> None:
-        horizon = self._horizon()
+        horizon = training_horizon(self._trainer)
         if horizon is None:
             if not self._warned_no_horizon:
                 logger.warning(

@@ -52,7 +52,7 @@ __all__ = [
     "AGPNetModel",
     "AGPNetTrainOutput",
     "count_parameters",
-    "default_layers",
+    "resolve_layers",
 ]
 
 NOISE_MODES = ("attention", "random", "none")
@@ -144,12 +144,14 @@ class AGPNetDecoder(nn.Module):
         return (x, attentions) if return_attention else x
 
 
-def default_layers(backbone: str | BackboneInfo) -> list[int]:
-    """Default encoder layers: 4 evenly spaced ViT blocks (``[2, 5, 8, 11]`` for 12 blocks) or CNN stages
-    ``[1, 2, 3]``.
+def resolve_layers(backbone: str | BackboneInfo, layers: Sequence[int | str] | None = None) -> list[int | str]:
+    """``layers`` as given, or the defaults: 4 evenly spaced ViT blocks (``[2, 5, 8, 11]`` for 12 blocks) or CNN
+    stages ``[1, 2, 3]``.
 
     ``backbone`` is a timm name or its :func:`~anomalib_recon.components.feature_extractor.probe_backbone` result.
     """
+    if layers is not None:
+        return list(layers)
     info = backbone if isinstance(backbone, BackboneInfo) else probe_backbone(backbone)
     if info.is_vit:
         return sorted({max(info.depth * i // 4 - 1, 0) for i in (1, 2, 3, 4)})
@@ -169,9 +171,9 @@ class AGPNetModel(nn.Module):
         image_size: Input size ``(H, W)`` the decoder's position embedding (and a ViT's input size) is built for.
         aggregation: ``"sum"`` of the layer-normed layers (paper; needs equal widths, the ViT default) or ``"concat"``
             (CNN default). ``None`` = automatic.
-        decoder_dim: Decoder width; ``None`` = the feature width for ViTs, 384 for CNNs.
+        decoder_embed_dim: Decoder width; ``None`` = the feature width for ViTs, 384 for CNNs.
         decoder_depth: Decoder blocks (paper: 4).
-        decoder_heads: Decoder attention heads.
+        decoder_num_heads: Decoder attention heads.
         decoder_mlp_ratio: Decoder MLP ratio (4 gives 7.3 M decoder parameters with ViT-S; the paper reports 4.42 M).
         feature_noise: ``"attention"`` (guided), ``"random"`` (the mask replaced by uniform noise) or ``"none"``.
         image_noise: ``"attention"``, ``"random"`` or ``"none"``.
@@ -204,9 +206,9 @@ class AGPNetModel(nn.Module):
         weights: str | os.PathLike | None = "imagenet",
         image_size: tuple[int, int] = (256, 256),
         aggregation: str | None = None,
-        decoder_dim: int | None = None,
+        decoder_embed_dim: int | None = None,
         decoder_depth: int = 4,
-        decoder_heads: int = 6,
+        decoder_num_heads: int = 6,
         decoder_mlp_ratio: float = 4.0,
         feature_noise: str = "attention",
         image_noise: str = "attention",
@@ -239,8 +241,8 @@ class AGPNetModel(nn.Module):
         if len(image_size) != 2 or min(image_size) <= 0:
             msg = f"image_size must be a positive (height, width) pair, got {image_size}."
             raise ValueError(msg)
-        if decoder_depth < 1 or decoder_heads < 1 or decoder_mlp_ratio <= 0:
-            msg = "decoder_depth and decoder_heads must be >= 1 and decoder_mlp_ratio > 0."
+        if decoder_depth < 1 or decoder_num_heads < 1 or decoder_mlp_ratio <= 0:
+            msg = "decoder_depth and decoder_num_heads must be >= 1 and decoder_mlp_ratio > 0."
             raise ValueError(msg)
         if feature_noise_floor < 0 or image_noise_scale < 0:
             msg = "feature_noise_floor and image_noise_scale must be >= 0."
@@ -270,7 +272,7 @@ class AGPNetModel(nn.Module):
             raise ValueError(msg)
         info = probe_backbone(name)  # one build on the meta device: nothing allocated or downloaded
         vit_img = image_size[0] if info.is_vit and image_size[0] == image_size[1] else None
-        layers = list(layers) if layers is not None else default_layers(info)
+        layers = resolve_layers(info, layers)
         # ViT encoders record their blocks' attention (A_prior) only inside extract(record_prior=True)
         self.encoder = FeatureExtractor(
             name, layers=layers, weights=weights, img_size=vit_img, return_attention=bool(info.is_vit)
@@ -297,11 +299,11 @@ class AGPNetModel(nn.Module):
         grid = (image_size[0] // self.stride, image_size[1] // self.stride)
 
         # ---------------------------------------------------------------- decoder (trained) and teacher (EMA)
-        dim = decoder_dim if decoder_dim is not None else (self.feature_dim if self.is_vit else 384)
-        if dim % decoder_heads:
-            msg = f"decoder_dim ({dim}) must be divisible by decoder_heads ({decoder_heads})."
+        dim = decoder_embed_dim if decoder_embed_dim is not None else (self.feature_dim if self.is_vit else 384)
+        if dim % decoder_num_heads:
+            msg = f"decoder_embed_dim ({dim}) must be divisible by decoder_num_heads ({decoder_num_heads})."
             raise ValueError(msg)
-        self.decoder = AGPNetDecoder(self.feature_dim, dim, decoder_depth, decoder_heads, decoder_mlp_ratio, grid)
+        self.decoder = AGPNetDecoder(self.feature_dim, dim, decoder_depth, decoder_num_heads, decoder_mlp_ratio, grid)
         self.teacher = (
             EMATeacher(self.decoder, decay=ema_decay, update_every=ema_update_every) if use_mean_teacher else None
         )

@@ -149,7 +149,7 @@ class AMINet(ReconModuleMixin, AnomalibModule):
             backbone=backbone,
             layers=layers,
             weights=weights,
-            input_size=(int(input_size[0]), int(input_size[1])),
+            image_size=(int(input_size[0]), int(input_size[1])),
             patch_size=patch_size,
             embed_dim=embed_dim,
             depth=depth,
@@ -189,7 +189,7 @@ class AMINet(ReconModuleMixin, AnomalibModule):
         """Restore the pre-processor, then re-target the model to its input size (position-embedding cache)."""
         super().on_load_checkpoint(checkpoint)
         if self.input_size is not None:
-            self.model.set_input_size(tuple(self.input_size))
+            self.model.set_image_size(tuple(self.input_size))
 
     # ------------------------------------------------------------------------------------------------ setup
     def _set_threshold_matching(self, enabled: bool) -> None:

@@ -142,7 +142,7 @@ class AMINetModel(nn.Module):
         layers: Backbone layers (timm feature-module names or ``features_only`` indices); ``None`` = the layers
             at strides 4, 8, 16 (:func:`resolve_layers`).
         weights: ``"imagenet"``, a local weights file, or ``None`` (random init).
-        input_size: ``(H, W)`` expected after pre-processing: checked at construction (the feature grid, ``H/4 ×
+        image_size: ``(H, W)`` expected after pre-processing: checked at construction (the feature grid, ``H/4 ×
             W/4`` with the default layers, must be divisible by ``patch_size``) and used to cache the position
             embedding. Other sizes work too (the embedding is then computed on the fly); no weight depends on it.
         patch_size: Patch size ``p`` of both patch embeddings (4).
@@ -166,7 +166,7 @@ class AMINetModel(nn.Module):
         backbone: str = "wide_resnet50_2.tv_in1k",
         layers: Sequence[int | str] | None = None,
         weights: str | None = "imagenet",
-        input_size: tuple[int, int] = (256, 256),
+        image_size: tuple[int, int] = (256, 256),
         patch_size: int = 4,
         embed_dim: int = 768,
         depth: int = 8,
@@ -195,7 +195,7 @@ class AMINetModel(nn.Module):
 
         self.feature_extractor = FeatureExtractor(backbone, layers=resolve_layers(backbone, layers), weights=weights)
         self.aggregator = FeatureAggregator(out_size=None, mode="concat", align_corners=True, smooth=True)
-        size = (int(input_size[0]), int(input_size[1]))
+        size = (int(image_size[0]), int(image_size[1]))
         self.feature_channels, feature_size = self._probe_features(size)
         self._set_grid(size, feature_size)
 
@@ -210,7 +210,7 @@ class AMINetModel(nn.Module):
         self.blocks = nn.ModuleList(self._block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
         self.head = TokenToFeatureHead(embed_dim, self.feature_channels, patch_size)
-        self.pos_embed = SinCosPositionEmbedding2D(embed_dim, self.grid_size)  # cache for ``input_size``
+        self.pos_embed = SinCosPositionEmbedding2D(embed_dim, self.grid_size)  # cache for ``image_size``
 
         self.anomaly_map_generator = AnomalyMapGenerator(
             distance="cos*l2sq", align_corners=True, blur_sigma=blur_sigma, product_after_blur=True
@@ -255,18 +255,18 @@ class AMINetModel(nn.Module):
     def _block(dim: int, heads: int, mlp_ratio: float) -> Block:
         return Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
 
-    def _probe_features(self, input_size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+    def _probe_features(self, image_size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
         """Channels and size of ``F`` for an input size (one dry run of the frozen backbone)."""
         device = next(self.feature_extractor.parameters(), torch.empty(0)).device
         with torch.no_grad():
-            target = self.aggregator(self.feature_extractor(torch.zeros(1, 3, *input_size, device=device)))
+            target = self.aggregator(self.feature_extractor(torch.zeros(1, 3, *image_size, device=device)))
         return int(target.shape[1]), (int(target.shape[2]), int(target.shape[3]))
 
-    def _token_grid(self, feature_size: tuple[int, int], input_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    def _token_grid(self, feature_size: tuple[int, int], image_size: tuple[int, int] | None = None) -> tuple[int, int]:
         """Token grid of a feature map, with a clear error when the patch size does not divide it."""
         h, w = feature_size
         if h % self.patch_size or w % self.patch_size or h < self.patch_size or w < self.patch_size:
-            where = f"Input size {input_size[0]}x{input_size[1]} gives" if input_size else "The input gives"
+            where = f"Input size {image_size[0]}x{image_size[1]} gives" if image_size else "The input gives"
             msg = (
                 f"{where} a {h}x{w} feature grid, which is not divisible by patch_size={self.patch_size}. "
                 "Use an input size whose feature grid (input / 4 with the default layers) is a multiple of the "
@@ -275,22 +275,22 @@ class AMINetModel(nn.Module):
             raise ValueError(msg)
         return h // self.patch_size, w // self.patch_size
 
-    def _set_grid(self, input_size: tuple[int, int], feature_size: tuple[int, int]) -> None:
-        grid = self._token_grid(feature_size, input_size)
+    def _set_grid(self, image_size: tuple[int, int], feature_size: tuple[int, int]) -> None:
+        grid = self._token_grid(feature_size, image_size)
         if grid[0] * grid[1] < 2:
-            msg = f"Input size {input_size} gives only {grid[0] * grid[1]} token(s); use a larger input."
+            msg = f"Input size {image_size} gives only {grid[0] * grid[1]} token(s); use a larger input."
             raise ValueError(msg)
-        self.input_size, self.feature_size, self.grid_size = input_size, feature_size, grid
+        self.image_size, self.feature_size, self.grid_size = image_size, feature_size, grid
         self.num_tokens = grid[0] * grid[1]
 
-    def set_input_size(self, input_size: tuple[int, int]) -> None:
+    def set_image_size(self, image_size: tuple[int, int]) -> None:
         """Re-target the model to another input size (checks the grid, rebuilds the position-embedding cache).
 
         No weight depends on the input size; other sizes also work without this call (the fixed position
         embedding is then computed on the fly).
         """
-        size = (int(input_size[0]), int(input_size[1]))
-        if size == self.input_size:
+        size = (int(image_size[0]), int(image_size[1]))
+        if size == self.image_size:
             return
         _, feature_size = self._probe_features(size)
         self._set_grid(size, feature_size)

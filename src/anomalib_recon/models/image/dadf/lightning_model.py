@@ -168,7 +168,7 @@ class DADF(ReconModuleMixin, AnomalibModule):
         if input_size is None:
             logger.warning("DADF: no Resize in the pre-processor; building for %s inputs.", DEFAULT_IMAGE_SIZE)
             input_size = DEFAULT_IMAGE_SIZE
-        self.model = DADFModel(input_size=(int(input_size[0]), int(input_size[1])), **self._model_args)
+        self.model = DADFModel(image_size=(int(input_size[0]), int(input_size[1])), **self._model_args)
         self.reconstruction_loss = DADFReconstructionLoss()
         self.flow_loss = DADFFlowLoss()
         self._logged_stage1_validation = False
@@ -217,9 +217,9 @@ class DADF(ReconModuleMixin, AnomalibModule):
 
     def _build_for(self, size: Any) -> None:
         size = (int(size[0]), int(size[1]))
-        if size != self.model.input_size:
+        if size != self.model.image_size:
             with restoring_from_checkpoint():  # every tensor comes from the checkpoint: no weight download
-                self.model = DADFModel(input_size=size, **self._model_args)
+                self.model = DADFModel(image_size=size, **self._model_args)
 
     # ------------------------------------------------------------------------------------------------ stages
     @property

@@ -39,8 +39,8 @@ __all__ = [
     "DualAttention",
     "DualAttentionBlock",
     "create_flow",
-    "default_layers",
     "depthwise_subnet",
+    "resolve_layers",
 ]
 
 FEATURE_STRIDES = (4, 8, 16)
@@ -50,12 +50,12 @@ FLOW_INPUTS = ("reconstruction", "features")
 """What the flows see: ``[f, X̂, M̂]`` (the paper) or the raw backbone features ``f`` only (ablation)."""
 
 
-def default_layers(backbone: str) -> list[int | str]:
-    """The last feature layer at strides 4, 8 and 16 of a timm CNN.
+def resolve_layers(backbone: str, layers: Sequence[int | str] | None = None) -> list[int | str]:
+    """``layers`` as given, or the last feature layer at strides 4, 8 and 16 of a timm CNN.
 
     ``layer1``-``layer3`` for ResNets (the reference), ``blocks.1, blocks.2, blocks.4`` for EfficientNet-Lite.
     """
-    return layers_at_strides(backbone, None, FEATURE_STRIDES)
+    return layers_at_strides(backbone, layers, FEATURE_STRIDES)
 
 
 # ---------------------------------------------------------------------------------------------------- dual attention
@@ -184,7 +184,7 @@ class DADFModel(nn.Module):
         backbone: timm CNN (``wide_resnet50_2.tv_in1k``: see the README on the ambiguous default).
         layers: Three backbone layers (names or ``features_only`` indices); ``None`` = strides 4, 8, 16.
         weights: ``"imagenet"``, a local weights file, or ``None`` (random init).
-        input_size: ``(H, W)`` the model is built for: the memory tokens (one per grid position) and the flows'
+        image_size: ``(H, W)`` the model is built for: the memory tokens (one per grid position) and the flows'
             LayerNorms over ``(C, H_s, W_s)`` have fixed sizes, as in the reference.
         patch_sizes: Patch size per scale; ``None`` = one token per pixel of the deepest map (4, 2, 1).
         embed_dim_per_scale: Width of each scale's embedding (480; tokens are ``3·480 = 1440`` wide).
@@ -203,7 +203,7 @@ class DADFModel(nn.Module):
         backbone: str = "wide_resnet50_2.tv_in1k",
         layers: Sequence[int | str] | None = None,
         weights: str | None = "imagenet",
-        input_size: tuple[int, int] = (256, 256),
+        image_size: tuple[int, int] = (256, 256),
         patch_sizes: Sequence[int] | None = None,
         embed_dim_per_scale: int = 480,
         depth: int = 8,
@@ -216,16 +216,16 @@ class DADFModel(nn.Module):
     ) -> None:
         super().__init__()
         self._check_args(embed_dim_per_scale, depth, num_heads, mlp_ratio, flow_steps, flow_clamp, flow_input)
-        layers = list(layers) if layers is not None else default_layers(backbone)
+        layers = resolve_layers(backbone, layers)
         if len(layers) != 3:
             msg = f"DADF uses three backbone layers (strides 4, 8, 16), got layers={layers}."
             raise ValueError(msg)
-        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.image_size = (int(image_size[0]), int(image_size[1]))
         self.use_memory = bool(use_memory)
         self.flow_input = flow_input
         self.feature_extractor = FeatureExtractor(backbone, layers=layers, weights=weights)
         self.channels = [int(c) for c in self.feature_extractor.out_dims]
-        self.feature_sizes = self._probe_sizes(self.input_size)
+        self.feature_sizes = self._probe_sizes(self.image_size)
         self.patch_sizes = self._patch_sizes(patch_sizes)
         self.grid_size = (
             self.feature_sizes[0][0] // self.patch_sizes[0],
@@ -259,7 +259,7 @@ class DADFModel(nn.Module):
             create_flow((c, h, w), flow_steps, flow_clamp)
             for c, (h, w) in zip(self.flow_channels, self.feature_sizes, strict=True)
         )
-        self.anomaly_map_generator = AnomalyMapGenerator(input_size=self.input_size)
+        self.anomaly_map_generator = AnomalyMapGenerator(input_size=self.image_size)
 
     # ------------------------------------------------------------------------------------------------ construction
     @staticmethod
@@ -298,15 +298,15 @@ class DADFModel(nn.Module):
             msg = f"flow_input must be one of {FLOW_INPUTS}, got {flow_input!r}."
             raise ValueError(msg)
 
-    def _probe_sizes(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:
+    def _probe_sizes(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
         with torch.no_grad():
-            maps = self.feature_extractor(torch.zeros(1, 3, *input_size))
+            maps = self.feature_extractor(torch.zeros(1, 3, *image_size))
         return [(int(f.shape[-2]), int(f.shape[-1])) for f in maps]
 
     def _patch_sizes(self, patch_sizes: Sequence[int] | None) -> list[int]:
         """Patch sizes that put every scale on one grid, with one clear error naming the input size."""
         sizes = self.feature_sizes
-        h, w = self.input_size
+        h, w = self.image_size
         described = ", ".join(f"{a}x{b}" for a, b in sizes)
         if patch_sizes is None:
             deep_h, deep_w = sizes[-1]
@@ -379,9 +379,9 @@ class DADFModel(nn.Module):
             msg = f"DADF expects an RGB batch (B, 3, H, W), got {tuple(images.shape)}."
             raise ValueError(msg)
         if not is_tracing():
-            if tuple(images.shape[-2:]) != self.input_size:
+            if tuple(images.shape[-2:]) != self.image_size:
                 msg = (
-                    f"DADF is built for {self.input_size[0]}x{self.input_size[1]} inputs (its memory tokens and flow "
+                    f"DADF is built for {self.image_size[0]}x{self.image_size[1]} inputs (its memory tokens and flow "
                     f"LayerNorms have fixed sizes), got {images.shape[-2]}x{images.shape[-1]}. Resize the images or "
                     "build the model with that image_size."
                 )

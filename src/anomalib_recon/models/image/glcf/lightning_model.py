@@ -12,7 +12,7 @@ fitted on normal images, weighted over scales and fused.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
+from anomalib_recon.components.schedules import check_lr_schedule, multistep_lr
 
 from .loss import GLCFLoss
 from .torch_model import GLCFModel
@@ -83,8 +84,9 @@ class GLCF(ReconModuleMixin, AnomalibModule):
         lr: AdamW learning rate (1e-4).
         betas: AdamW betas ((0.9, 0.95)).
         weight_decay: AdamW weight decay (0.01, PyTorch's default that the reference ends up with).
-        lr_decay_epoch: Epoch from which the learning rate is multiplied by ``lr_decay_factor`` (300 of 501).
-        lr_decay_factor: Step-decay factor (0.1).
+        lr_milestones: Epochs (or fractions of training, :mod:`~anomalib_recon.components.schedules`) from which the
+            learning rate is multiplied by ``lr_gamma``: ``(300,)`` of 501 epochs.
+        lr_gamma: Step-decay factor (0.1).
         pre_processor: Pre-processor, or ``True`` for Resize(224) + ImageNet Normalize.
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
@@ -124,8 +126,8 @@ class GLCF(ReconModuleMixin, AnomalibModule):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.01,
-        lr_decay_epoch: int = 300,
-        lr_decay_factor: float = 0.1,
+        lr_milestones: Sequence[float] = (300,),
+        lr_gamma: float = 0.1,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -136,9 +138,6 @@ class GLCF(ReconModuleMixin, AnomalibModule):
         )
         if lr <= 0 or weight_decay < 0 or len(betas) != 2:
             msg = f"need lr > 0, weight_decay >= 0 and two betas; got {lr}, {weight_decay}, {betas}."
-            raise ValueError(msg)
-        if lr_decay_epoch < 1 or not 0 < lr_decay_factor <= 1:
-            msg = f"need lr_decay_epoch >= 1 and 0 < lr_decay_factor <= 1; got {lr_decay_epoch}, {lr_decay_factor}."
             raise ValueError(msg)
         if stats_max_images is not None and stats_max_images < 1:
             msg = f"stats_max_images must be a positive number of images or None, got {stats_max_images}."
@@ -153,8 +152,8 @@ class GLCF(ReconModuleMixin, AnomalibModule):
         self.lr = float(lr)
         self.betas = (float(betas[0]), float(betas[1]))
         self.weight_decay = float(weight_decay)
-        self.lr_decay_epoch = int(lr_decay_epoch)
-        self.lr_decay_factor = float(lr_decay_factor)
+        self.lr_milestones = check_lr_schedule(lr_milestones, lr_gamma)
+        self.lr_gamma = float(lr_gamma)
         self.stats_split = stats_split
         self.stats_max_images = stats_max_images
         self._stats_stale = False
@@ -164,7 +163,7 @@ class GLCF(ReconModuleMixin, AnomalibModule):
             backbone=backbone,
             layers=layers,
             weights=weights,
-            input_size=(int(input_size[0]), int(input_size[1])),
+            image_size=(int(input_size[0]), int(input_size[1])),
             embed_dim=embed_dim,
             depth=depth,
             num_heads=num_heads,
@@ -202,19 +201,16 @@ class GLCF(ReconModuleMixin, AnomalibModule):
         return LearningType.ONE_CLASS
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW on the trainable parts (the teacher too when ``train_teacher``), ×``lr_decay_factor`` at an epoch."""
+        """AdamW on the trainable parts (the teacher too when ``train_teacher``), ×``lr_gamma`` at ``lr_milestones``."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=[self.lr_decay_epoch], gamma=self.lr_decay_factor
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return multistep_lr(optimizer, self.lr_milestones, self.lr_gamma, self._trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the pre-processor, then re-target the position caches to its input size."""
         super().on_load_checkpoint(checkpoint)
         if self.input_size is not None:
-            self.model.set_input_size(tuple(self.input_size))
+            self.model.set_image_size(tuple(self.input_size))
 
     # ------------------------------------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

@@ -282,7 +282,7 @@ class GLCFModel(nn.Module):
         backbone: timm CNN; ``wide_resnet50_2.tv_in1k`` (torchvision weights, as the reference) by default.
         layers: Four teacher layers at successive strides (``None``: strides 4-32, :func:`resolve_layers`).
         weights: ``"imagenet"``, a local weights file, or ``None``.
-        input_size: Input ``(H, W)`` (checks and the position cache); a multiple of the deepest stride (32).
+        image_size: Input ``(H, W)`` (checks and the position cache); a multiple of the deepest stride (32).
         embed_dim, depth, num_heads: DPTV encoder (480, 6, 12).
         decoder_embed_dim, decoder_depth, decoder_num_heads: DPTV latent decoders (480, 6, 16).
         mlp_ratio: Block MLP ratio (4).
@@ -304,7 +304,7 @@ class GLCFModel(nn.Module):
         backbone: str = "wide_resnet50_2.tv_in1k",
         layers: Sequence[int | str] | None = None,
         weights: str | None = "imagenet",
-        input_size: tuple[int, int] = (224, 224),
+        image_size: tuple[int, int] = (224, 224),
         embed_dim: int = 480,
         depth: int = 6,
         num_heads: int = 12,
@@ -335,9 +335,9 @@ class GLCFModel(nn.Module):
 
         self.teacher = FeatureExtractor(backbone, layers=resolve_layers(backbone, layers), weights=weights)
         self.channels = [int(c) for c in self.teacher.out_dims]
-        size = (int(input_size[0]), int(input_size[1]))
+        size = (int(image_size[0]), int(image_size[1]))
         shapes = self._probe(size)
-        self.input_size = size
+        self.image_size = size
         self.grid_size = shapes[-1]
         self.bottleneck = DPTV(
             in_channels=self.channels[1:],
@@ -397,24 +397,24 @@ class GLCFModel(nn.Module):
             msg = f"decoder must be one of {DECODERS}, got {decoder!r}."
             raise ValueError(msg)
 
-    def _probe(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:
+    def _probe(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
         """Teacher map sizes for an input size, checked: each layer half the size of the previous one."""
         device = next(self.teacher.parameters(), torch.empty(0)).device
         with torch.no_grad():
-            features = self.teacher(torch.zeros(1, 3, *input_size, device=device))
+            features = self.teacher(torch.zeros(1, 3, *image_size, device=device))
         shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
-        self._check_shapes(shapes, input_size)
+        self._check_shapes(shapes, image_size)
         return shapes
 
     @staticmethod
-    def _check_shapes(shapes: Sequence[tuple[int, int]], input_size: tuple[int, int]) -> None:
+    def _check_shapes(shapes: Sequence[tuple[int, int]], image_size: tuple[int, int]) -> None:
         deepest = shapes[-1]
         ok = min(deepest) >= 1 and all(
             shapes[i][0] == 2 * shapes[i + 1][0] and shapes[i][1] == 2 * shapes[i + 1][1] for i in range(3)
         )
         if not ok:
             msg = (
-                f"Input size {input_size[0]}x{input_size[1]} gives teacher maps {list(shapes)}; GLCF needs each of "
+                f"Input size {image_size[0]}x{image_size[1]} gives teacher maps {list(shapes)}; GLCF needs each of "
                 "the four layers at half the size of the previous one (strides 4, 8, 16, 32): use an input size "
                 "that is a multiple of 32 (e.g. 224 or 256) and layers at successive strides."
             )
@@ -451,13 +451,13 @@ class GLCFModel(nn.Module):
                 raise ValueError(msg)
             self.score_reducer = score_reducer
 
-    def set_input_size(self, input_size: tuple[int, int]) -> None:
+    def set_image_size(self, image_size: tuple[int, int]) -> None:
         """Re-target the position caches to another input size (no weight depends on it)."""
-        size = (int(input_size[0]), int(input_size[1]))
-        if size == self.input_size:
+        size = (int(image_size[0]), int(image_size[1]))
+        if size == self.image_size:
             return
         shapes = self._probe(size)
-        self.input_size, self.grid_size = size, shapes[-1]
+        self.image_size, self.grid_size = size, shapes[-1]
         device = self.stats_mean.device
         bn = self.bottleneck
         bn.pos_embed = SinCosPositionEmbedding2D(bn.embed_dim, self.grid_size).to(device)

@@ -101,7 +101,7 @@ class GRNR(ReconModuleMixin, AnomalibModule):
             backbone=backbone,
             layers=layers,
             weights=weights,
-            input_size=(int(input_size[0]), int(input_size[1])),
+            image_size=(int(input_size[0]), int(input_size[1])),
             pool_kernel=pool_kernel,
             num_global_priors=num_global_priors,
             lam=lam,

@@ -188,7 +188,7 @@ class GRNRModel(nn.Module):
         backbone: timm CNN (``wide_resnet50_2.tv_in1k`` in the paper).
         layers: Layers (names or ``features_only`` indices); ``None`` = strides 8 and 16 (:func:`resolve_layers`).
         weights: ``"imagenet"``, a local weights file, or ``None``.
-        input_size: Input size the default sizes are scaled for (the paper: 320×320).
+        image_size: Input size the default sizes are scaled for (the paper: 320×320).
         pool_kernel: Local aggregation (3×3 average pooling, ``count_include_pad=True``, as the demo).
         num_global_priors: ``K``, features kept by self filtering (40).
         lam: ``λ``, weight of the global regularisation (5); 0 = plain neighbourhood regression.
@@ -207,7 +207,7 @@ class GRNRModel(nn.Module):
         backbone: str = "wide_resnet50_2.tv_in1k",
         layers: Sequence[int | str] | None = None,
         weights: str | None = "imagenet",
-        input_size: tuple[int, int] = (REFERENCE_SIZE, REFERENCE_SIZE),
+        image_size: tuple[int, int] = (REFERENCE_SIZE, REFERENCE_SIZE),
         pool_kernel: int = 3,
         num_global_priors: int = 40,
         lam: float = 5.0,
@@ -221,7 +221,7 @@ class GRNRModel(nn.Module):
         layers = resolve_layers(backbone, layers)
         self._check_args(layers, pool_kernel, num_global_priors, lam, border_cut, blur_sigma, crop, eps, distance_chunk)
         self.feature_extractor = FeatureExtractor(backbone, layers=layers, weights=weights)
-        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.image_size = (int(image_size[0]), int(image_size[1]))
         self.pool_kernel = int(pool_kernel)
         self.num_global_priors = int(num_global_priors)
         self.lam = float(lam)
@@ -229,13 +229,13 @@ class GRNRModel(nn.Module):
         self.crop = int(crop)
         self.eps = float(eps)
         self.distance_chunk = None if distance_chunk is None else int(distance_chunk)
-        self.sigma = float(blur_sigma) * min(self.input_size) / REFERENCE_SIZE
+        self.sigma = float(blur_sigma) * min(self.image_size) / REFERENCE_SIZE
         self.blur = (
             GaussianBlur2d(sigma=self.sigma, channels=1, kernel_size=_gaussian_kernel_size(self.sigma))
             if self.sigma > 0
             else None
         )
-        self.check_input_size(self.input_size)
+        self.check_image_size(self.image_size)
 
     @staticmethod
     def _check_args(
@@ -266,39 +266,39 @@ class GRNRModel(nn.Module):
             raise ValueError("; ".join(problems) + ".")
 
     # -------------------------------------------------------------------------------------------- sizes
-    def grid_sizes(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:
+    def grid_sizes(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
         """Feature-grid size of each layer for an input size (``ceil(size / stride)``, as timm's CNNs)."""
-        return [(math.ceil(input_size[0] / r), math.ceil(input_size[1] / r)) for r in self.feature_extractor.reductions]
+        return [(math.ceil(image_size[0] / r), math.ceil(image_size[1] / r)) for r in self.feature_extractor.reductions]
 
-    def cuts(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:
+    def cuts(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
         """Border band (rows, cols) per layer: the 320-px value scaled with the input size."""
         return [
-            (round(c * input_size[0] / REFERENCE_SIZE), round(c * input_size[1] / REFERENCE_SIZE))
+            (round(c * image_size[0] / REFERENCE_SIZE), round(c * image_size[1] / REFERENCE_SIZE))
             for c in self.border_cut
         ]
 
-    def crop_band(self, input_size: tuple[int, int]) -> tuple[int, int]:
+    def crop_band(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Outer band (rows, cols) outside the evaluated centre (32 px of 320 → 10 % per side)."""
         return (
-            round(self.crop * input_size[0] / REFERENCE_SIZE),
-            round(self.crop * input_size[1] / REFERENCE_SIZE),
+            round(self.crop * image_size[0] / REFERENCE_SIZE),
+            round(self.crop * image_size[1] / REFERENCE_SIZE),
         )
 
-    def check_input_size(self, input_size: tuple[int, int], grids: list[tuple[int, int]] | None = None) -> None:
+    def check_image_size(self, image_size: tuple[int, int], grids: list[tuple[int, int]] | None = None) -> None:
         """One clear error when a layer's grid is too small for reflect padding, the border cut or ``K``."""
-        grids = grids or self.grid_sizes(input_size)
-        for layer, (h, w), (ch, cw) in zip(self.feature_extractor.layers, grids, self.cuts(input_size), strict=True):
+        grids = grids or self.grid_sizes(image_size)
+        for layer, (h, w), (ch, cw) in zip(self.feature_extractor.layers, grids, self.cuts(image_size), strict=True):
             if min(h, w) < 2 or h <= 2 * ch or w <= 2 * cw or h * w <= self.num_global_priors:
                 msg = (
-                    f"Input {input_size[0]}x{input_size[1]} gives a {h}x{w} feature grid at layer {layer!r}: GRNR "
+                    f"Input {image_size[0]}x{image_size[1]} gives a {h}x{w} feature grid at layer {layer!r}: GRNR "
                     f"needs at least 2x2 cells, more than 2x the border cut ({ch}, {cw}) and more than "
                     f"num_global_priors={self.num_global_priors} cells. Use a larger image_size, fewer "
                     "num_global_priors, or earlier layers."
                 )
                 raise ValueError(msg)
-        band = self.crop_band(input_size)
-        if input_size[0] <= 2 * band[0] or input_size[1] <= 2 * band[1]:
-            msg = f"crop={self.crop} leaves nothing of a {input_size[0]}x{input_size[1]} input; lower crop."
+        band = self.crop_band(image_size)
+        if image_size[0] <= 2 * band[0] or image_size[1] <= 2 * band[1]:
+            msg = f"crop={self.crop} leaves nothing of a {image_size[0]}x{image_size[1]} input; lower crop."
             raise ValueError(msg)
 
     # -------------------------------------------------------------------------------------------- forward
@@ -340,6 +340,6 @@ class GRNRModel(nn.Module):
             raise ValueError(msg)
         features = self.feature_extractor(images)
         if not is_tracing():
-            self.check_input_size(image_size, [tuple(f.shape[-2:]) for f in features])
+            self.check_image_size(image_size, [tuple(f.shape[-2:]) for f in features])
         anomaly_map = self.anomaly_map(features, image_size)
         return InferenceBatch(pred_score=anomaly_map.amax(dim=(-3, -2, -1)), anomaly_map=anomaly_map)

@@ -288,7 +288,7 @@ class InpFormerPP(ReconModuleMixin, AnomalibModule):
         # The input size comes from the pre-processor (after its Resize/CenterCrop), as in every model; image_size and
         # crop_size only build the default one.
         input_size = self.input_size
-        self.model_input_size = (int(input_size[0]), int(input_size[1])) if input_size is not None else crop or resize
+        self.model_image_size = (int(input_size[0]), int(input_size[1])) if input_size is not None else crop or resize
         self.schedule = schedule
         self.seg_start = float(seg_start)
         self.seg_loss_weight = float(seg_loss_weight)
@@ -307,7 +307,7 @@ class InpFormerPP(ReconModuleMixin, AnomalibModule):
             backbone=backbone,
             layers=layers,
             weights=weights,
-            image_size=self.model_input_size,
+            image_size=self.model_image_size,
             num_inps=num_inps,
             decoder_depth=decoder_depth,
             num_heads=num_heads,

@@ -51,8 +51,8 @@ __all__ = [
     "InpFormerPPModel",
     "InpFormerPPTrainOutput",
     "ResidualSegHead",
-    "default_layers",
     "reduce_topk_mean",
+    "resolve_layers",
 ]
 
 REC_MAPS = ("cos", "cos_l2")
@@ -124,12 +124,15 @@ def reduce_topk_mean(amap: torch.Tensor, ratio: float = 0.01) -> torch.Tensor:
     return torch.topk(flat, k, dim=1).values.mean(dim=1)
 
 
-def default_layers(backbone: str | BackboneInfo) -> list[int]:
-    """Paper layers for ViTs (12 blocks: 2-9; 24 blocks: 4, 6, ..., 18; otherwise 8 evenly spaced middle blocks, or
-    all blocks when there are at most 8); CNNs: ``features_only`` stages ``[1, 2, 3]``.
+def resolve_layers(backbone: str | BackboneInfo, layers: Sequence[int | str] | None = None) -> list[int | str]:
+    """``layers`` as given, or the defaults: paper layers for ViTs (12 blocks: 2-9; 24 blocks: 4, 6, ..., 18;
+    otherwise 8 evenly spaced middle blocks, or all blocks when there are at most 8); CNNs: ``features_only`` stages
+    ``[1, 2, 3]``.
 
     ``backbone`` is a timm name or its :func:`~anomalib_recon.components.feature_extractor.probe_backbone` result.
     """
+    if layers is not None:
+        return list(layers)
     info = backbone if isinstance(backbone, BackboneInfo) else probe_backbone(backbone)
     if not info.is_vit:
         return [1, 2, 3]
@@ -162,7 +165,7 @@ class InpFormerPPModel(nn.Module):
 
     Args:
         backbone: timm name of the frozen encoder; paper ``vit_base_patch14_reg4_dinov2`` (DINOv2-reg ViT-B/14).
-        layers: Target layers: ViT block indices (default :func:`default_layers`), CNN ``features_only`` indices.
+        layers: Target layers: ViT block indices (default: :func:`resolve_layers`), CNN ``features_only`` indices.
         weights: ``"imagenet"`` (timm's pretrained weights, offline-aware), a local file, or ``None`` (random).
         image_size: Input size ``(H, W)`` a ViT's position embedding is built for (other sizes are resampled).
         num_inps: Number of INPs ``M`` (6).
@@ -247,7 +250,7 @@ class InpFormerPPModel(nn.Module):
             raise ValueError(msg)
         info = probe_backbone(name)  # one build on the meta device: nothing allocated or downloaded
         is_vit, vit_heads = info.is_vit, info.num_heads
-        layers = list(layers) if layers is not None else default_layers(info)
+        layers = resolve_layers(info, layers)
         vit_img = image_size[0] if is_vit and image_size[0] == image_size[1] else None
         self.encoder = FeatureExtractor(name, layers=layers, weights=weights, img_size=vit_img)
         self.is_vit = bool(self.encoder.is_vit)
@@ -272,7 +275,7 @@ class InpFormerPPModel(nn.Module):
             msg = f"num_heads ({heads}) must be >= 1 and divide the embedding width {self.embed_dim}."
             raise ValueError(msg)
         self.num_heads = int(heads)
-        self.min_input_size = 2 * max(self.stride, *(int(r) for r in self.encoder.reductions))
+        self.min_image_size = 2 * max(self.stride, *(int(r) for r in self.encoder.reductions))
         self.encoder_groups = _check_groups(
             encoder_groups if encoder_groups is not None else _halves(n_targets), n_targets, "encoder_groups"
         )
@@ -337,9 +340,9 @@ class InpFormerPPModel(nn.Module):
                 "convert grayscale images to 3 channels (anomalib's datamodules do this)."
             )
             raise ValueError(msg)
-        if not is_tracing() and min(int(images.shape[-2]), int(images.shape[-1])) < self.min_input_size:
+        if not is_tracing() and min(int(images.shape[-2]), int(images.shape[-1])) < self.min_image_size:
             msg = (
-                f"Input {tuple(images.shape[-2:])} is too small for this encoder: at least {self.min_input_size} px "
+                f"Input {tuple(images.shape[-2:])} is too small for this encoder: at least {self.min_image_size} px "
                 f"per side are needed (stride {max(self.stride, *self.encoder.reductions)}, 2 tokens per side)."
             )
             raise ValueError(msg)

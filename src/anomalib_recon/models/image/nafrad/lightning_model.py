@@ -11,7 +11,7 @@ U-Net segments the squared reconstruction residual into the anomaly map.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,9 @@ from torchvision.transforms.v2 import InterpolationMode, Normalize
 from torchvision.transforms.v2 import functional as TF
 
 from anomalib_recon.components.module import ReconModuleMixin
+from anomalib_recon.components.normal_images import collect_normal_images
 from anomalib_recon.components.preprocessing import IMAGENET_MEAN, IMAGENET_STD, as_image_size, resize_pre_processor
+from anomalib_recon.components.schedules import check_lr_schedule, multistep_lr
 
 from .loss import NAFRADLoss
 from .torch_model import NAFRADModel, resolve_backbone, rotation_range
@@ -95,7 +97,8 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
             and the input of ``S``) with a mean/std measured once on the training images when fitting starts, stored
             in the checkpoint and the exported graph. **INFERRED** (not in the reference); see the README for the
             measured effect.
-        feature_stats_max_images: At most this many training images (whole batches) are used for those statistics.
+        stats_max_images: At most this many training images (the first ones, in dataset order) are used for those
+            statistics.
         anomaly_source_path: Folder of texture images (e.g. DTD) for the synthetic anomalies; ``"skimage"`` = the
             brick, grass and gravel photographs shipped in scikit-image's wheel (offline, needs ``scikit-image``);
             ``None`` = Perlin-noise textures (nothing is downloaded).
@@ -107,7 +110,8 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
         score_kernel_size: Average-pool kernel of the image score ``max(avg_pool2d(map, k, 1, k // 2))`` (32).
         lr: Adam learning rate of ``R`` and ``S`` (1e-4).
         weight_decay: Adam weight decay (1e-8).
-        lr_milestones: MultiStepLR milestones in epochs ((400, 600) of 700 epochs).
+        lr_milestones: Epochs (or fractions of training, :mod:`~anomalib_recon.components.schedules`) at which the
+            learning rate is multiplied by ``lr_gamma``: (400, 600) of 700 epochs.
         lr_gamma: MultiStepLR factor (0.1).
         pre_processor: Pre-processor, or ``True`` for Resize(``image_size``) (+ Normalize if ``normalize_input``).
         post_processor: Post-processor or flag.
@@ -140,7 +144,7 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
         seg_base_width: int = 64,
         na_backend: str = "auto",
         standardize_features: bool = False,
-        feature_stats_max_images: int = 256,
+        stats_max_images: int = 256,
         anomaly_source_path: str | None = None,
         anomaly_probability: float = 0.5,
         rotation_probability: float = 0.3,
@@ -149,7 +153,7 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
         score_kernel_size: int = 32,
         lr: float = 1e-4,
         weight_decay: float = 1e-8,
-        lr_milestones: Sequence[int] = (400, 600),
+        lr_milestones: Sequence[float] = (400, 600),
         lr_gamma: float = 0.1,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -188,11 +192,8 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
             if len(degrees) != 2 or degrees[0] > degrees[1]:
                 msg = f"rotation_degrees must be a number or (min, max) with min <= max, got {rotation_degrees!r}."
                 raise ValueError(msg)
-        if feature_stats_max_images < 1:
-            msg = f"feature_stats_max_images must be >= 1, got {feature_stats_max_images}."
-            raise ValueError(msg)
-        if any(int(m) < 0 for m in lr_milestones):
-            msg = f"lr_milestones must be non-negative epoch numbers, got {list(lr_milestones)}."
+        if stats_max_images < 1:
+            msg = f"stats_max_images must be >= 1, got {stats_max_images}."
             raise ValueError(msg)
 
         self.normalize_input = normalize_input
@@ -202,9 +203,9 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
         self._rotation_from_table = rotation_degrees is None
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
-        self.lr_milestones = sorted(int(m) for m in lr_milestones)
+        self.lr_milestones = check_lr_schedule(lr_milestones, lr_gamma)
         self.lr_gamma = float(lr_gamma)
-        self.feature_stats_max_images = int(feature_stats_max_images)
+        self.stats_max_images = int(stats_max_images)
 
         # The input size comes from the pre-processor (its Resize); image_size only builds the default one.
         input_size = self.input_size
@@ -251,6 +252,12 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
         return resize_pre_processor(image_size, normalize=normalize_input)
 
     @property
+    def input_normalization(self) -> str:
+        """``"none"``: Resize only, [0, 1] images, as the reference (``normalize_input=True``: ``"imagenet"``); the
+        torch model flips RGB to BGR itself (``channel_order``)."""
+        return "imagenet" if self.normalize_input else "none"
+
+    @property
     def trainer_arguments(self) -> dict[str, Any]:
         """No sanity validation; epochs are left to the user (the paper trains 700)."""
         return {"num_sanity_val_steps": 0}
@@ -260,36 +267,23 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
         """One model per category, trained on normal images."""
         return LearningType.ONE_CLASS
 
-    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LRScheduler]]:
+    def configure_optimizers(self) -> dict[str, Any]:
         """Adam on ``R`` and ``S`` (lr 1e-4, weight decay 1e-8) with a per-epoch MultiStepLR."""
         params = list(self.model.reconstructor.parameters()) + list(self.model.segmentor.parameters())
         optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=self.lr_milestones, gamma=self.lr_gamma)
-        return [optimizer], [scheduler]
+        return multistep_lr(optimizer, self.lr_milestones, self.lr_gamma, self._trainer)
 
     # ------------------------------------------------------------------------------------------------ training
-    def fit_feature_statistics(self, dataloader: Iterable[Batch]) -> int:
-        """Per-channel feature mean/std from pre-processed normal training images (``standardize_features``).
+    def fit_feature_statistics(self, dataloader: Iterable[Batch] | None = None) -> int:
+        """Per-channel feature mean/std of at most ``stats_max_images`` normal images (``standardize_features``).
 
-        Uses whole batches until ``feature_stats_max_images`` images are reached; images are neither rotated nor
-        augmented. Runs once: a model restored from a checkpoint keeps its statistics.
+        ``dataloader=None``: the first training images in dataset order, under DDP from every rank's share
+        (:func:`~anomalib_recon.components.normal_images.collect_normal_images`), so every rank stores the same
+        statistics; images are neither rotated nor augmented. A given dataloader of raw normal images is used as is.
+        Runs once at fit start: a model restored from a checkpoint keeps its statistics.
         """
-
-        def images() -> Iterator[torch.Tensor]:
-            seen = 0
-            for batch in dataloader:
-                if seen >= self.feature_stats_max_images:
-                    return
-                image = batch.image.to(self.device)
-                if self.pre_processor is not None and getattr(self.pre_processor, "transform", None) is not None:
-                    image = self.pre_processor.transform(image)
-                seen += image.shape[0]
-                yield image
-
-        was_training = self.model.training
-        self.model.eval()
-        count = self.model.fit_feature_statistics(images())
-        self.model.train(was_training)
+        moments = collect_normal_images(self, self.model.feature_moments, self.stats_max_images, dataloader)
+        count = self.model.set_feature_statistics(moments)
         logger.info("NAFRAD: feature statistics measured on %d training images.", count)
         return count
 
@@ -368,7 +362,7 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
         """Measure the feature statistics (once) and warn when the pre-processor disagrees with ``normalize_input``."""
         self.follow_datamodule_category(getattr(getattr(self.trainer, "datamodule", None), "category", None))
         if not self.model.feature_statistics_fitted:
-            self.fit_feature_statistics(self.trainer.train_dataloader)
+            self.fit_feature_statistics()
         transform = getattr(self.pre_processor, "transform", None)
         has_norm = transform is not None and any(isinstance(t, Normalize) for t in getattr(transform, "transforms", []))
         if has_norm != self.normalize_input:

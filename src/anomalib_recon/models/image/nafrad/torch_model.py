@@ -73,12 +73,14 @@ def is_swin(backbone: str) -> bool:
     return backbone.split(".")[0].startswith("swin")
 
 
-def default_layers(backbone: str) -> list[int | str]:
-    """Feature layers used by the reference: stride-4 and stride-8 stages.
+def resolve_layers(backbone: str, layers: Sequence[int | str] | None = None) -> list[int | str]:
+    """``layers`` as given (``None`` or empty: the reference's stride-4 and stride-8 stages).
 
     ResNets: ``["layer1", "layer2"]``; Swin: stages ``[0, 1]`` (192@64 and 384@32 for Swin-L at 256 px); any other
     timm CNN: ``features_only`` indices ``[1, 2]`` (strides 4 and 8 for most timm CNNs).
     """
+    if layers:
+        return list(layers)
     name = backbone.split(".")[0]
     if name.startswith(("resnet", "wide_resnet", "resnext")):
         return ["layer1", "layer2"]
@@ -319,7 +321,7 @@ class NAFRADModel(nn.Module):
         backbone: timm model name (``"resnet18.tv_in1k"``, ``"swin_large_patch4_window7_224.ms_in22k_ft_in1k"``,
             ``"tf_efficientnet_lite0"``, ...) or the aliases ``"resnet18"``/``"swin_l"``. Resolve ``"auto"`` with
             :func:`resolve_backbone` first.
-        layers: Backbone layers; ``None`` = :func:`default_layers`.
+        layers: Backbone layers; ``None`` = :func:`resolve_layers`'s default.
         weights: ``"imagenet"``, a local weights file or ``None`` (random init), see
             :class:`~anomalib_recon.components.feature_extractor.FeatureExtractor`.
         image_size: Input size ``(H, W)``; needed by Swin (fixed-size position/window layout).
@@ -341,7 +343,7 @@ class NAFRADModel(nn.Module):
             them). **INFERRED** (not in the reference): Lite0 features have std ≈ 5 and made the loss spike.
 
     Raises:
-        ValueError: when ``image_size`` is not a multiple of :attr:`input_size_divisor` (the feature grid, input /
+        ValueError: when ``image_size`` is not a multiple of :attr:`image_size_divisor` (the feature grid, input /
             feature stride, is halved six times by the autoencoder and doubled six times back).
     """
 
@@ -374,7 +376,7 @@ class NAFRADModel(nn.Module):
             raise ValueError(msg)
         backbone = resolve_backbone(backbone)
         swin = is_swin(backbone)
-        layers = list(layers) if layers else default_layers(backbone)
+        layers = resolve_layers(backbone, layers)
         img_size = None
         if swin:
             size = tuple(image_size) if image_size is not None else (256, 256)
@@ -420,13 +422,13 @@ class NAFRADModel(nn.Module):
             self.register_buffer("feature_stats_count", torch.zeros((), dtype=torch.long))
 
     @property
-    def input_size_divisor(self) -> int:
+    def image_size_divisor(self) -> int:
         """Input height and width must be multiples of this (feature stride × 64)."""
         return self.feature_stride * NAAutoencoder.size_divisor
 
     def accepted_sizes(self, count: int = 3) -> str:
         """The first ``count`` accepted side lengths, e.g. ``"256, 512, 768, ..."``."""
-        div = self.input_size_divisor
+        div = self.image_size_divisor
         return ", ".join(str(div * i) for i in range(1, count + 1)) + ", ..."
 
     def check_image_size(self, image_size: tuple[int, int]) -> None:
@@ -437,7 +439,7 @@ class NAFRADModel(nn.Module):
         back at their own size: inputs must be multiples of ``feature_stride × 64`` (256 for stride-4 layers).
         """
         h, w = (int(image_size[0]), int(image_size[1]))
-        div = self.input_size_divisor
+        div = self.image_size_divisor
         if h % div or w % div:
             msg = (
                 f"NAFRAD cannot take image_size={h}x{w} (the input size after the pre-processor's Resize): with "
@@ -454,32 +456,36 @@ class NAFRADModel(nn.Module):
         return not self.standardize_features or int(self.feature_stats_count) > 0
 
     @torch.no_grad()
-    def fit_feature_statistics(self, batches: Iterable[torch.Tensor]) -> int:
-        """Measure the per-channel mean and std of the raw features ``F`` over ``batches`` of normal images.
+    def feature_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """Per image: the channel sums and sums of squares of the raw features ``F`` and their pixel count.
 
-        Returns the number of images used. Accumulates in float64 over batch, height and width.
+        Returns ``(B, 2C + 1)`` float64 rows; :meth:`set_feature_statistics` reduces the rows of all images.
         """
+        features = self.get_features(images, standardize=False).double()
+        pixels = features.new_full((features.shape[0], 1), features.shape[2] * features.shape[3])
+        return torch.cat([features.sum(dim=(2, 3)), (features**2).sum(dim=(2, 3)), pixels], dim=1)
+
+    def set_feature_statistics(self, moments: torch.Tensor) -> int:
+        """Store the per-channel mean and std of ``F`` from :meth:`feature_moments` rows; returns the image count."""
         if not self.standardize_features:
-            msg = "fit_feature_statistics needs a model built with standardize_features=True."
+            msg = "feature statistics need a model built with standardize_features=True."
             raise RuntimeError(msg)
-        total = torch.zeros(self.in_channels, dtype=torch.float64)
-        total_sq = torch.zeros_like(total)
-        pixels, images = 0, 0
-        for batch in batches:
-            features = self.get_features(batch, standardize=False).double().cpu()
-            total += features.sum(dim=(0, 2, 3))
-            total_sq += (features**2).sum(dim=(0, 2, 3))
-            pixels += features.shape[0] * features.shape[2] * features.shape[3]
-            images += features.shape[0]
-        if images == 0:
-            msg = "fit_feature_statistics got no images; the training set is empty."
+        if moments.shape[0] == 0:
+            msg = "feature statistics got no images; the training set is empty."
             raise ValueError(msg)
-        mean = total / pixels
-        std = (total_sq / pixels - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
+        total = moments.double().sum(dim=0).cpu()
+        channels = self.in_channels
+        mean = total[:channels] / total[-1]
+        std = (total[channels : 2 * channels] / total[-1] - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
         self.feature_mean.copy_(mean.view(1, -1, 1, 1).to(self.feature_mean))
         self.feature_std.copy_(std.view(1, -1, 1, 1).to(self.feature_std))
-        self.feature_stats_count.fill_(images)
-        return images
+        self.feature_stats_count.fill_(int(moments.shape[0]))
+        return int(moments.shape[0])
+
+    def fit_feature_statistics(self, batches: Iterable[torch.Tensor]) -> int:
+        """Per-channel mean and std of the raw features ``F`` over ``batches`` of pre-processed normal images."""
+        rows = [self.feature_moments(batch) for batch in batches]
+        return self.set_feature_statistics(torch.cat(rows) if rows else torch.zeros(0, 2 * self.in_channels + 1))
 
     def _check_images(self, images: torch.Tensor, name: str = "images") -> None:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
@@ -487,7 +493,7 @@ class NAFRADModel(nn.Module):
             msg = f"NAFRAD expects {name} of shape (B, 3, H, W) (RGB), got {shape}; repeat grayscale to 3 channels."
             raise ValueError(msg)
         h, w = images.shape[-2:]
-        div = self.input_size_divisor
+        div = self.image_size_divisor
         if h % div or w % div:
             msg = (
                 f"NAFRAD needs an input size that is a multiple of {div} (feature grid = input / "

@@ -122,7 +122,7 @@ class SCLVI(ReconModuleMixin, AnomalibModule):
         self.lr = float(lr)
         self.coreset_ratio = coreset_ratio
         self.model = SCLVIModel(
-            input_size=(int(input_size[0]), int(input_size[1])),
+            image_size=(int(input_size[0]), int(input_size[1])),
             feature_dim=feature_dim,
             width=width,
             scales=tuple(scales),
@@ -141,6 +141,11 @@ class SCLVI(ReconModuleMixin, AnomalibModule):
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
         """Resize to ``image_size`` (256x256) without normalisation: the model subtracts its mean training image."""
         return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE, normalize=False)
+
+    @property
+    def input_normalization(self) -> str:
+        """``"none"``: Resize only; the torch model subtracts its mean training image itself."""
+        return "none"
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
@@ -189,10 +194,10 @@ class SCLVI(ReconModuleMixin, AnomalibModule):
         """Per-pixel, per-channel mean of the training images at the input size, stored in ``model.mean_image``."""
         total, count = None, 0
         for images in self._training_images():
-            if tuple(images.shape[-2:]) != self.model.input_size:
+            if tuple(images.shape[-2:]) != self.model.image_size:
                 msg = (
                     f"training images are {images.shape[-2]}x{images.shape[-1]} after the pre-processor, but SCLVI was "
-                    f"built for {self.model.input_size}: give the pre-processor a Resize to image_size."
+                    f"built for {self.model.image_size}: give the pre-processor a Resize to image_size."
                 )
                 raise ValueError(msg)
             if not bool(torch.isfinite(images).all()):

@@ -336,7 +336,7 @@ class SCLVIModel(nn.Module):
     """SCL-VI: encoders + classifiers (training) and mean image + memory banks + affinity-kNN maps (inference).
 
     Args:
-        input_size: Model input size (H, W) after the pre-processor's Resize; the mean image and grids use it.
+        image_size: Model input size (H, W) after the pre-processor's Resize; the mean image and grids use it.
         feature_dim: Embedding size D (64).
         width: Hidden-width multiplier of the DeepEncoder (1.0 = paper; **INFERRED**, for CPU budgets).
         scales: Patch sizes used in training and scoring, a subset of ``(64, 32)`` (both = paper).
@@ -351,7 +351,7 @@ class SCLVIModel(nn.Module):
 
     def __init__(
         self,
-        input_size: tuple[int, int] = (256, 256),
+        image_size: tuple[int, int] = (256, 256),
         feature_dim: int = 64,
         width: float = 1.0,
         scales: Sequence[int] = PAPER_SCALES,
@@ -377,8 +377,8 @@ class SCLVIModel(nn.Module):
             )
             raise ValueError(msg)
         self.scales = scales
-        self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.strides = resolve_strides(self.input_size, scales, strides)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.strides = resolve_strides(self.image_size, scales, strides)
         self.feature_dim = int(feature_dim)
         self.k = int(k)
         self.pair_batch_size = int(pair_batch_size)
@@ -391,7 +391,7 @@ class SCLVIModel(nn.Module):
         self.enc = HierEncoder(deep, feature_dim)  # enc.enc = the DeepEncoder (K = 32)
         self.classifiers = nn.ModuleDict({str(s): PositionClassifier(feature_dim) for s in scales})
         self.register_buffer("pair_table", pair_table(), persistent=False)
-        self.register_buffer("mean_image", torch.zeros(1, 3, *self.input_size))
+        self.register_buffer("mean_image", torch.zeros(1, 3, *self.image_size))
         self.register_buffer("mean_ready", torch.tensor(False))
         # training steps taken, and the step count the banks were built at (stale banks are rebuilt)
         self.register_buffer("trained_steps", torch.tensor(0, dtype=torch.long))
@@ -526,9 +526,9 @@ class SCLVIModel(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             msg = f"SCLVI expects an RGB batch (B, 3, H, W), got shape {tuple(images.shape)}."
             raise ValueError(msg)
-        if tuple(images.shape[-2:]) != self.input_size:
+        if tuple(images.shape[-2:]) != self.image_size:
             msg = (
-                f"SCLVI was built for {self.input_size[0]}x{self.input_size[1]} inputs (its mean image and memory-bank "
+                f"SCLVI was built for {self.image_size[0]}x{self.image_size[1]} inputs (its mean image and memory-bank "
                 f"grids), got {images.shape[-2]}x{images.shape[-1]}: resize to image_size first (the default "
                 "pre-processor does)."
             )
