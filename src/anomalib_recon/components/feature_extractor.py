@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import nn
 
-from .weights import resolve_pretrained
+from .weights import features_key_map, load_weights_strict, resolve_pretrained, weights_load_errors
 
 
 def _is_vit(model: nn.Module) -> bool:
@@ -108,7 +108,9 @@ class FeatureExtractor(nn.Module):
             self.is_vit = True
             self.block_idx = [self._block_index(layer, info.depth) for layer in self.layers]
             kwargs = {"dynamic_img_size": True, **({"img_size": img_size} if img_size else {})}
-            self.model = timm.create_model(name, **resolve_pretrained(name, weights), **kwargs)
+            pretrained = resolve_pretrained(name, weights)
+            with weights_load_errors(pretrained.get("pretrained_cfg_overlay", {}).get("file"), name):
+                self.model = timm.create_model(name, **pretrained, **kwargs)
             self.patch_size = self.model.patch_embed.patch_size[0]
             self.num_prefix_tokens = getattr(self.model, "num_prefix_tokens", 1)
             self.out_dims = [self.model.embed_dim] * len(self.layers)
@@ -134,17 +136,32 @@ class FeatureExtractor(nn.Module):
             else:
                 msg = f"Layer '{layer}' not found in '{name}'. Available feature layers: {names}."
                 raise ValueError(msg)
-        self.model = timm.create_model(
-            name,
-            features_only=True,
-            exportable=True,
-            out_indices=indices,
-            **({"img_size": img_size} if img_size and "swin" in name else {}),
-            **resolve_pretrained(name, weights),
-        )
+        self.model = self._build_features(name, weights, indices, img_size)
         self._channels_last = str(getattr(self.model, "output_fmt", "NCHW")).upper().endswith("NHWC")
         self.out_dims = list(self.model.feature_info.channels())
         self.reductions = list(self.model.feature_info.reduction())
+
+    @staticmethod
+    def _build_features(
+        name: str, weights: str | os.PathLike | None, indices: list[int], img_size: int | None
+    ) -> nn.Module:
+        """A CNN ``features_only`` model; weights from a file are loaded strictly where that is exact.
+
+        timm loads a file into a features model non-strictly (a partial file builds silently, the dropped head is
+        reported as unexpected keys). Where :func:`~.weights.features_key_map` can trace every tensor to the file's
+        names (families without a timm checkpoint filter), the model is built without weights and exactly its
+        tensors are loaded; elsewhere timm loads them as before.
+        """
+        kwargs = {"exportable": True, **({"img_size": img_size} if img_size and "swin" in name else {})}
+        pretrained = resolve_pretrained(name, weights)
+        file = pretrained.get("pretrained_cfg_overlay", {}).get("file")
+        key_map = features_key_map(name, indices, **kwargs) if file is not None else None
+        if file is not None and key_map is not None:
+            model = timm.create_model(name, pretrained=False, features_only=True, out_indices=indices, **kwargs)
+            load_weights_strict(model, file, name, key_map)
+            return model
+        with weights_load_errors(file, name):
+            return timm.create_model(name, features_only=True, out_indices=indices, **kwargs, **pretrained)
 
     @staticmethod
     def _block_index(layer: int | str, depth: int) -> int:

