@@ -7,7 +7,9 @@ from torch.nn import functional as F
 from anomalib_recon.components.aggregation import FeatureAggregator
 from anomalib_recon.components.anomaly_map import (
     AnomalyMapGenerator,
+    check_blur_fits,
     distance_map,
+    make_blur,
     reduce_max,
     reduce_max_avgpool,
     reduce_std,
@@ -196,3 +198,32 @@ def test_image_score_is_the_box_filter_max_at_float64_accuracy():
     exact = torch.nn.functional.avg_pool2d(near_half.double(), 32, 1, 16).flatten(1).amax(1)
     error = (reduce_max_avgpool(near_half, 32, padding=16).double() - exact).abs().max()
     assert error < 2.5e-7, error
+
+
+def test_check_blur_fits_names_the_model_arguments_and_the_smallest_size():
+    """AGPNet/AMINet at 16 px used to be told to 'set a smaller blur_kernel or a larger out_size' (neither exists)."""
+    with pytest.raises(ValueError) as info:
+        check_blur_fits(4.0, None, 16, "AGPNet")  # 33x33 kernel: reflect padding needs at least 17 px
+    message = str(info.value)
+    assert message.startswith("AGPNet: blur_sigma=4 ")
+    assert "image_size=16" in message and "at least 17x17" in message and "blur_sigma < 3.875" in message
+    assert "out_size" not in message and "blur_kernel" not in message and "blur_sigma=None" in message
+    check_blur_fits(4.0, None, 17, "AGPNet")  # the smallest size that works
+    check_blur_fits(3.87, None, 16, "AGPNet")  # and a sigma just below the bound fits 16 px
+    make_blur(3.87)(torch.rand(1, 1, 16, 16))  # which the blur itself confirms
+    check_blur_fits(None, None, 2, "AGPNet")  # no blur: nothing to check
+    check_blur_fits(0, None, 2, "AGPNet")
+    with pytest.raises(ValueError, match=r"\(image_size=\(16, 40\)\).*at least 17x17") as info:
+        check_blur_fits(4.0, None, (16, 40), "AMINet", allow_off=False)
+    assert "blur_sigma=None" not in str(info.value)
+    with pytest.raises(ValueError, match=r"5x5 .*at least 3x3.*a smaller blur_kernel"):  # explicit kernel
+        check_blur_fits(4.0, 5, 2, "INPFormerPP")
+
+
+def test_blur_on_a_too_small_map_speaks_model_vocabulary():
+    t, r = torch.randn(1, 4, 6, 6), torch.randn(1, 4, 6, 6)
+    with pytest.raises(ValueError) as info:
+        AnomalyMapGenerator(distance="cos", out_size=16, blur_sigma=4.0)([t], [r])
+    message = str(info.value)
+    assert "blur_sigma=4" in message and "16x16" in message and "image_size of at least 17x17" in message
+    assert "out_size" not in message and "blur_kernel" not in message

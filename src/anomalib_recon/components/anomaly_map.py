@@ -52,6 +52,11 @@ def distance_map(target: torch.Tensor, recon: torch.Tensor, distance: str = "cos
     return l2sq * (1 - F.cosine_similarity(target, recon, dim=1, eps=eps)).unsqueeze(1)
 
 
+def blur_kernel_size(sigma: float, kernel_size: int | None = None) -> int:
+    """Side of the Gaussian kernel :func:`make_blur` builds: ``kernel_size``, or ``2·int(4σ + 0.5) + 1`` if unset."""
+    return int(kernel_size) if kernel_size is not None else 2 * int(4.0 * float(sigma) + 0.5) + 1
+
+
 def make_blur(sigma: float, kernel_size: int | None = None) -> nn.Module:
     """anomalib ``GaussianBlur2d`` for a one-channel map; kernel ``2·int(4σ + 0.5) + 1`` (scipy truncate=4) if unset."""
     from anomalib.models.components.filters import GaussianBlur2d  # heavy package import, deferred
@@ -62,17 +67,89 @@ def make_blur(sigma: float, kernel_size: int | None = None) -> nn.Module:
     if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
         msg = f"blur kernel size must be a positive odd int, got {kernel_size}."
         raise ValueError(msg)
-    return GaussianBlur2d(sigma=float(sigma), channels=1, kernel_size=kernel_size)
+    module = GaussianBlur2d(sigma=float(sigma), channels=1, kernel_size=kernel_size)
+    module.recon_blur_sigma = float(sigma)  # for the message of a map too small for the kernel
+    module.recon_blur_kernel = kernel_size
+    return module
+
+
+def _blur_too_large(
+    sigma: float | None,
+    kernel: int,
+    kernel_given: bool,
+    map_hw: tuple[int, int],
+    owner: str,
+    map_what: str,
+    allow_off: bool,
+) -> str:
+    """The message for a map too small for the blur's reflect padding, in the arguments models take.
+
+    ``map_what`` follows the map's size in the message (e.g. ``" (image_size=16)"``); ``allow_off`` adds the
+    ``blur_sigma=None`` way out (for models whose blur can be switched off).
+    """
+    pad = kernel // 2
+    sigma_text = f"blur_sigma={sigma:g}" if sigma is not None else "the blur"
+    # a kernel that follows sigma fits when int(4σ + 0.5) < min side, i.e. σ < (min side - 0.5) / 4
+    smaller = "a smaller blur_kernel" if kernel_given else f"blur_sigma < {(min(map_hw) - 0.5) / 4:g}"
+    prefix = f"{owner}: " if owner else ""
+    off = " (or blur_sigma=None for no blur)" if allow_off else ""
+    return (
+        f"{prefix}{sigma_text} blurs the anomaly map with a {kernel}x{kernel} Gaussian kernel, whose reflect "
+        f"padding needs a map of at least {pad + 1}x{pad + 1} px, but the anomaly map is {map_hw[0]}x{map_hw[1]}"
+        f"{map_what}. Use an image_size of at least {pad + 1}x{pad + 1} or {smaller}{off}."
+    )
+
+
+def check_blur_fits(
+    blur_sigma: float | None,
+    blur_kernel: int | None,
+    map_size: int | Sequence[int],
+    owner: str = "",
+    *,
+    allow_off: bool = True,
+) -> None:
+    """Raise, at a model's construction, when its Gaussian blur cannot run on a map of ``map_size``.
+
+    The blur pads by reflection, which needs ``min(H, W) > kernel // 2``; without this check the first forward
+    fails with a message about padding. Models call it with their own ``blur_sigma`` (``None``/0 = no blur: nothing
+    to check), ``blur_kernel`` (``None`` = ``2·int(4σ + 0.5) + 1``) and the size of the map they blur (their
+    ``image_size`` when the map is upsampled to the input).
+
+    Args:
+        blur_sigma: The model's ``blur_sigma``; ``None`` or 0 = no blur.
+        blur_kernel: The model's kernel size, or ``None`` when it follows ``blur_sigma``.
+        map_size: ``(H, W)`` (or one int) of the map the blur runs on.
+        owner: Model name put at the start of the message, e.g. ``"AGPNet"``.
+        allow_off: Also suggest ``blur_sigma=None`` (pass ``False`` for a model whose blur cannot be turned off).
+
+    Raises:
+        ValueError: One message naming ``blur_sigma``, ``image_size`` and the smallest ``image_size`` that works.
+    """
+    if not blur_sigma:
+        return
+    map_hw = as_image_size(map_size)
+    kernel = blur_kernel_size(blur_sigma, blur_kernel)
+    if min(map_hw) <= kernel // 2:
+        raise ValueError(
+            _blur_too_large(
+                float(blur_sigma),
+                kernel,
+                blur_kernel is not None,
+                map_hw,
+                owner,
+                f" (image_size={map_size})",
+                allow_off,
+            )
+        )
 
 
 def _apply_blur(blur: nn.Module, amap: torch.Tensor) -> torch.Tensor:
-    pad = max(blur.height, blur.width) // 2
-    if min(amap.shape[-2:]) <= pad:
-        msg = (
-            f"Gaussian kernel {blur.height}x{blur.width} needs a map larger than {pad} pixels for reflect padding, "
-            f"got {tuple(amap.shape[-2:])}; set a smaller blur_kernel or a larger out_size."
-        )
-        raise ValueError(msg)
+    kernel = max(blur.height, blur.width)
+    map_hw = (int(amap.shape[-2]), int(amap.shape[-1]))
+    if min(map_hw) <= kernel // 2:
+        sigma = getattr(blur, "recon_blur_sigma", None)
+        kernel_given = getattr(blur, "recon_blur_kernel", None) is not None
+        raise ValueError(_blur_too_large(sigma, kernel, kernel_given, map_hw, "", "", allow_off=False))
     return blur(amap)
 
 
