@@ -15,24 +15,17 @@ Importing this package costs nothing beyond ``anomalib.data`` (no dataset packag
 
 from anomalib_recon.data.elpv import ELPV, ELPVDataset, default_elpv_root, make_elpv_dataset
 from anomalib_recon.data.magnetic_tile import MAGNETIC_TILE_DEFECTS, MAGNETIC_TILE_ENV, MagneticTile
-from anomalib_recon.data.multi_category import (
-    MultiCategory,
-    MultiCategoryDataset,
-    PerCategoryMetrics,
-    default_test_metrics,
-    mvtec_style_folder,
-    per_category_metrics,
-)
+from anomalib_recon.data.multi_category import MultiCategory, MultiCategoryDataset, mvtec_style_folder
 from anomalib_recon.data.mvtec import MVTec
+from anomalib_recon.data.per_category import PerCategoryMetrics, default_test_metrics, per_category_metrics
+from anomalib_recon.data.reading import PredictDataset, read_image
 from anomalib_recon.data.validation import (
     DatasetError,
     DatasetNotFoundError,
-    PredictDataset,
     check_image_files,
     check_mask_folders,
     check_masks,
     check_synthetic_val_split,
-    read_image,
 )
 
 __all__ = [

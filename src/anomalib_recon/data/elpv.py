@@ -24,8 +24,8 @@ from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Transform
 
+from anomalib_recon.data.reading import CheckedImageDatasetMixin
 from anomalib_recon.data.validation import (
-    CheckedImageDatasetMixin,
     DatasetError,
     DatasetNotFoundError,
     check_image_files,

@@ -20,8 +20,8 @@ from anomalib.data.datasets.image.folder import FolderDataset
 from anomalib.data.utils import Split, TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Transform
 
+from anomalib_recon.data.reading import CheckedImageDatasetMixin
 from anomalib_recon.data.validation import (
-    CheckedImageDatasetMixin,
     DatasetError,
     check_image_files,
     check_mask_folders,

@@ -1,4 +1,4 @@
-"""Early, readable errors for bad datasets, and an image reader that handles 16-bit images.
+"""Early, readable errors for bad datasets: the checks the datamodules run before any training step.
 
 anomalib reports a missing folder or a corrupt file late (inside a dataloader worker, after training) or not at
 all (a split with zero images, a mask stretched to a differently sized image, a 16-bit image read as all white).
@@ -11,10 +11,11 @@ message that names the file(s) and says what to do, before any training step:
   by sorted position, which fails deep in pandas/NumPy when one is missing).
 * :func:`check_masks`: every (image, mask) pair of a segmentation split has the same size (anomalib would
   silently resize the mask to the image).
+* :func:`check_synthetic_val_split`: anomalib's synthetic validation split cannot read 16-bit training images.
 
-:func:`read_image` is anomalib's ``read_image`` plus 16-bit grayscale (see its docstring for the scaling);
-:class:`CheckedImageDatasetMixin` loads items with it, and :class:`PredictDataset` is anomalib's
-``PredictDataset`` with it.
+Reading the images (16-bit grayscale included) is :mod:`anomalib_recon.data.reading`; the image modes and read
+errors it shares with these checks are defined here (:data:`WIDE_MODES`, :data:`REFUSED_MODES`,
+:data:`READ_ERRORS`).
 """
 
 from __future__ import annotations
@@ -23,42 +24,30 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import pandas as pd
-import torch
 from anomalib import TaskType
-from anomalib.data import PredictDataset as AnomalibPredictDataset
-from anomalib.data.dataclasses import DatasetItem, ImageItem
-from anomalib.data.datasets.base.image import AnomalibDataset
-from anomalib.data.utils import LabelName, read_mask
+from anomalib.data.utils import LabelName
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.transforms.v2 import Transform
-from torchvision.transforms.v2.functional import to_dtype, to_image
-from torchvision.tv_tensors import Image as ImageTensor
-from torchvision.tv_tensors import Mask
 
 __all__ = [
-    "CheckedImageDatasetMixin",
     "DatasetError",
     "DatasetNotFoundError",
-    "PredictDataset",
     "check_image_files",
     "check_mask_folders",
     "check_masks",
     "check_synthetic_val_split",
-    "read_image",
     "require_dir",
 ]
 
-# Pillow modes of 16-bit grayscale files (PNG, TIFF, PGM). ``"I"`` (32-bit integer) is what some Pillow
-# versions and TIFF readers return for them; its values are checked to be in 0..65535 when read.
 WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
-# Modes without a defined value range: refused with a message instead of being clipped to white.
-_REFUSED_MODES = frozenset({"F"})
-_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-_JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
-_REPLACE = "Replace the file with a valid image or delete it."
+"""Pillow modes of 16-bit grayscale files (PNG, TIFF, PGM). ``"I"`` (32-bit integer) is what some Pillow versions
+and TIFF readers return for them; its values are checked to be in 0..65535 when read."""
+REFUSED_MODES = frozenset({"F"})
+"""Modes without a defined value range: refused with a message instead of being clipped to white."""
+READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+"""What Pillow raises for an unreadable, truncated or corrupt file."""
+REPLACE_HINT = "Replace the file with a valid image or delete it."
 
 
 class DatasetError(ValueError):
@@ -85,68 +74,14 @@ def require_dir(path: str | Path, what: str, hint: str = "") -> Path:
     return path
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Reading images
-# --------------------------------------------------------------------------------------------------------------
-def _refused_mode_error(path: str | Path, mode: str) -> DatasetError:
+def refused_mode_error(path: str | Path, mode: str) -> DatasetError:
+    """A :class:`DatasetError` for a floating-point image (``F`` mode), which has no defined value range."""
     return DatasetError(
         f"{str(path)!r} is a {mode!r}-mode (floating-point) image, which has no defined value range. "
         "Save it as an 8-bit or 16-bit PNG (values scaled to the full range) and retry."
     )
 
 
-def _wide_to_unit(array: np.ndarray, path: str | Path) -> np.ndarray:
-    """16-bit grayscale values to float32 in [0, 1], by the 16-bit range (value / 65535)."""
-    if not (array.dtype.kind == "u" and array.dtype.itemsize == 2):
-        low, high = int(array.min(initial=0)), int(array.max(initial=0))
-        if low < 0 or high > 65535:
-            msg = (
-                f"{str(path)!r} is a 32-bit integer image with values {low}..{high}, outside the 16-bit range "
-                "0..65535 that can be read. Save it as an 8-bit or 16-bit PNG and retry."
-            )
-            raise DatasetError(msg)
-    return array.astype(np.float32) / np.float32(65535.0)
-
-
-def read_image(path: str | Path, as_tensor: bool = False) -> torch.Tensor | np.ndarray:
-    """Read an image as RGB in [0, 1], like anomalib's ``read_image``, but read 16-bit grayscale correctly.
-
-    anomalib's ``read_image`` calls ``PIL.Image.convert("RGB")``, which clips 16-bit grayscale values (Pillow
-    modes ``I;16*``/``I``) at 255: every pixel above 255/65535 becomes white, so a 16-bit image is read as
-    (almost) all white, silently. Here such images are scaled by the **16-bit range** (``value / 65535``, the
-    same as ``value / 257`` in 8-bit units) and kept in float32 (no rounding to 8 bits), then replicated to 3
-    channels. **INFERRED** choice, not the image's own maximum: a fixed scale keeps intensities comparable
-    between images (a per-image stretch would make a uniformly brighter defective part look like a normal
-    one, and would amplify the noise of dark images); an 8-bit image and its 16-bit copy (``v * 257``) give the
-    same tensor. Consequence: 12-bit data stored in 16-bit files (max 4095) reads as dark (max 0.0625);
-    normalise such data to the full 16-bit range before training, or rely on the model's normalisation.
-
-    Every other mode (8-bit grayscale, palette, RGB, RGBA, 16-bit RGB which Pillow reduces to 8 bits, ...) is
-    read exactly as anomalib reads it. Floating-point images (mode ``F``) are refused with a ``DatasetError``.
-
-    Args:
-        path: Image file.
-        as_tensor: Return a ``torchvision.tv_tensors.Image`` (3, H, W) float32 (as anomalib), else an (H, W, 3)
-            float64 NumPy array.
-
-    Raises:
-        DatasetError: Floating-point image, or a 32-bit integer image with values outside 0..65535.
-    """
-    with Image.open(path) as image:
-        if image.mode in _REFUSED_MODES:
-            raise _refused_mode_error(path, image.mode)
-        if image.mode not in WIDE_MODES:
-            rgb = image.convert("RGB")
-            return to_dtype(to_image(rgb), torch.float32, scale=True) if as_tensor else np.array(rgb) / 255.0
-        gray = _wide_to_unit(np.asarray(image), path)
-    if as_tensor:
-        return ImageTensor(torch.from_numpy(gray).unsqueeze(0).repeat(3, 1, 1))
-    return np.repeat(gray[..., None], 3, axis=2).astype(np.float64)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Checks run at setup
-# --------------------------------------------------------------------------------------------------------------
 def _jpeg_complete(path: Path) -> bool:
     """True if the file ends with a JPEG end-of-image marker (``FFD9``) in its last 64 bytes.
 
@@ -183,7 +118,8 @@ def check_image_files(
     cold disk the first time costs 2-7 s more whichever mode is used (anomalib reads the files again later).
     Hence the default ``"auto"``: it catches truncated files at a small fraction of a full decode.
 
-    Also refuses floating-point images (``F`` mode), which :func:`read_image` cannot scale.
+    Also refuses floating-point images (``F`` mode), which
+    :func:`~anomalib_recon.data.reading.read_image` cannot scale.
 
     Args:
         paths: Image (and mask) files.
@@ -215,14 +151,14 @@ def check_image_files(
                     image.verify()
                 elif not _jpeg_complete(path):
                     image.load()
-        except _READ_ERRORS as error:
+        except READ_ERRORS as error:
             msg = (
                 f"{what}: {str(path)!r} is not a readable image, truncated or corrupt ({type(error).__name__}: "
-                f"{error}). {_REPLACE}"
+                f"{error}). {REPLACE_HINT}"
             )
             raise DatasetError(msg) from error
-        if mode in _REFUSED_MODES:
-            raise DatasetError(f"{what}: {_refused_mode_error(path, mode)}")
+        if mode in REFUSED_MODES:
+            raise DatasetError(f"{what}: {refused_mode_error(path, mode)}")
         sizes[str(path)] = size
     return sizes
 
@@ -349,93 +285,3 @@ def check_synthetic_val_split(val_split_mode: str, train_paths: Iterable[str | P
                     "'from_test', or convert the images to 8 bits."
                 )
                 raise DatasetError(msg)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Datasets
-# --------------------------------------------------------------------------------------------------------------
-def _wrap_read_error(paths: Sequence[str], error: Exception, where: str) -> DatasetError:
-    return DatasetError(f"Could not read {where} ({' / '.join(paths)}): {type(error).__name__}: {error}. {_REPLACE}")
-
-
-class CheckedImageDatasetMixin:
-    """Mixin for an ``AnomalibDataset``: 16-bit images read correctly, unreadable files named in the error.
-
-    Put it first in the bases, e.g. ``class MyDataset(CheckedImageDatasetMixin, FolderDataset)``.
-
-    ``__getitem__`` is anomalib 2.7's ``AnomalibDataset.__getitem__`` (same item, same augmentation calls) with
-    the image read by :func:`read_image` instead of anomalib's, which reads 16-bit images as white; the tests
-    compare both on 8-bit data.
-    """
-
-    def __getitem__(self, index: int) -> DatasetItem:
-        """Load item ``index``; wrap decoding errors with the offending path."""
-        assert isinstance(self, AnomalibDataset)
-        row = self.samples.iloc[index]
-        image_path, label_index = row.image_path, row.label_index
-        mask_path = getattr(row, "mask_path", "")
-        try:
-            image = read_image(image_path, as_tensor=True)
-            gt_mask = None
-            if self.task == TaskType.SEGMENTATION:
-                if label_index == LabelName.NORMAL:
-                    gt_mask = Mask(torch.zeros(image.shape[-2:])).to(torch.uint8)
-                elif label_index == LabelName.ABNORMAL:
-                    gt_mask = read_mask(mask_path, as_tensor=True)
-        except DatasetError:
-            raise
-        except _READ_ERRORS as error:
-            paths = [str(image_path)] + ([mask_path] if isinstance(mask_path, str) and mask_path else [])
-            raise _wrap_read_error(paths, error, f"sample {index}") from error
-
-        if self.augmentations:
-            if self.task == TaskType.CLASSIFICATION:
-                image = self.augmentations(image)
-            elif self.task == TaskType.SEGMENTATION:
-                temp_mask = gt_mask if gt_mask is not None else Mask(torch.zeros(image.shape[-2:])).to(torch.uint8)
-                image, augmented_mask = self.augmentations(image, temp_mask)
-                if gt_mask is not None:
-                    gt_mask = augmented_mask
-        gt_label = None if label_index == LabelName.UNKNOWN else torch.tensor(label_index)
-        return ImageItem(image=image, gt_mask=gt_mask, gt_label=gt_label, image_path=image_path, mask_path=mask_path)
-
-
-class PredictDataset(AnomalibPredictDataset):
-    """anomalib's ``PredictDataset`` with :func:`read_image` (16-bit images read correctly) and checked files.
-
-    ``anomalib predict --data <folder>`` builds anomalib's own ``PredictDataset``, which reads 16-bit images as
-    white. Use this class instead, from Python (``engine.predict(model, dataset=PredictDataset(folder))``) or
-    from the CLI: ``anomalib predict --model ... --ckpt_path ... --data anomalib_recon.data.PredictDataset
-    --data.path <folder>``. Every file is checked at construction (:func:`check_image_files`), so a corrupt
-    or truncated image fails before the first batch, with its name.
-
-    Args:
-        path: An image or a folder of images.
-        transform: Transform applied to each image.
-        image_size: Unused by anomalib 2.7's ``PredictDataset`` (kept for the same signature).
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        transform: Transform | None = None,
-        image_size: int | tuple[int, int] = (256, 256),
-    ) -> None:
-        if not Path(path).exists():
-            msg = f"Predict path {str(path)!r} does not exist. Pass an image file or a folder of images."
-            raise DatasetNotFoundError(msg)
-        super().__init__(path=path, transform=transform, image_size=image_size)
-        check_image_files(self.image_filenames, what="PredictDataset")
-
-    def __getitem__(self, index: int) -> ImageItem:
-        """Read image ``index`` with :func:`read_image` and apply the transform."""
-        image_filename = self.image_filenames[index]
-        try:
-            image = read_image(image_filename, as_tensor=True)
-        except DatasetError:
-            raise
-        except _READ_ERRORS as error:
-            raise _wrap_read_error([str(image_filename)], error, f"image {index}") from error
-        if self.transform:
-            image = self.transform(image)
-        return ImageItem(image=image, image_path=str(image_filename))
