@@ -241,6 +241,9 @@ def test_weights_of_another_architecture_are_one_clear_error(tmp_path):
     # a family timm converts (ConvNeXt): its filter's KeyError on a foreign file is named too
     with pytest.raises(weights_mod.WeightsFileError, match=r"resnet18\.pth.*convnext_atto"):
         FeatureExtractor("convnext_atto", layers=[1], weights=str(path))
+    # but an error that does not come from loading the file is not blamed on it
+    with pytest.raises(KeyError, match="not from loading"), weights_mod.weights_load_errors(path, "convnext_atto"):
+        raise KeyError("not from loading")
 
 
 def test_full_weights_file_gives_the_imagenet_features_and_ignores_the_head(tmp_path, offline):

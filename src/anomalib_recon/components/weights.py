@@ -406,19 +406,29 @@ def _shape(text: str) -> str:
     return str(tuple(int(v) for v in found[1].split(",") if v.strip())) if found else text
 
 
+def _raised_while_loading(error: BaseException) -> bool:
+    """Whether ``error`` came out of timm's ``load_pretrained`` (not from building the model itself)."""
+    trace = error.__traceback__
+    while trace is not None:
+        if trace.tb_frame.f_code.co_name == "load_pretrained":
+            return True
+        trace = trace.tb_next
+    return False
+
+
 @contextmanager
 def weights_load_errors(path: str | os.PathLike | None, model_name: str) -> Iterator[None]:
     """Turn an error raised while timm loads the file ``path`` into one :class:`WeightsFileError` naming it.
 
     Used where timm loads a file itself (ViTs, families with a checkpoint filter). torch's ``load_state_dict`` dump
     becomes the message of :func:`load_weights_strict` (missing keys, other shapes); a checkpoint filter failing on a
-    foreign file (a ``KeyError`` deep in timm) becomes a message that names the file. ``path=None`` (weights from
-    the hub, or none): errors pass unchanged.
+    foreign file (a ``KeyError`` deep in timm) becomes a message that names the file. Errors raised outside timm's
+    ``load_pretrained`` (building the model), and any error when ``path`` is ``None`` (hub weights), pass unchanged.
     """
     try:
         yield
     except (RuntimeError, KeyError, ValueError, IndexError) as error:
-        if path is None or isinstance(error, WeightsFileError):
+        if path is None or isinstance(error, WeightsFileError) or not _raised_while_loading(error):
             raise
         text = str(error)
         missing: list[str] = []
