@@ -288,6 +288,39 @@ def test_forcing_a_backend(monkeypatch):
     assert na_mod._resolve_backend("auto", q, None, True) == "pure"
 
 
+@pytest.mark.parametrize(
+    ("compiling", "exporting", "jit_tracing", "onnx", "expected"),
+    [
+        (False, False, False, False, False),  # eager
+        (True, False, False, False, False),  # plain torch.compile keeps natten/flex
+        (True, True, False, False, True),  # torch.export (dynamo: compiling and exporting)
+        (False, False, True, False, True),  # TorchScript tracing
+        (False, False, False, True, True),  # ONNX export
+    ],
+)
+def test_export_detection_follows_the_shared_is_tracing(monkeypatch, compiling, exporting, jit_tracing, onnx, expected):
+    """The module asks the package's one ``is_tracing`` whether a graph is captured; plain compiling is not export.
+    While exporting, "auto" runs the pure backend in its branch-free gather form, and nothing is cached."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: exporting)
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: jit_tracing)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: onnx)
+    from anomalib_recon.components.tracing import is_tracing
+
+    assert is_tracing() == any((compiling, exporting, jit_tracing, onnx))
+    assert na_mod._exporting() == expected
+    forms = []
+    original = na_mod._pure_blocked
+    monkeypatch.setattr(na_mod, "_pure_blocked", lambda *a: forms.append("blocked") or original(*a))
+    na_mod._reset_caches()
+    q, k, v = _qkv((1, 2, 20, 17, 4))
+    assert na_mod._resolve_backend("auto", q, None, False) == "pure"  # CPU: pure either way
+    out = na_mod._pure(q, k, v, 7, 1, None, 0.5, 0.0)
+    assert forms == ([] if expected else ["blocked"])  # exporting: the gather form, eager: the blocked form
+    assert (out - na_mod._pure(q, k, v, 7, 1, None, 0.5, 0.0, form="gather")).abs().max() < 1e-12
+    assert (len(na_mod._neighborhood_cache) == 0) == is_tracing()  # no cache entries made while tracing
+
+
 @pytest.mark.skipif(not na_mod._flex_available(), reason="torch has no flex_attention")
 def test_auto_falls_back_when_natten_refuses(monkeypatch):
     """Under "auto", a natten failure (e.g. no kernel for this head_dim) warns once and uses flex."""

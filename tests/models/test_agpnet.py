@@ -704,6 +704,35 @@ def test_clear_errors_on_bad_input(tiny_model):
     tiny_model.train()
 
 
+def test_an_image_size_too_small_for_the_blur_fails_at_construction():
+    """At 16 px the 33×33 blur (σ = 4) cannot run on the 16×16 map: one error when the model is built, naming
+    blur_sigma, image_size and the smallest size (17), not a padding error at the first forward."""
+    lite0 = {"backbone": "tf_efficientnet_lite0", "weights": None, "decoder_embed_dim": 32, "decoder_num_heads": 2}
+    with pytest.raises(ValueError, match=r"AGPNet: blur_sigma=4 .* image_size of at least 17x17") as error:
+        AGPNet(**lite0, image_size=16, evaluator=False, visualizer=False)
+    assert "blur_kernel" not in str(error.value) and "out_size" not in str(error.value)  # arguments AGPNet lacks
+    model = AGPNet(**lite0, image_size=16, blur_sigma=None, evaluator=False, visualizer=False).eval()
+    with torch.no_grad():  # without the blur 16 px runs (a 1×1 token grid)
+        assert model.model(torch.rand(1, 3, 16, 16)).anomaly_map.shape == (1, 1, 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lr": -1.0}, r"AGPNet: lr must be > 0 .*got -1.0"),
+        ({"lr": float("nan")}, r"lr must be > 0"),
+        ({"weight_decay": -1e-4}, r"AGPNet: weight_decay must be >= 0"),
+        ({"betas": (0.9, 1.0)}, r"AGPNet: betas must be two values in \[0, 1\)"),
+        ({"lr_gamma": 2.0}, r"lr_gamma must be in \(0, 1\]"),
+        ({"ema_decay": 1.5}, r"decay"),
+    ],
+)
+def test_bad_training_settings_fail_at_construction(kwargs, match):
+    """Settings AdamW or the EMA would refuse at fit are refused when the model is built, naming the argument."""
+    with pytest.raises(ValueError, match=match):
+        _module(**kwargs)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("training", [False, True])
 def test_nan_or_inf_input_is_one_clear_error(tiny_model, bad, training):

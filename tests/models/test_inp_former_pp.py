@@ -383,6 +383,26 @@ def test_clear_errors_on_bad_input(tiny):
         _module().configure_optimizers()
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lr": -1.0}, r"InpFormerPP: lr must be > 0 .*got -1.0"),
+        ({"lr": float("nan")}, r"lr must be > 0"),
+        ({"final_lr": -1e-4}, r"InpFormerPP: final_lr must be >= 0"),
+        ({"warmup_iters": -1}, r"InpFormerPP: warmup_iters must be >= 0"),
+        ({"weight_decay": -1e-4}, r"InpFormerPP: weight_decay must be >= 0"),
+        ({"seg_loss_weight": -1.0}, r"InpFormerPP: seg_loss_weight must be >= 0"),
+        ({"blur_kernel": 131}, r"InpFormerPP: blur_sigma=4 blurs the anomaly map with a 131x131 .*64x64"),
+        ({"image_size": 16}, r"InpFormerPP: image_size \(16, 16\) .* too small .* image_size >= 32"),
+    ],
+)
+def test_bad_settings_fail_at_construction(kwargs, match):
+    """Optimizer settings that would fail at fit, a blur kernel larger than the map it blurs and an input too small
+    for the encoder are refused when the model is built, naming the argument."""
+    with pytest.raises(ValueError, match=match):
+        _module(**kwargs)
+
+
 def test_paper_pre_processor_resizes_448_and_crops_392():
     transforms = InpFormerPP.configure_pre_processor().transform.transforms
     assert [type(t).__name__ for t in transforms] == ["Resize", "CenterCrop", "Normalize"]

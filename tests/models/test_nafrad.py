@@ -503,6 +503,26 @@ def test_input_size_it_cannot_take_fails_at_construction():
         assert stride8(torch.rand(1, 3, 512, 512)).anomaly_map.shape == (1, 1, 512, 512)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lr": -1.0}, r"NAFRAD: lr must be > 0 .*got -1.0"),
+        ({"lr": 0.0}, r"lr must be > 0"),
+        ({"lr": float("nan")}, r"lr must be > 0"),
+        ({"weight_decay": -1e-8}, r"NAFRAD: weight_decay must be >= 0"),
+        ({"focal_gamma": -1.0}, r"NAFRAD: focal_gamma must be >= 0"),
+        ({"drop_path_rate": 1.0}, r"NAFRAD: drop_path_rate must be in \[0, 1\)"),
+        ({"lr_gamma": 0.0}, r"lr_gamma must be in \(0, 1\]"),
+        ({"stats_max_images": 0}, r"stats_max_images must be >= 1"),
+    ],
+)
+def test_bad_training_settings_fail_at_construction(kwargs, match):
+    """Settings that would fail inside torch at fit (Adam refuses lr=-1) or train nonsense are refused when the model
+    is built, naming the argument."""
+    with pytest.raises(ValueError, match=match):
+        _small_module(**kwargs)
+
+
 # ------------------------------------------------------------------------------------------------------ learning
 def _real_or_generated_batch(n: int) -> torch.Tensor:
     files = sorted((MAGNETIC_TILE / "train" / "good").glob("*.jpg"))[:n]

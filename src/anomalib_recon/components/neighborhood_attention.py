@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .tracing import is_tracing
+
 __all__ = [
     "NA_BACKEND_ENV_VAR",
     "NeighborhoodAttention2D",
@@ -95,20 +97,14 @@ def _get_forced_backend() -> str | None:
     return env
 
 
-def _is_tracing() -> bool:
-    """True while torch.export / torch.onnx / torch.jit trace the model (the exportable backend is needed)."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_exporting") and compiler.is_exporting():
-        return True
-    is_in_onnx_export = getattr(torch.onnx, "is_in_onnx_export", None)
-    return bool(is_in_onnx_export is not None and is_in_onnx_export())
+def _exporting() -> bool:
+    """A graph is captured for export (torch.export / ONNX / TorchScript tracing): only the pure backend's
+    branch-free index form works there.
 
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    The shared :func:`~anomalib_recon.components.tracing.is_tracing` is also true under a plain ``torch.compile``,
+    which keeps the natten/flex backends (flex is fused by the caller's compile), so compiling alone is not export.
+    """
+    return is_tracing() and (torch.compiler.is_exporting() or not torch.compiler.is_compiling())
 
 
 @dataclass(frozen=True)
@@ -206,10 +202,12 @@ def _resolve_backend(
     """Turn ``"auto"`` (or a forced name) into the backend that runs this call, checking it can."""
     name = _get_forced_backend() or _check_backend_name(requested)
     if name == "auto":
-        if _is_tracing() or attn_dropout:
+        if _exporting() or attn_dropout:
             return "pure"
         if q.is_cuda:
-            natten = _get_natten() if not _is_compiling() else (_natten_probe[0] if _natten_probe else None)
+            natten = (
+                _get_natten() if not torch.compiler.is_compiling() else (_natten_probe[0] if _natten_probe else None)
+            )
             if natten is not None and natten.has_cuda and (rpb is None or natten.supports_rpb):
                 return "natten"
             if _flex_available():
@@ -279,7 +277,7 @@ def _neighborhood_2d(
     height: Any, width: Any, kernel_size: int, dilation: int, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """Flat key indices ``(H*W, k*k)`` into the ``H*W`` tokens and flat bias indices into ``(2k-1)**2``."""
-    cacheable = not (_is_tracing() or _is_compiling()) and isinstance(height, int) and isinstance(width, int)
+    cacheable = not is_tracing() and isinstance(height, int) and isinstance(width, int)
     # Tensors made under inference_mode cannot be saved for backward later: cache them separately.
     key = (height, width, kernel_size, dilation, str(device), torch.is_inference_mode_enabled())
     if cacheable and key in _neighborhood_cache:
@@ -425,7 +423,7 @@ def _pure(
     """
     B, heads, H, W, D = q.shape
     n = H * W
-    if form is None and (_is_tracing() or not isinstance(n, int)):
+    if form is None and (_exporting() or not isinstance(n, int)):
         form = "gather"
     elif form is None:
         form = "dense" if n <= _DENSE_MAX_TOKENS else "blocked"
@@ -522,7 +520,7 @@ def _flex_block_mask(height: int, width: int, kernel_size: int, dilation: int, d
 
     n = height * width
     block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
-    if not _is_compiling():
+    if not torch.compiler.is_compiling():
         if len(_block_mask_cache) > 64:
             _block_mask_cache.clear()
         _block_mask_cache[key] = block_mask
@@ -545,7 +543,7 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, dilation: int, rpb:
         dilation,
         scale,
     )
-    if _is_compiling():  # already inside the caller's torch.compile: flex is fused there
+    if torch.compiler.is_compiling():  # already inside the caller's torch.compile: flex is fused there
         out = _flex_na(*args)
     elif q.is_cuda:
         if not _compiled_flex:
@@ -660,7 +658,7 @@ def neighborhood_attention_2d(
         raise ValueError(msg)
     _, heads, height, width, head_dim = q.shape
     window = kernel_size * dilation
-    if not _is_tracing() and (height < window or width < window):
+    if not _exporting() and (height < window or width < window):
         msg = (
             f"Map {height}x{width} is smaller than kernel_size*dilation={window}; pad it (NeighborhoodAttention2D "
             "zero-pads small maps before the qkv projection)."
@@ -743,7 +741,7 @@ class NeighborhoodAttention2D(nn.Module):
             msg = f"Expected a channels-last (B, H, W, {self.dim}) tensor, got {shape}; permute NCHW maps first."
             raise ValueError(msg)
         B, H, W, C = x.shape
-        if _is_tracing():
+        if _exporting():
             # branch-free so H and W may stay symbolic during export
             pad_b = torch.sym_max(0, self.window_size - H)
             pad_r = torch.sym_max(0, self.window_size - W)

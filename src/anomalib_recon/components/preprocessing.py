@@ -37,14 +37,22 @@ def resize_pre_processor(image_size: tuple[int, int] | None = None, normalize: b
     return PreProcessor(transform=Compose(transforms))
 
 
-def sized_pre_processor(model_cls: type, image_size: int | Sequence[int] | None, pre_processor: object) -> object:
+def sized_pre_processor(
+    model_cls: type, image_size: int | Sequence[int] | None, pre_processor: object, **kwargs: object
+) -> object:
     """The ``pre_processor`` argument to hand to ``AnomalibModule.__init__`` for a model with an ``image_size``.
 
-    ``pre_processor=True`` with a size becomes ``model_cls.configure_pre_processor(image_size=(H, W))`` (the size is
-    checked here, at construction); a given pre-processor, ``False``, or ``True`` without a size pass through (anomalib
-    then builds the model's default). The model reads its input size back from the pre-processor
-    (``self.input_size``), so the size lives in one place.
+    ``pre_processor=True`` with a size becomes ``model_cls.configure_pre_processor(image_size=(H, W), **kwargs)`` (the
+    size is checked here, at construction); ``True`` without a size but with ``kwargs`` becomes
+    ``model_cls.configure_pre_processor(**kwargs)`` (the model's default size). ``kwargs`` are the model's own
+    pre-processor arguments (NAFRAD's ``normalize_input``, InpFormerPP's ``crop_size``). A given pre-processor,
+    ``False``, or ``True`` with neither pass through (anomalib then builds the model's default). The model reads its
+    input size back from the pre-processor (``self.input_size``), so the size lives in one place.
     """
-    if image_size is not None and pre_processor is True:
-        return model_cls.configure_pre_processor(image_size=as_image_size(image_size))
+    if pre_processor is not True:
+        return pre_processor
+    if image_size is not None:
+        return model_cls.configure_pre_processor(image_size=as_image_size(image_size), **kwargs)
+    if kwargs:
+        return model_cls.configure_pre_processor(**kwargs)
     return pre_processor

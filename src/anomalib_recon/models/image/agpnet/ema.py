@@ -1,4 +1,4 @@
-"""Exponential-moving-average ("mean teacher") copy of AGPNet's decoder (paper §3.1, Eq. 3).
+"""Exponential-moving-average ("mean teacher") copy of AGPNet's decoder (paper Sec. 3.1, Eq. 3).
 
 The teacher starts as a copy of the student and afterwards moves only through :meth:`EMATeacher.update`:
 ``θ_teacher ← η·θ_teacher + (1 − η)·θ_student`` (floating-point buffers too), applied every ``update_every``-th

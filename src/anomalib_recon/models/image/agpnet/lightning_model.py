@@ -2,7 +2,7 @@
 
 Paper: Huang et al., *Not All Regions Are Equal: Attention-Guided Perturbation Network for Industrial Anomaly
 Detection* (v1: *Attention-Guided Perturbation for Unsupervised Image Anomaly Detection*), arXiv 2408.07490.
-No public code exists; unknown details follow the ADer/ViTAD defaults (see README.md).
+No public code exists; unknown details follow the ADer/ViTAD defaults (listed in this folder's README).
 
 A frozen encoder's multi-layer features are reconstructed by a plain ViT decoder. During training an auxiliary
 branch perturbs the features and the image with Gaussian noise weighted by an attention mask (the encoder's prior
@@ -26,9 +26,10 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from anomalib_recon.components.anomaly_map import check_blur_fits
 from anomalib_recon.components.few_shot import dihedral_augment, restrict_to_few_shot
 from anomalib_recon.components.module import ReconModuleMixin
-from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor
+from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor, sized_pre_processor
 from anomalib_recon.components.schedules import check_lr_schedule, multistep_lr, training_horizon
 
 from .loss import AGPNetLoss
@@ -40,6 +41,21 @@ logger = logging.getLogger(__name__)
 __all__ = ["AGPNet"]
 
 SCHEDULES = ("linear", "constant")
+DEFAULT_IMAGE_SIZE = (256, 256)
+
+
+def check_training_settings(lr: float, weight_decay: float, betas: Sequence[float]) -> None:
+    """One ``ValueError`` at construction for an AdamW setting that would fail (or diverge) in ``fit``."""
+    pair = tuple(float(b) for b in betas)
+    rules = (
+        ("lr", lr, lr > 0, "> 0 (AdamW's learning rate; the paper's set-up uses 1e-4)"),
+        ("weight_decay", weight_decay, weight_decay >= 0, ">= 0 (1e-4 by default)"),
+        ("betas", betas, len(pair) == 2 and all(0 <= b < 1 for b in pair), "two values in [0, 1), e.g. (0.9, 0.999)"),
+    )
+    for name, value, ok, rule in rules:
+        if not ok:  # also False for NaN
+            msg = f"AGPNet: {name} must be {rule}, got {value}."
+            raise ValueError(msg)
 
 
 def _pair(
@@ -152,14 +168,9 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        size = as_image_size(image_size)
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size=size)
+        check_training_settings(lr, weight_decay, betas)
         super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
+            sized_pre_processor(type(self), image_size, pre_processor), post_processor, evaluator, visualizer
         )
         if feature_noise_schedule not in SCHEDULES:
             msg = f"feature_noise_schedule must be one of {SCHEDULES}, got {feature_noise_schedule!r}."
@@ -175,14 +186,11 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
         if few_shot_k is not None and (few_shot_k < 1 or few_shot_folds < 1):
             msg = f"few_shot_k and few_shot_folds must be >= 1, got {few_shot_k} and {few_shot_folds}."
             raise ValueError(msg)
-        if lr <= 0:
-            msg = f"lr must be > 0, got {lr}."
-            raise ValueError(msg)
 
         self.feature_noise_schedule = feature_noise_schedule
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
-        self.betas = _pair(betas, "betas", 0.0, 1.0)
+        self.betas = _pair(betas, "betas")
         self.lr_milestones = check_lr_schedule(lr_milestones, lr_gamma)
         self.lr_gamma = float(lr_gamma)
         self.few_shot_k = few_shot_k
@@ -192,9 +200,13 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
 
         # The input size comes from the pre-processor (its Resize), as in every model; image_size only builds the
         # default pre-processor. A user's own pre-processor of another size must not leave the decoder's position
-        # embedding at image_size's grid.
+        # embedding at image_size's grid. Without a Resize the model is built for image_size.
         input_size = self.input_size
-        size = (int(input_size[0]), int(input_size[1])) if input_size is not None else size
+        if input_size is None:
+            input_size = as_image_size(image_size if image_size is not None else DEFAULT_IMAGE_SIZE)
+        size = (int(input_size[0]), int(input_size[1]))
+        # the map is blurred at the input size: a blur larger than the input is refused here, not at the first forward
+        check_blur_fits(blur_sigma, None, size, "AGPNet")
         self.model = AGPNetModel(
             backbone=backbone,
             layers=layers,

@@ -1,4 +1,4 @@
-"""AGPNet's perturbations: attention-guided feature noise and the image-level region noise (components.md C8).
+"""AGPNet's perturbations: attention-guided feature noise and the image-level region noise.
 
 All random functions take an optional ``torch.Generator`` so tests can be made deterministic; the generator must
 live on the same device as the tensor being perturbed.

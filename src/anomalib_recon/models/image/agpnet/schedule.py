@@ -1,4 +1,4 @@
-"""AGPNet's epoch ramps (components.md C10): noise intensity 0 → 1 and image-mask ratio 0.6 → 1.0, easy → hard.
+"""AGPNet's epoch ramps: noise intensity 0 → 1 and image-mask ratio 0.6 → 1.0, easy → hard.
 
 The LightningModule evaluates the ramp once per epoch. Epochs are 0-based, as Lightning's ``current_epoch``. By
 default the ramp runs from the first epoch (value ``start``) to the last epoch ``max_epochs − 1`` (value ``end``);

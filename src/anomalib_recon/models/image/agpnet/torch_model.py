@@ -1,6 +1,6 @@
 """PyTorch model of AGPNet (attention-guided perturbation network).
 
-Two branches (paper §3.1):
+Two branches (paper Sec. 3.1):
 
 * **reconstruction branch** (kept for inference): a frozen encoder gives multi-layer features; each layer is
   layer-normed and the layers are summed (ViT) or concatenated (CNN) into the target ``F`` on a token grid; a

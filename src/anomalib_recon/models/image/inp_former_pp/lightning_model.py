@@ -2,7 +2,7 @@
 
 Paper: Luo et al., *INP-Former++: Advancing Universal Anomaly Detection via Intrinsic Normal Prototypes and Residual
 Learning*, arXiv 2506.03660 (extends INP-Former, CVPR 2025, arXiv 2503.02424). No official ++ code exists; the
-deltas over anomalib's ``InpFormer`` and every inferred default are listed in README.md.
+deltas over anomalib's ``InpFormer`` and every inferred default are listed in this folder's README.
 
 The reconstruction branch is anomalib's INP-Former (``AggregationBlock``, ``PrototypeBlock``, ``DinomalyMLP``, soft
 mining). ++ adds a soft INP-coherence loss, an MSE soft-mining term, and a segmentation head on the stop-gradient
@@ -31,10 +31,11 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from anomalib_recon.components.anomaly_map import check_blur_fits
 from anomalib_recon.components.checkpoint import is_restoring_from_checkpoint
 from anomalib_recon.components.few_shot import dihedral_augment, restrict_to_few_shot
 from anomalib_recon.components.module import ReconModuleMixin
-from anomalib_recon.components.preprocessing import IMAGENET_MEAN, IMAGENET_STD, as_image_size
+from anomalib_recon.components.preprocessing import IMAGENET_MEAN, IMAGENET_STD, as_image_size, sized_pre_processor
 
 from .loss import InpFormerPPLoss
 from .torch_model import InpFormerPPModel
@@ -45,6 +46,23 @@ DEFAULT_IMAGE_SIZE = 448
 DEFAULT_CROP_SIZE = 392
 SCHEDULES = ("joint", "two_stage")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def check_training_settings(
+    lr: float, final_lr: float, warmup_iters: int, weight_decay: float, seg_loss_weight: float
+) -> None:
+    """One ``ValueError`` at construction for an optimizer or loss setting that would fail (or diverge) in ``fit``."""
+    rules = (
+        ("lr", lr, lr > 0, "> 0 (StableAdamW's peak learning rate; the paper uses 1e-3)"),
+        ("final_lr", final_lr, final_lr >= 0, ">= 0 (the paper uses 1e-4)"),
+        ("warmup_iters", warmup_iters, warmup_iters >= 0, ">= 0 (the paper uses 100)"),
+        ("weight_decay", weight_decay, weight_decay >= 0, ">= 0 (the paper uses 1e-4)"),
+        ("seg_loss_weight", seg_loss_weight, seg_loss_weight >= 0, ">= 0 (1 by default)"),
+    )
+    for name, value, ok, rule in rules:
+        if not ok:  # also False for NaN
+            msg = f"InpFormerPP: {name} must be {rule}, got {value}."
+            raise ValueError(msg)
 
 
 def few_shot_augment(
@@ -242,10 +260,12 @@ class InpFormerPP(ReconModuleMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         resize, crop = self._sizes(image_size, crop_size)
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size=resize, crop_size=crop)
+        check_training_settings(lr, final_lr, warmup_iters, weight_decay, seg_loss_weight)
         super().__init__(
-            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
+            sized_pre_processor(type(self), image_size, pre_processor, crop_size=crop_size),
+            post_processor,
+            evaluator,
+            visualizer,
         )
         coherence = coherence if coherence is not None else ("soft" if plus_plus else "hard")
         mse_mining = bool(plus_plus) if mse_mining is None else bool(mse_mining)
@@ -266,9 +286,6 @@ class InpFormerPP(ReconModuleMixin, AnomalibModule):
             if not 0 <= value <= 1:
                 msg = f"{name} must be a probability in [0, 1], got {value}."
                 raise ValueError(msg)
-        if lr <= 0 or final_lr < 0 or warmup_iters < 0 or weight_decay < 0 or seg_loss_weight < 0:
-            msg = "lr must be > 0; final_lr, warmup_iters, weight_decay and seg_loss_weight must be >= 0."
-            raise ValueError(msg)
         if few_shot_k is not None and (few_shot_k < 1 or few_shot_folds < 1):
             msg = f"few_shot_k and few_shot_folds must be >= 1, got {few_shot_k} and {few_shot_folds}."
             raise ValueError(msg)
@@ -289,6 +306,8 @@ class InpFormerPP(ReconModuleMixin, AnomalibModule):
         # crop_size only build the default one.
         input_size = self.input_size
         self.model_image_size = (int(input_size[0]), int(input_size[1])) if input_size is not None else crop or resize
+        # the fused map is blurred at the input size: a kernel larger than the input is refused here
+        check_blur_fits(blur_sigma, blur_kernel, self.model_image_size, "InpFormerPP")
         self.schedule = schedule
         self.seg_start = float(seg_start)
         self.seg_loss_weight = float(seg_loss_weight)

@@ -276,6 +276,14 @@ class InpFormerPPModel(nn.Module):
             raise ValueError(msg)
         self.num_heads = int(heads)
         self.min_image_size = 2 * max(self.stride, *(int(r) for r in self.encoder.reductions))
+        if min(image_size) < self.min_image_size:
+            msg = (
+                f"InpFormerPP: image_size {image_size} (the input size after the pre-processor) is too small for "
+                f"{name}: at least {self.min_image_size} px per side are needed (stride "
+                f"{max(self.stride, *self.encoder.reductions)}, 2 tokens per side). Use image_size >= "
+                f"{self.min_image_size}."
+            )
+            raise ValueError(msg)
         self.encoder_groups = _check_groups(
             encoder_groups if encoder_groups is not None else _halves(n_targets), n_targets, "encoder_groups"
         )

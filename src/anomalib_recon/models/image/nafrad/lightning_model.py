@@ -1,7 +1,7 @@
 """NAFRAD: Neighborhood Attention-based Feature Reconstruction for image anomaly detection and localization.
 
 Paper: *Neighborhood Attention-based Feature Reconstruction for Image Anomaly Detection and Localization*,
-ACM TOMM 22(3), article 73, 2026. Reference code: github.com/Math-Computer/NAFRAD (commit 7cbcfe1).
+ACM TOMM 22(3), article 73, 2026. Authors' code: GitHub Math-Computer/NAFRAD, commit 7cbcfe1.
 
 A frozen backbone's shallow features (plus the raw image) are reconstructed by a neighborhood-attention
 autoencoder trained on DRAEM-style synthetic anomalies to output the *normal* features; a DRAEM discriminative
@@ -30,7 +30,13 @@ from torchvision.transforms.v2 import functional as TF
 
 from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.normal_images import collect_normal_images
-from anomalib_recon.components.preprocessing import IMAGENET_MEAN, IMAGENET_STD, as_image_size, resize_pre_processor
+from anomalib_recon.components.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    as_image_size,
+    resize_pre_processor,
+    sized_pre_processor,
+)
 from anomalib_recon.components.schedules import check_lr_schedule, multistep_lr
 
 from .loss import NAFRADLoss
@@ -64,6 +70,22 @@ def skimage_texture_paths() -> list[Path]:
 
 
 __all__ = ["NAFRAD"]
+
+DEFAULT_IMAGE_SIZE = (256, 256)
+
+
+def check_training_settings(lr: float, weight_decay: float, focal_gamma: float, drop_path_rate: float) -> None:
+    """One ``ValueError`` at construction for an optimizer or loss setting that would fail (or diverge) in ``fit``."""
+    rules = (
+        ("lr", lr, lr > 0, "> 0 (Adam's learning rate; the paper uses 1e-4)"),
+        ("weight_decay", weight_decay, weight_decay >= 0, ">= 0 (the paper uses 1e-8)"),
+        ("focal_gamma", focal_gamma, focal_gamma >= 0, ">= 0 (the paper uses 4)"),
+        ("drop_path_rate", drop_path_rate, 0 <= drop_path_rate < 1, "in [0, 1) (the paper uses 0.1)"),
+    )
+    for name, value, ok, rule in rules:
+        if not ok:  # also False for NaN
+            msg = f"NAFRAD: {name} must be {rule}, got {value}."
+            raise ValueError(msg)
 
 
 class NAFRAD(ReconModuleMixin, AnomalibModule):
@@ -160,14 +182,12 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        size = as_image_size(image_size)
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size=size, normalize_input=normalize_input)
+        check_training_settings(lr, weight_decay, focal_gamma, drop_path_rate)
         super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
+            sized_pre_processor(type(self), image_size, pre_processor, normalize_input=normalize_input),
+            post_processor,
+            evaluator,
+            visualizer,
         )
         for name, value in (
             ("anomaly_probability", anomaly_probability),
@@ -207,14 +227,16 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
         self.lr_gamma = float(lr_gamma)
         self.stats_max_images = int(stats_max_images)
 
-        # The input size comes from the pre-processor (its Resize); image_size only builds the default one.
+        # The input size comes from the pre-processor (its Resize); image_size only builds the default one. Without
+        # a Resize (pre_processor=False or a custom one) the model is built for image_size.
         input_size = self.input_size
-        input_size = (int(input_size[0]), int(input_size[1])) if input_size is not None else size
+        if input_size is None:
+            input_size = as_image_size(image_size if image_size is not None else DEFAULT_IMAGE_SIZE)
         self.model = NAFRADModel(
             backbone=resolve_backbone(backbone, category),
             layers=layers,
             weights=weights,
-            image_size=input_size,  # raises a ValueError naming image_size and the accepted sizes
+            image_size=(int(input_size[0]), int(input_size[1])),  # a ValueError naming image_size and the sizes
             include_image_in_features=include_image_in_features,
             channel_order=channel_order,
             use_neighborhood_attention=use_neighborhood_attention,
@@ -339,7 +361,7 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
     def follow_datamodule_category(self, category: str | None) -> None:
         """Take the rotation range of the datamodule's category when the model was given no ``category``.
 
-        The reference rotates per category (nafrad.md §5): none for capsule, metal_nut, pill, toothbrush,
+        The reference rotates per category: none for capsule, metal_nut, pill, toothbrush,
         transistor; ±5° for cable, zipper; ±90° for the textures, bottle, hazelnut, screw; unknown categories get
         no rotation. An explicit ``rotation_degrees`` always wins; a ``category`` that differs from the datamodule's
         is kept with a warning.

@@ -1,4 +1,4 @@
-"""NAFRAD training loss: ``MSE(F̂, F_n) + Focal(P, M; γ=4) + L1(P, M)`` (nafrad.md §5)."""
+"""NAFRAD training loss: ``MSE(F̂, F_n) + Focal(P, M; γ=4) + L1(P, M)``, as the authors' code trains it."""
 
 from __future__ import annotations
 

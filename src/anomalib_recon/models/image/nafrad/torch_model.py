@@ -1,6 +1,6 @@
 """PyTorch model of NAFRAD (Neighborhood Attention-based Feature Reconstruction).
 
-The pipeline (nafrad.md §2-§6):
+The pipeline, as in the authors' code (GitHub Math-Computer/NAFRAD, commit 7cbcfe1):
 
 1. ``F = agg([image, E(image)_0, E(image)_1])``: frozen backbone features and the raw image, bilinearly resized to
    the grid of the shallowest feature map (``input / 4``, i.e. 64×64 at 256 px) and concatenated on channels.
@@ -179,7 +179,7 @@ class NAAutoencoder(nn.Module):
 
     Six stride-2 convolutions squeeze the feature grid to ``grid / 64`` (1×1 for a 64×64 grid) and six transposed
     convolutions restore it; an RNA block follows every convolution except the last encoder one (``h_a2``, whose RNA
-    is ``h_a3``) and precedes every transposed convolution (nafrad.md §3).
+    is ``h_a3``) and precedes every transposed convolution, as in the authors' code.
 
     Args:
         in_channels: Channels ``C`` of the aggregated features (195 for ResNet18, 579 for Swin-L).
@@ -392,7 +392,7 @@ class NAFRADModel(nn.Module):
             out_size=None,  # the grid of the shallowest (largest) map: input / 4 with the reference layers
             mode="concat",
             align_corners=True,
-            layer_norm=swin,  # mmpretrain's affine-free stage norms (nafrad.md §2)
+            layer_norm=swin,  # mmpretrain's affine-free stage norms (the authors' Swin-L backbone)
             include_image=include_image_in_features,
         )
         self.in_channels = self.feature_aggregator.output_channels(self.feature_extractor.out_dims)
