@@ -217,31 +217,46 @@ def build_model(name: str, args: argparse.Namespace):
     return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def run_single(args: argparse.Namespace) -> dict:
-    """Fit + test + throughput of one model (called in a subprocess)."""
+def setup_run(args: argparse.Namespace) -> None:
+    """What every run does before building data and model: offline hub, torch threads, seeds (in this order)."""
     import torch
-    from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed, workers=True)
+
+
+def make_engine(args: argparse.Namespace, name: str, **overrides):
+    """anomalib's ``Engine`` with the harness's settings (budget, device, ``<work_dir>/<name>``); ``overrides`` are
+    further ``Engine``/Trainer arguments (e.g. ``check_val_every_n_epoch``)."""
+    import torch
+    from anomalib.engine import Engine
+
+    settings = {
+        "accelerator": "gpu" if torch.cuda.is_available() and not args.cpu else "cpu",
+        "devices": 1,
+        "max_steps": args.max_steps,
+        "max_epochs": args.max_epochs,
+        "max_time": args.max_time,
+        "default_root_dir": str(Path(args.work_dir) / name),
+        "logger": False,
+        "enable_progress_bar": True,
+        "deterministic": False,
+    }
+    return Engine(**(settings | overrides))
+
+
+def run_single(args: argparse.Namespace) -> dict:
+    """Fit + test + throughput of one model (called in a subprocess)."""
+    import torch
+
+    setup_run(args)
     name = args.single
     datamodule = build_datamodule(args)
     model = build_model(name, args)
-    work = Path(args.work_dir) / name
-    engine = Engine(
-        accelerator="gpu" if torch.cuda.is_available() and not args.cpu else "cpu",
-        devices=1,
-        max_steps=args.max_steps,
-        max_epochs=args.max_epochs,
-        max_time=args.max_time,
-        default_root_dir=str(work),
-        logger=False,
-        enable_progress_bar=True,
-        deterministic=False,
-    )
+    engine = make_engine(args, name)
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     train_s = time.perf_counter() - start
@@ -351,12 +366,16 @@ def write_results(
 
 
 def variant_argv(args: argparse.Namespace, model: str, init_args: dict, work_dir: str) -> list[str]:
-    """Harness arguments for one model variant of an ablation script (its ``args`` carry the shared settings)."""
+    """Harness arguments for one model variant of a study (its ``args`` carry the shared settings; ``cell_type``,
+    ``max_epochs`` and ``max_time`` only where it has them)."""
     argv = ["--models", model, "--dataset", args.dataset, "--backbone", args.backbone]
     argv += ["--image-size", str(args.image_size), "--batch-size", str(args.batch_size)]
     argv += ["--workers", str(args.workers), "--threads", str(getattr(args, "threads", 0))]
     argv += ["--max-steps", str(args.max_steps), "--seed", str(args.seed), "--work-dir", work_dir]
     argv += ["--model-args", json.dumps({model: init_args})]
+    for flag, attr in (("--cell-type", "cell_type"), ("--max-epochs", "max_epochs"), ("--max-time", "max_time")):
+        if getattr(args, attr, None) is not None:
+            argv += [flag, str(getattr(args, attr))]
     return argv + (["--data-root", args.data_root] if args.data_root else [])
 
 

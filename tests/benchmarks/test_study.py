@@ -107,6 +107,23 @@ def test_study_file_plans_the_recorded_runs(study: ModuleType, path: Path) -> No
                 assert job.budget["max_steps"] == recorded["steps"][job.variant]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("path", STUDY_FILES, ids=[p.stem for p in STUDY_FILES])
+def test_study_arguments_are_accepted_by_todays_models(study: ModuleType, path: Path, offline_hf_cache: Path) -> None:
+    """Study files carry the arguments (nothing in the runner names them): each variant and peer of each study is
+    built exactly as its run builds it, so a renamed or removed argument fails here, not hours into a run."""
+    del offline_hf_cache  # Padim (a peer) reads the Lite0 weights from it
+    spec = study.load_study(path)
+    (result, *_) = study.plan(spec)
+    for job in result.jobs:
+        hargs = study.harness.parse([*study.harness_argv(spec, job), "--single", job.model])
+        model = study.harness.build_model(job.model, hargs)
+        assert type(model).__name__ == job.model
+        for key, value in job.init_args.items():  # the override reached the constructor's saved arguments
+            if key in model.hparams:
+                assert model.hparams[key] == value or list(model.hparams[key]) == value, (job.labels[0], key)
+
+
 # ------------------------------------------------------------------------------------------------ planning
 def test_dry_run_prints_harness_commands_with_each_variants_arguments(
     study: ModuleType, harness: ModuleType, capsys: pytest.CaptureFixture
@@ -161,6 +178,7 @@ def test_seed_and_variant_selection_and_file_naming(study: ModuleType) -> None:
         ({"seeds": [0, 1], "name": "same_file"}, "row labels repeat"),
         ({"variant_budget": {"other": {"max_steps": 1}}}, "must name a variant"),
         ({"variants": {"a": [1, 2]}}, "must be a mapping of arguments"),
+        ({"label": "{model} ({lam})"}, "may only hold"),
     ],
 )
 def test_invalid_studies_are_rejected(study: ModuleType, tmp_path: Path, change: dict, message: str) -> None:
@@ -208,31 +226,61 @@ def test_runner_files_keep_the_format_combined_table_reads(
     fields = {"model": "DADF", "mode": "train", "dataset": "magnetic_tile", "image_size": 128, "max_steps": 300}
     fields |= {"seeds": [0, 1], "base_args": {"depth": 2}, "name": "dadf_tiny_seed{seed}"}
     fields |= {"variants": {"dual": {}, "features": {"flow_input": "features"}}}
-    fields |= {"variant_budget": {"features": {"max_steps": 150}}}
+    fields |= {"variant_budget": {"features": {"max_steps": 150}}, "peers": ["Padim"]}
     spec = study.load_study(write_study(tmp_path / "dadf_tiny.yaml", **fields))
     metric = iter(0.5 + i / 100 for i in range(100))
+    children = []
 
     def fake_child(child: list[str], label: str) -> dict:
-        assert child[1].endswith("harness.py") and child[-2:] == ["--single", "DADF"]
-        return {"model": "DADF", "image_AUROC": next(metric), "pixel_AUROC": 0.6, "pixel_AUPRO": 0.4, "steps": 300}
+        assert child[1].endswith("harness.py") and child[-2] == "--single"
+        children.append(child[-1])
+        row = {"model": child[-1], "image_AUROC": next(metric), "pixel_AUROC": 0.6, "pixel_AUPRO": 0.4}
+        return row | {"steps": 96 if child[-1] == "Padim" else 300}
 
     monkeypatch.setattr(study.harness, "run_child", fake_child)
     opts = study.parse([str(tmp_path / "dadf_tiny.yaml"), "--results-dir", str(tmp_path / "out")])
     for result in study.plan(spec):
         table = study.run_file(spec, result, opts, "python benchmarks/study.py dadf_tiny.yaml", [])
         assert "| DADF (dual) | 0.5" in table and "| DADF (features) |" in table
+    assert children == ["Padim", "DADF", "DADF"] * 2  # per seed: the peer first, then one run per variant
     data = json.loads((tmp_path / "out" / "dadf_tiny_seed1.json").read_text())
-    assert [row["model"] for row in data["rows"]] == ["DADF (dual)", "DADF (features)"]
+    assert [row["model"] for row in data["rows"]] == ["Padim", "DADF (dual)", "DADF (features)"]
     assert data["seed"] == 1 and data["budgets"]["features"]["max_steps"] == 150
     combined = load_script("combined_table")
     assert combined.main(["--results-dir", str(tmp_path / "out"), "--protocol-cutoff", "0"]) == 0
     rows = {r["variant"]: r for r in json.loads((tmp_path / "out" / "combined.json").read_text())["rows"]}
-    assert set(rows) == {"DADF (dual)", "DADF (features)"}
+    assert set(rows) == {"Padim", "DADF (dual)", "DADF (features)"}
+    assert rows["Padim"]["role"] == "peer" and rows["Padim"]["config_args"] == {}
     assert rows["DADF (dual)"]["seeds"] == [0, 1] and rows["DADF (dual)"]["n"] == 2
     assert rows["DADF (features)"]["config_args"] == {"depth": 2, "flow_input": "features"}
     assert rows["DADF (dual)"]["config_args"] == {"depth": 2}
     assert rows["DADF (dual)"]["budget"] == "300 steps, batch 8"
     assert rows["DADF (dual)"]["metrics"]["image_AUROC"]["n"] == 2
+
+
+def test_combined_table_groups_a_rerun_with_the_recorded_file(
+    study: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study re-run of a recorded GRNR table (rows faked) and the file the retired script wrote land in the same
+    combined rows: same variant, configuration and budget."""
+    out = tmp_path / "out"
+    out.mkdir()
+    recorded = RESULTS / "grnr_mt_lite0_128_seed0.json"
+    (out / "grnr_mt_lite0_128_seed0_recorded.json").write_text(recorded.read_text())
+    spec = study.load_study(BENCHMARKS / "studies" / "grnr_mt_lite0_128_seed0.yaml")
+    spec["name"] = "grnr_mt_lite0_128_seed0_rerun"
+    old_rows = {row["model"]: row for row in json.loads(recorded.read_text())["rows"]}
+    monkeypatch.setattr(study.harness, "run_child", lambda child, label: old_rows[label] | {"model": "GRNR"})
+    (result,) = study.plan(spec)
+    study.run_file(spec, result, study.parse(["x.yaml", "--results-dir", str(out)]), "python benchmarks/study.py", [])
+    combined = load_script("combined_table")
+    assert combined.main(["--results-dir", str(out), "--protocol-cutoff", "0"]) == 0
+    rows = json.loads((out / "combined.json").read_text())["rows"]
+    assert sorted(r["variant"] for r in rows) == ["GRNR (lam=0, K=40)", "GRNR (lam=5, K=40)"]
+    for row in rows:
+        assert row["files"] == ["grnr_mt_lite0_128_seed0_recorded.json", "grnr_mt_lite0_128_seed0_rerun.json"]
+        assert row["budget"] == "training-free" and row["seeds"] == [0, 0]  # two CPU records: two runs
+        assert row["metrics"]["image_AUROC"]["std"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------ end to end
