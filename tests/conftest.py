@@ -13,13 +13,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-_ISOLATED = Path(tempfile.mkdtemp(prefix="anomalib_recon_tests_"))
+# A process this suite spawned (DDP workers) inherits the isolated environment and keeps it.
+_INHERITED = os.environ.get("ANOMALIB_RECON_TEST_ISOLATION")
+_ISOLATED = Path(_INHERITED) if _INHERITED else Path(tempfile.mkdtemp(prefix="anomalib_recon_tests_"))
+os.environ["ANOMALIB_RECON_TEST_ISOLATION"] = str(_ISOLATED)
 os.environ["HF_HOME"] = str(_ISOLATED / "hf_home")
 os.environ["HF_HUB_CACHE"] = str(_ISOLATED / "hf_home" / "hub")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["XDG_CACHE_HOME"] = str(_ISOLATED / "xdg_cache")
 os.environ["TORCH_HOME"] = str(_ISOLATED / "torch_home")
-if "huggingface_hub" in sys.modules:  # a plugin imported it first: its constants would point at the real cache
+if "huggingface_hub" in sys.modules and not _INHERITED:  # a plugin imported it first: it would use the real cache
     msg = "huggingface_hub was imported before tests/conftest.py could isolate its cache; run pytest -p no:<plugin>."
     raise RuntimeError(msg)
 

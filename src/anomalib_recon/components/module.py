@@ -13,7 +13,9 @@ A model gets, by construction:
 * **a final validation after ``max_steps``**: when the step budget ends mid-epoch, training stops through
   ``trainer.should_stop``, so Lightning validates the final weights and the post-processor's thresholds and
   normalisation come from them, not from the last epoch boundary;
-* **export sizes checked** before anomalib's ONNX/OpenVINO export.
+* **export sizes checked** before anomalib's ONNX/OpenVINO export;
+* **only the metrics the data can give**: without masks, pixel metrics are skipped with one INFO line instead of
+  torchmetrics' "compute called before update" warnings (:mod:`~anomalib_recon.components.evaluation`).
 
 The checks live in :class:`ModelGuard`, a callback the mixin puts first among the model's callbacks, so it runs
 before anomalib's pre-processor, post-processor, evaluator and visualizer, and whatever hooks a model overrides.
@@ -38,6 +40,7 @@ from .checkpoint import (
     looks_unreadable,
     restoring_from_checkpoint,
 )
+from .evaluation import SkipUnavailableMetrics
 from .guards import NonFiniteError, UntrainedModelError, check_finite, check_images, nonfinite_parameters
 from .preprocessing import as_image_size
 from .tracing import is_tracing
@@ -247,10 +250,11 @@ class ReconModuleMixin:
 
     # ---------------------------------------------------------------------------------------------- callbacks
     def configure_callbacks(self) -> list[Callback]:
-        """:class:`ModelGuard` first, then anomalib's pre-processor, post-processor, evaluator and visualizer."""
+        """:class:`ModelGuard` first, then :class:`SkipUnavailableMetrics`, then anomalib's pre-processor,
+        post-processor, evaluator and visualizer."""
         callbacks = super().configure_callbacks()  # type: ignore[misc]
         callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
-        return [ModelGuard(), *callbacks]
+        return [ModelGuard(), SkipUnavailableMetrics(), *callbacks]
 
     # ---------------------------------------------------------------------------------------------- direct calls
     def forward(self, batch: torch.Tensor, *args, **kwargs) -> Any:
