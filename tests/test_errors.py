@@ -178,3 +178,70 @@ def test_checkpoint_trained_with_another_evaluator_loads(tmp_path):
     del checkpoint["state_dict"][next(k for k in checkpoint["state_dict"] if k.startswith("model."))]
     with pytest.raises(CheckpointMismatchError, match="1 missing"):
         _aminet().on_load_checkpoint(checkpoint)
+
+
+def test_checkpoint_file_check_names_missing_garbage_and_weights_files(tmp_path):
+    from anomalib_recon.components.checkpoint import check_checkpoint_file
+
+    with pytest.raises(CheckpointMismatchError, match="does not exist"):
+        check_checkpoint_file(tmp_path / "absent.ckpt")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x80\x04not a checkpoint at all" * 10)
+    with pytest.raises(CheckpointMismatchError, match=r"garbage\.ckpt' is not a readable checkpoint"):
+        check_checkpoint_file(garbage)
+    weights = tmp_path / "backbone.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, weights)
+    with pytest.raises(CheckpointMismatchError, match=r"--model\.weights"):
+        check_checkpoint_file(weights)
+    valid = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, valid)
+    check_checkpoint_file(valid)
+
+
+def _folder_args(root: Path) -> list[str]:
+    args = ["--data", "anomalib.data.Folder", "--data.name", "stripes", "--data.root", str(root)]
+    args += ["--data.normal_dir", "train/good", "--data.abnormal_dir", "test/defect"]
+    return [*args, "--data.normal_test_dir", "test/good", "--data.num_workers", "0"]
+
+
+def _anomalib_error(args: list[str], cwd: Path) -> str:
+    """Run ``anomalib`` and return its one ``anomalib: error:`` line (exit code 2, no traceback)."""
+    exe = shutil.which("anomalib")
+    if exe is None:
+        pytest.skip("the anomalib console script is not on PATH")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([exe, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("anomalib: error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_cli_test_refuses_untrained_models_garbage_and_mismatched_checkpoints(tmp_path: Path):
+    """``anomalib test`` without ``--ckpt_path`` does not score a random model; a garbage ``--ckpt_path`` is named; a
+    checkpoint trained with other ``--model.*`` settings names them, even where the default backbone's weights are
+    not available offline (the model is built without them: the checkpoint brings every tensor)."""
+    from tests.conftest import cpu_engine, folder_datamodule, write_textured_category
+
+    root = write_textured_category(tmp_path / "stripes")
+    small = ["--model", "AMINet", "--model.backbone", "tf_efficientnet_lite0", "--model.embed_dim", "32"]
+    small += ["--model.depth", "1", "--model.num_heads", "2", "--model.image_size", "64"]
+    error = _anomalib_error(["test", *small, *_folder_args(root)], tmp_path)
+    assert "UntrainedModelError" in error and "--ckpt_path" in error
+
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"PK\x03\x04 truncated zip" * 50)
+    error = _anomalib_error(["test", *small, *_folder_args(root), "--ckpt_path", str(garbage)], tmp_path)
+    assert "CheckpointMismatchError" in error and "garbage.ckpt" in error and "not a readable checkpoint" in error
+
+    model = _aminet(weights="imagenet")
+    engine = cpu_engine(tmp_path / "run", max_steps=1)
+    engine.fit(model, datamodule=folder_datamodule(root))
+    ckpt = tmp_path / "lite0.ckpt"
+    engine.trainer.save_checkpoint(ckpt)
+    # default backbone (WideResNet-50, no offline weights) and default widths: the checkpoint's settings are named
+    args = ["test", "--model", "AMINet", "--model.image_size", "64", *_folder_args(root), "--ckpt_path", str(ckpt)]
+    error = _anomalib_error(args, tmp_path)
+    assert "CheckpointMismatchError" in error and "OfflineWeightsError" not in error
+    assert "backbone='tf_efficientnet_lite0'" in error and "embed_dim=32" in error

@@ -12,7 +12,10 @@ name that matches a built-in is never set (built-ins are never shadowed). Set
 The same finder also wraps ``AnomalibCLI.instantiate_classes`` when ``anomalib.cli.cli`` is imported (see
 :func:`patch_cli`): anomalib 2.7 parses ``--seed_everything``, documents "run seed_everything with this value before
 classes instantiation", and never applies it; with the wrap the same command with the same seed gives the same
-weights and metrics. Errors our constructors raise are printed as one line instead of jsonargparse's Union dump.
+weights and metrics. Errors our constructors raise are printed as one line instead of jsonargparse's Union dump; so are
+the errors our checks raise while a subcommand runs (an untrained model tested, bad images, a non-finite score), and a
+``--ckpt_path`` that is not a readable checkpoint. With ``--ckpt_path`` the model is built without fetching pretrained
+weights (the checkpoint brings them), so a checkpoint of other settings is refused naming the settings.
 """
 
 import sys
@@ -83,6 +86,7 @@ def patch_cli(cli_module):  # noqa: ANN001
     """
     cls = getattr(cli_module, "AnomalibCLI", None)
     original = getattr(cls, "instantiate_classes", None)
+    run_subcommand = getattr(cls, "_run_subcommand", None)
     if original is None or getattr(original, "_anomalib_recon_patched", False):
         return
 
@@ -93,16 +97,64 @@ def patch_cli(cli_module):  # noqa: ANN001
 
             seed_everything(seed, workers=True)
         try:
-            original(self)
+            with _restoring_if_checkpoint(self):
+                original(self)
         except Exception as error:
             ours = _own_error(error) or _model_error(self._get(self.config, "model"))
             if ours is None:
                 raise
-            sys.stderr.write(f"anomalib: error: {type(ours).__name__}: {ours}\n")
-            raise SystemExit(2) from None
+            _exit_with(ours)
+
+    def _run_subcommand(self):  # noqa: ANN001
+        try:
+            run_subcommand(self)
+        except Exception as error:
+            ours = _own_error(error)
+            if ours is None or not _is_check(ours):
+                raise
+            _exit_with(ours)
 
     instantiate_classes._anomalib_recon_patched = True
     cls.instantiate_classes = instantiate_classes
+    if run_subcommand is not None:
+        cls._run_subcommand = _run_subcommand
+
+
+def _exit_with(error):  # noqa: ANN001
+    """One line, exit code 2 (``ANOMALIB_RECON_TRACEBACK=1`` re-raises instead, for debugging)."""
+    import os
+
+    if os.environ.get("ANOMALIB_RECON_TRACEBACK", "").strip().lower() in {"1", "true", "yes", "on"}:
+        raise error
+    sys.stderr.write(f"anomalib: error: {type(error).__name__}: {error}\n")
+    raise SystemExit(2) from None
+
+
+def _is_check(error):  # noqa: ANN001
+    """An error our checks raise on purpose (bad input, settings, files, non-finite numbers), not a bug."""
+    from anomalib_recon.components.guards import UntrainedModelError
+    from anomalib_recon.components.weights import OfflineWeightsError
+
+    return isinstance(error, ValueError | FileNotFoundError | UntrainedModelError | OfflineWeightsError)
+
+
+def _restoring_if_checkpoint(cli):  # noqa: ANN001
+    """With ``--ckpt_path``: check the file now, and build the model without fetching pretrained weights.
+
+    The checkpoint brings every tensor; building under ``restoring_from_checkpoint`` lets a checkpoint trained with
+    other ``--model.*`` settings reach the check that names them, instead of failing on the default backbone's
+    weights (e.g. offline).
+    """
+    import contextlib
+
+    ckpt = cli._get(cli.config, "ckpt_path")
+    if not ckpt:
+        return contextlib.nullcontext()
+    from anomalib_recon.components.checkpoint import check_checkpoint_file, restoring_from_checkpoint
+
+    model = str(getattr(cli._get(cli.config, "model"), "class_path", "") or "the model")
+    check_checkpoint_file(ckpt, model.rsplit(".", 1)[-1])
+    return restoring_from_checkpoint()
 
 
 def _model_error(model_config):  # noqa: ANN001

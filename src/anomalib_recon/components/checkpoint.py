@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
+from pathlib import Path
 
 _RESTORING: ContextVar[bool] = ContextVar("anomalib_recon_restoring_checkpoint", default=False)
 
@@ -62,6 +63,37 @@ def looks_unreadable(error: BaseException) -> bool:
         marker in text
         for marker in ("weights_only", "Unpickl", "invalid load key", "PytorchStreamReader", "zip archive", "magic")
     )
+
+
+def check_checkpoint_file(path: str | Path, model_name: str = "the model") -> None:
+    """Open ``path`` with torch's safe loader (memory-mapped, nothing read into memory) so a missing, garbage or
+    truncated file is one :class:`CheckpointMismatchError` naming it, before Lightning's loader fails deep inside."""
+    import torch
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        msg = f"checkpoint {str(path)!r} does not exist. Pass the .ckpt that anomalib train / Engine.fit wrote."
+        raise CheckpointMismatchError(msg)
+    try:
+        try:
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:  # a legacy (non-zip) torch.save file cannot be memory-mapped
+            if "mmap" not in str(error):
+                raise
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # every reason ends in the same message
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        msg = (
+            f"{str(path)!r} is not a readable checkpoint of {model_name} ({type(error).__name__}: {reason}). A valid "
+            "file is the .ckpt that anomalib train / Engine.fit wrote for this model; re-train or re-copy it."
+        )
+        raise CheckpointMismatchError(msg) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        msg = (
+            f"{str(path)!r} holds no Lightning checkpoint (no 'state_dict'); pass the .ckpt that anomalib train / "
+            "Engine.fit wrote, not a weights file (backbone weights go to --model.weights)."
+        )
+        raise CheckpointMismatchError(msg)
 
 
 def align_evaluator_state(model: object, checkpoint: dict) -> None:
