@@ -80,19 +80,20 @@ def check_images(images: object, model_name: str) -> None:
         msg = f"{model_name}: {bad} image(s) contain NaN or inf pixels; clean or drop those images."
         raise InputImageError(msg)
     low, high = (float(v) for v in torch.aminmax(images.detach()))
-    if high > RAW_RANGE[1]:
+    if low >= RAW_RANGE[0] and high <= RAW_RANGE[1]:
+        return
+    if high > 10 and low >= RAW_RANGE[0]:
         msg = (
             f"{model_name}: image values reach {high:.4g}, but the model takes raw images in [0, 1] (its pre-processor "
             "normalises them). These look like 0-255 pixel values: divide by 255."
         )
         raise InputImageError(msg)
-    if low < RAW_RANGE[0]:
-        msg = (
-            f"{model_name}: image values go down to {low:.4g}, but the model takes raw images in [0, 1]. These look "
-            "normalised already: pass the raw images; the model's pre-processor normalises them (a Normalize in the "
-            "datamodule's augmentations would normalise twice)."
-        )
-        raise InputImageError(msg)
+    msg = (
+        f"{model_name}: image values span {low:.4g}..{high:.4g}, but the model takes raw images in [0, 1]. These "
+        "look normalised already: pass the raw images; the model's pre-processor normalises them (a Normalize in "
+        "the datamodule's augmentations would normalise twice)."
+    )
+    raise InputImageError(msg)
 
 
 def check_finite(model_name: str, what: str, *tensors: torch.Tensor, hint: str = "") -> None:

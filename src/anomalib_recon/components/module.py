@@ -97,7 +97,7 @@ class ModelGuard(Callback):
         name = type(pl_module).__name__
         if is_tracing() or bool(torch.isfinite(loss.detach()).all()):
             return
-        bad = nonfinite_parameters(pl_module)
+        bad = _nonfinite_weights(pl_module)
         causes = (
             f"weights {bad} are already non-finite (a corrupt weights file or checkpoint, or an earlier step diverged)"
             if bad
@@ -176,7 +176,7 @@ class ModelGuard(Callback):
         try:
             check_finite(name, f"a {stage} anomaly score or map", scores, maps)
         except NonFiniteError:
-            bad = nonfinite_parameters(pl_module)
+            bad = _nonfinite_weights(pl_module)
             source = f"checkpoint {str(trainer.ckpt_path)!r}" if trainer.ckpt_path else "the model's weights"
             cause = (
                 f"{source} holds non-finite weights ({', '.join(bad)}): the file is corrupt or the training diverged "
@@ -268,7 +268,7 @@ class ReconModuleMixin:
         check_images(_images(batch), name)
         output = super().forward(batch, *args, **kwargs)  # type: ignore[misc]
         scores, maps = getattr(output, "pred_score", None), getattr(output, "anomaly_map", None)
-        bad = nonfinite_parameters(self) if _has_nonfinite(scores, maps) else []
+        bad = _nonfinite_weights(self) if _has_nonfinite(scores, maps) else []
         hint = f"Non-finite weights: {', '.join(bad)} (a corrupt checkpoint or a diverged fit)." if bad else ""
         check_finite(name, "the anomaly score or map", scores, maps, hint=hint)
         return output
@@ -332,6 +332,15 @@ class ReconModuleMixin:
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
         self._recon_trained = True
         return result
+
+
+def _nonfinite_weights(module: Any) -> list[str]:
+    """Non-finite parameters/buffers of the torch model (not of the pre/post-processors, whose unset statistics are
+    infinite by design), named from the Lightning module (``model.<name>``)."""
+    model = getattr(module, "model", None)
+    if isinstance(model, torch.nn.Module):
+        return [f"model.{name}" for name in nonfinite_parameters(model)]
+    return nonfinite_parameters(module)
 
 
 def _has_nonfinite(*tensors: Any) -> bool:

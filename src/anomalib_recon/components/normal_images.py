@@ -95,6 +95,9 @@ def normal_image_batches(
     dataset = training_dataset(module)
     count = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     rank, world = _world(module)
+    if count == 0:
+        msg = f"{type(module).__name__}: no normal training images to fit from (the training set is empty)."
+        raise ValueError(msg)
     if count < world:  # decided alike on every rank, so no rank waits in a gather that another never reaches
         msg = f"{type(module).__name__}: {count} training images for {world} processes; use at least one per process."
         raise ValueError(msg)

@@ -1,0 +1,76 @@
+"""The shared input/output checks (components/guards.py): each bad input gets its own message that says what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from anomalib_recon.components import guards
+from anomalib_recon.components.guards import (
+    InputImageError,
+    NonFiniteError,
+    check_finite,
+    check_images,
+    nonfinite_parameters,
+)
+
+
+def _images(**kwargs) -> torch.Tensor:
+    return torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("images", "match"),
+    [
+        ((_images() * 255).to(torch.uint8), r"uint8.*images\.float\(\) / 255"),
+        (_images()[:, :1], r"1 channels.*repeat"),
+        (torch.cat([_images(), _images()[:, :1]], 1), r"4 channels.*alpha"),
+        (_images() * 255, r"reach 25\d.*divide by 255"),
+        ((_images() - 0.45) / 0.225, r"normalised already"),
+        (torch.zeros(0, 3, 8, 8), r"shape \(B, 3, H, W\)"),
+        (torch.rand(8, 8), r"shape \(B, 3, H, W\)"),
+        ([[0.5]], r"torch\.Tensor"),
+    ],
+    ids=["uint8", "gray", "rgba", "0-255", "normalised", "empty", "2d", "list"],
+)
+def test_bad_images_get_their_own_message(images, match):
+    with pytest.raises(InputImageError, match=match) as info:
+        check_images(images, "Toy")
+    assert str(info.value).startswith("Toy: ")
+
+
+def test_nan_pixels_are_counted_per_image():
+    images = _images()
+    images[1, 0, 2, 2] = float("nan")
+    with pytest.raises(InputImageError, match="1 image"):
+        check_images(images, "Toy")
+
+
+def test_raw_images_and_slight_overshoot_pass():
+    check_images(_images(), "Toy")
+    check_images(_images()[0], "Toy")  # a single (3, H, W) image
+    check_images(_images() * 1.2 - 0.1, "Toy")  # augmentation noise around [0, 1] is fine
+    check_images(_images().double(), "Toy")
+
+
+def test_checks_are_skipped_while_tracing(monkeypatch):
+    monkeypatch.setattr(guards, "is_tracing", lambda: True)
+    check_images((_images() * 255).to(torch.uint8), "Toy")
+    check_finite("Toy", "the map", torch.tensor([float("nan")]))
+
+
+def test_check_finite_raises_a_value_error_with_the_hint():
+    with pytest.raises(NonFiniteError, match=r"Toy: the map contains NaN or inf\. Retrain\.") as info:
+        check_finite("Toy", "the map", torch.ones(2), torch.tensor([1.0, float("inf")]), hint="Retrain.")
+    assert isinstance(info.value, ValueError) and isinstance(info.value, FloatingPointError)
+    check_finite("Toy", "the map", torch.ones(2), None, torch.tensor([1, 2]))  # ints and None are ignored
+
+
+def test_nonfinite_parameters_names_them():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    assert nonfinite_parameters(net) == []
+    with torch.no_grad():
+        net[0].bias[1] = float("nan")
+    net[1].running_mean[0] = float("inf")
+    assert nonfinite_parameters(net) == ["0.bias", "1.running_mean"]
