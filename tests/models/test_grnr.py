@@ -1,22 +1,33 @@
-"""GRNR: the closed form against brute-force least squares, self filtering, the exportable solver, defect maps,
-zero-shot Engine runs, export parity and input errors (tiny CPU settings)."""
+"""GRNR: the closed form against brute-force least squares, float32 exactness on near-flat neighbourhoods, self
+filtering, the exportable solver, the inference wiring (pooling, priors, λ, border cuts, fusion), defect maps,
+zero-shot Engine/CLI runs with and without calibration data, export parity and input errors (tiny CPU settings)."""
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from anomalib_recon.components.guards import NonFiniteError
 from anomalib_recon.models.image.grnr import GRNR
+from anomalib_recon.models.image.grnr.post_processor import GRNRPostProcessor, relative_map
 from anomalib_recon.models.image.grnr.torch_model import (
-    global_prior_sum,
+    fill_border,
     grnr_residual,
     mean_distance_to_others,
+    neighbourhood_regression,
     neighbourhood_support,
-    regularised_projection,
     resolve_layers,
+    select_global_priors,
     spd_solve,
 )
 
@@ -56,7 +67,8 @@ def _brute_prior_indices(q: torch.Tensor, k: int) -> set[int]:
 
 
 def _brute_residual(pooled: torch.Tensor, b: int, y: int, x: int, k: int, lam: float) -> float:
-    """min_w ‖q − wS‖² + λ Σ_j ‖μ_j − wS‖² as one stacked least-squares problem (torch.linalg.lstsq)."""
+    """min_w ‖q − wS‖² + λ Σ_j ‖μ_j − wS‖² as one stacked least-squares problem (torch.linalg.lstsq, float64)."""
+    pooled = pooled.double()
     q_all = pooled[b].flatten(1).T  # (N, C)
     q = pooled[b, :, y, x]
     s = _brute_neighbours(pooled, b, y, x)  # (8, C)
@@ -65,8 +77,20 @@ def _brute_residual(pooled: torch.Tensor, b: int, y: int, x: int, k: int, lam: f
         for j in sorted(_brute_prior_indices(q_all, k)):
             blocks.append(math.sqrt(lam) * s.T)
             targets.append(math.sqrt(lam) * q_all[j])
-    w = torch.linalg.lstsq(torch.cat(blocks), torch.cat(targets).unsqueeze(-1)).solution.squeeze(-1)
+    w = torch.linalg.lstsq(torch.cat(blocks), torch.cat(targets).unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
     return float((q - w @ s).norm())
+
+
+def _ridge_residual_f64(support: torch.Tensor, query: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    """‖q − wS‖ with w = argmin ‖t − wS‖² + ε̃‖w‖², ε̃ = ε·trace(SSᵀ)/8 + tiny: the augmented least-squares problem
+    ``[Sᵀ; √ε̃ I] w = [t; 0]`` solved by torch.linalg.lstsq in float64 (the brute-force reference)."""
+    s, q, t = support.double(), query.double(), target.double()
+    ridge = eps * (s * s).sum((-1, -2)) / 8 + torch.finfo(torch.float32).tiny
+    eye = torch.eye(8, dtype=torch.float64)
+    system = torch.cat([s.transpose(-1, -2), ridge.sqrt()[..., None, None] * eye], dim=-2)
+    rhs = torch.cat([t, torch.zeros(*t.shape[:-1], 8, dtype=torch.float64)], dim=-1)
+    w = torch.linalg.lstsq(system, rhs.unsqueeze(-1)).solution.squeeze(-1)
+    return (q - (w.unsqueeze(-2) @ s).squeeze(-2)).norm(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------- algorithm
@@ -108,7 +132,9 @@ def test_self_filtering_picks_smallest_mean_distance_to_the_others_and_chunks_ar
     for b in range(2):
         chosen = _brute_prior_indices(q[b], k)
         assert not chosen & {0, 1, 2}
-        torch.testing.assert_close(global_prior_sum(q[b : b + 1], k, chunk_size=7)[0], q[b, sorted(chosen)].sum(0))
+        priors = select_global_priors(q[b : b + 1], k, chunk_size=7)[0]
+        assert priors.shape == (k, 6)
+        torch.testing.assert_close(priors.sum(0), q[b, sorted(chosen)].sum(0))
 
 
 def test_self_filtering_is_accurate_in_float32_for_nearly_identical_features():
@@ -119,22 +145,22 @@ def test_self_filtering_is_accurate_in_float32_for_nearly_identical_features():
     torch.testing.assert_close(mean_distance_to_others(q).double(), brute, atol=2e-3, rtol=0.05)
 
 
-def test_closed_form_equals_projection_and_demo_formula():
+def test_closed_form_equals_the_demo_formula():
     gen = torch.Generator().manual_seed(2)
     pooled = torch.randn(2, 12, 6, 6, generator=gen, dtype=torch.float64)
     q = pooled.flatten(2).transpose(1, 2)
     s = neighbourhood_support(pooled)
     k, lam = 5, 5.0
-    mu_sum = global_prior_sum(q, k)
-    target = (q + lam * mu_sum[:, None]) / (1 + lam * k)
-    projected = regularised_projection(s, target, eps=0.0)
+    priors = select_global_priors(q, k)
+    got = neighbourhood_regression(s, q, priors, lam, eps=1e-12)
     interior = torch.tensor([y * 6 + x for y in range(1, 5) for x in range(1, 5)])
-    s, q, projected = s[:, interior], q[:, interior], projected[:, interior]
+    s, q, got = s[:, interior], q[:, interior], got[:, interior]
     # the demo's closed form: w = (q Sᵀ + λ Σ_j μ_j Sᵀ) [(1 + λK) S Sᵀ]⁻¹, q̂ = w S (torch.linalg.solve)
-    rhs = ((q + lam * mu_sum[:, None]).unsqueeze(-2) @ s.transpose(-1, -2)).squeeze(-2)
+    rhs = ((q + lam * priors.sum(1)[:, None]).unsqueeze(-2) @ s.transpose(-1, -2)).squeeze(-2)
     gram = (1 + lam * k) * (s @ s.transpose(-1, -2))
     w = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)  # G symmetric: w G = r  <=>  G wᵀ = rᵀ
-    torch.testing.assert_close(projected, (w.unsqueeze(-2) @ s).squeeze(-2), rtol=1e-8, atol=1e-8)
+    expected = (q - (w.unsqueeze(-2) @ s).squeeze(-2)).norm(dim=-1)
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("lam", [0.0, 5.0, 0.7])
@@ -160,6 +186,158 @@ def test_lambda_zero_is_neighbourhood_least_squares_and_lambda_pulls_toward_the_
     torch.testing.assert_close(plain, lstsq, rtol=1e-6, atol=1e-9)
     # a neighbourhood regression residual is a projection residual: λ > 0 (a different target) can only raise it
     assert (grnr_residual(pooled, 3, 5.0, eps=1e-12).flatten() >= plain - 1e-9).all()
+
+
+# ---------------------------------------------------------------------------------------------------- float32 precision
+def _near_flat(kind: str, n: int, c: int, rel: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbourhoods (1, n, 8, c) and queries (1, n, c) whose 8 neighbours are nearly equal (relative spread ``rel``):
+
+    ``flat`` = one feature vector with values in 1e-4..1e-3 (a plain background or a black border) plus isotropic
+    deviations; ``collinear`` = scaled copies of one vector (brightness changes); ``gradient`` = a linear ramp over
+    the 3x3 window. Queries deviate from the neighbours by about ``rel`` too.
+    """
+    base = 1e-4 + 9e-4 * torch.rand(n, 1, c, generator=gen, dtype=torch.float64)
+    size = base.norm(dim=-1, keepdim=True) / math.sqrt(c)
+    if kind == "flat":
+        support = base + rel * size * torch.randn(n, 8, c, generator=gen, dtype=torch.float64)
+    elif kind == "collinear":
+        support = base * (1 + rel * torch.randn(n, 8, 1, generator=gen, dtype=torch.float64))
+    else:
+        gy, gx = rel * size * torch.randn(2, n, 1, c, generator=gen, dtype=torch.float64)
+        offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+        support = torch.cat([base + dy * gy + dx * gx for dy, dx in offsets], dim=1)
+    query = base[:, 0] + rel * size[:, 0] * torch.randn(n, c, generator=gen, dtype=torch.float64)
+    return support.float().unsqueeze(0), query.float().unsqueeze(0)
+
+
+@pytest.mark.parametrize("channels", [112, 1024])
+@pytest.mark.parametrize("lam", [0.0, 5.0])
+def test_float32_regression_matches_a_float64_brute_force_on_near_flat_neighbourhoods(channels, lam):
+    # float32 on the raw Gram matrix S Sᵀ (before the fix) was off by up to 1e3x here, with NaN at C = 1024
+    gen = torch.Generator().manual_seed(5)
+    for kind in ("flat", "collinear", "gradient"):
+        for rel in (1e-4, 1e-3, 1e-2):
+            support, query = _near_flat(kind, 64, channels, rel, gen)
+            priors = (query[:, :1] + 1e-4 * torch.rand(1, 10, channels, generator=gen)).float()  # K = 10
+            got = neighbourhood_regression(support, query, priors, lam, eps=1e-6)
+            k = priors.shape[1]
+            target = (
+                query if lam == 0 else (query.double() + lam * priors.double().sum(1, keepdim=True)) / (1 + lam * k)
+            )
+            expected = _ridge_residual_f64(support, query, target, eps=1e-6)
+            assert torch.isfinite(got).all()
+            rel_error = ((got.double() - expected).abs() / expected).max().item()
+            assert rel_error < 2e-4, (kind, rel, rel_error)  # measured: <= 6e-5 (collinear), ~1e-7 (flat)
+
+
+def test_regression_is_finite_and_exact_on_degenerate_neighbourhoods():
+    gen = torch.Generator().manual_seed(6)
+    query = torch.randn(1, 3, 16, generator=gen)
+    # all neighbours zero (a black border after ReLU): nothing to project on, the residual is the query itself
+    zero = neighbourhood_regression(torch.zeros(1, 3, 8, 16), query)
+    torch.testing.assert_close(zero, query.norm(dim=-1))
+    # all neighbours identical, query = a multiple of them: the residual is (almost) zero, never NaN
+    same = torch.rand(1, 3, 1, 16, generator=gen).expand(-1, -1, 8, -1).contiguous()
+    out = neighbourhood_regression(same, 3.0 * same[:, :, 0], None, 0.0)
+    assert torch.isfinite(out).all() and (out < 1e-4 * 3.0 * same[:, :, 0].norm(dim=-1)).all()
+    # reflect-padded duplicates (three pairs of equal neighbours) and large features
+    support = 1e3 * torch.rand(1, 3, 8, 16, generator=gen)
+    support[:, :, :3] = support[:, :, 5:]
+    expected = _ridge_residual_f64(support, 1e3 * query, 1e3 * query, 1e-6)
+    torch.testing.assert_close(neighbourhood_regression(support, 1e3 * query).double(), expected, rtol=1e-5, atol=0)
+
+
+def test_solve_errors_on_bad_arguments():
+    support, query = torch.rand(1, 4, 8, 6), torch.rand(1, 4, 6)
+    for eps in (0.0, -1e-6, float("nan")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            neighbourhood_regression(support, query, eps=eps)
+    with pytest.raises(ValueError, match=r"support .* and query .* disagree"):
+        neighbourhood_regression(support, torch.rand(1, 4, 5))
+    with pytest.raises(ValueError, match=r"lam > 0 needs priors of shape \(B, K, C\) = \(1, K, 6\)"):
+        neighbourhood_regression(support, query, None, 5.0)
+    with pytest.raises(ValueError, match="lam > 0 needs priors"):
+        neighbourhood_regression(support, query, torch.rand(1, 3, 5), 5.0)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        neighbourhood_regression(support.half(), query.half())
+    with pytest.raises(ValueError, match=r"num_global_priors=6 needs between 1 and N feature vectors.*N=5"):
+        select_global_priors(torch.rand(1, 5, 3), 6)
+    with pytest.raises(ValueError, match=r"num_global_priors=1 .* N=1"):
+        select_global_priors(torch.rand(1, 1, 3), 1)
+
+
+# ---------------------------------------------------------------------------------------------------- wiring
+def _wiring_model(k: int = 5, lam: float = 0.7, **kwargs) -> torch.nn.Module:
+    """Random-weight Lite0 at 64 px: an 8x8 (stride 8) and a 4x4 (stride 16) grid; border cuts (1, 1) and (0, 0)."""
+    return GRNR(
+        **{**TINY, "num_global_priors": k, "lam": lam, "visualizer": False, "distance_chunk": 16, **kwargs}
+    ).model
+
+
+def _features(model: torch.nn.Module, seed: int = 0) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return model.feature_extractor(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize(("k", "lam"), [(3, 0.7), (9, 0.7), (5, 5.0), (5, 0.0)])
+def test_scale_map_is_pooling_then_regression_with_the_models_k_and_lambda(k, lam):
+    # each position: brute-force least squares on the 3x3-average-POOLED features with the model's K priors and λ;
+    # a hard-coded K, a lost λ or pooling after the regression all change these numbers
+    model = _wiring_model(k, lam)
+    feature = _features(model)[0]  # (1, 40, 8, 8)
+    got = model.scale_map(feature, (0, 0))[0, 0]
+    pooled = F.avg_pool2d(feature, 3, stride=1, padding=1)  # count_include_pad=True, as the authors' demo
+    for y, x in ((0, 0), (3, 4), (7, 2), (5, 7), (2, 2)):
+        expected = _brute_residual(pooled, 0, y, x, k, lam)
+        assert got[y, x].item() == pytest.approx(expected, rel=1e-4), (y, x)
+
+
+def test_each_layer_gets_its_own_border_cut_and_the_band_takes_the_interiors_minimum():
+    model = _wiring_model()
+    assert model.cuts((64, 64)) == [(1, 1), (0, 0)]  # (3, 2) cells at 320 px, scaled to 64 px
+    calls = []
+    original = model.scale_map
+
+    def spy(feature: torch.Tensor, cut: tuple[int, int]) -> torch.Tensor:
+        out = original(feature, cut)
+        calls.append((tuple(feature.shape[-2:]), tuple(cut), out))
+        return out
+
+    model.scale_map = spy
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert [(grid, cut) for grid, cut, _ in calls] == [((8, 8), (1, 1)), ((4, 4), (0, 0))]
+    fine = calls[0][2][0, 0]
+    ring = torch.ones(8, 8, dtype=torch.bool)
+    ring[1:-1, 1:-1] = False
+    assert (fine[ring] == fine[1:-1, 1:-1].min()).all()
+
+
+def test_fill_border_uses_the_interior_only():
+    residual = torch.arange(36, dtype=torch.float32).reshape(1, 1, 6, 6) + 10.0
+    residual[0, 0, 0, 0] = 1.0  # a band value below every interior value (reflected neighbourhoods can do that)
+    residual[0, 0, 5, 3] = float("nan")  # and one that is not finite: neither may leak into the fill
+    filled = fill_border(residual, (1, 2))
+    interior = residual[0, 0, 1:5, 2:4]
+    assert (filled[0, 0, 1:5, 2:4] == interior).all()
+    band = torch.ones(6, 6, dtype=torch.bool)
+    band[1:5, 2:4] = False
+    assert (filled[0, 0][band] == interior.min()).all()
+    assert fill_border(residual, (0, 0)) is residual
+
+
+def test_scales_are_fused_by_their_product():
+    model = _wiring_model(crop=0)
+    rng = torch.Generator().manual_seed(3)
+    fake = {8: 1.0 + torch.rand(1, 1, 8, 8, generator=rng), 4: 1.0 + torch.rand(1, 1, 4, 4, generator=rng)}
+    model.scale_map = lambda feature, cut: fake[feature.shape[-1]]
+    fused = model.anomaly_map(_features(model), (64, 64))
+    layers = [model.blur(F.interpolate(fake[g], size=(64, 64), mode="bilinear", align_corners=False)) for g in (8, 4)]
+    torch.testing.assert_close(fused, layers[0] * layers[1])
+    model.scale_map = lambda feature, cut: torch.full(
+        (1, 1, feature.shape[-2], feature.shape[-1]), 2.0 + (feature.shape[-1] == 4)
+    )
+    torch.testing.assert_close(model.anomaly_map(_features(model), (64, 64)), torch.full((1, 1, 64, 64), 6.0))
 
 
 # ---------------------------------------------------------------------------------------------------- maps
@@ -210,11 +388,12 @@ def test_map_size_border_and_crop_follow_the_input_size():
     # the outer band replicates the edge of the central region
     torch.testing.assert_close(amap[:, :, :10, 6:58], amap[:, :, 10:11, 6:58].expand(-1, -1, 10, -1))
     torch.testing.assert_close(amap[:, :, 20:70, -6:], amap[:, :, 20:70, -7:-6].expand(-1, -1, -1, 6))
-    # border cut: the stride-8 map's outer cell ring sits at the map minimum
+    # border cut: the stride-8 map's outer cell ring sits at the minimum of the interior
     feature = model.feature_extractor(images)[0]
     layer_map = model.scale_map(feature, (1, 1))
-    assert (layer_map[:, :, :1] == layer_map.amin(dim=(-2, -1), keepdim=True)).all()
-    assert (layer_map[:, :, 1:-1, 1:-1] > layer_map.amin(dim=(-2, -1), keepdim=True)).any()
+    interior_min = layer_map[:, :, 1:-1, 1:-1].amin(dim=(-2, -1), keepdim=True)
+    assert (layer_map[:, :, :1] == interior_min).all()
+    assert (layer_map[:, :, 1:-1, 1:-1] > interior_min).any()
 
 
 # ---------------------------------------------------------------------------------------------------- engine
@@ -228,6 +407,12 @@ def test_zero_shot_engine_test_without_fit_then_fit_and_safe_checkpoint(tiny_cat
     assert results["image_AUROC"] > 0.9
     assert results["pixel_AUROC"] > 0.9
     assert float(model.post_processor.image_max) > float(model.post_processor.image_min)  # calibrated by validation
+    assert model.post_processor.calibrated
+    # predict on a plain folder after that calibration: anomalib's normalised scores, labels and masks
+    predictions = engine.predict(model, data_path=tiny_category / "test" / "defect")
+    for batch in predictions:
+        assert batch.pred_label is not None and batch.pred_mask is not None
+        assert ((batch.pred_score >= 0) & (batch.pred_score <= 1)).all()
 
     fitted = tiny()
     engine = cpu_engine(tmp_path / "fit", enable_model_summary=False)
@@ -245,6 +430,119 @@ def test_zero_shot_engine_test_without_fit_then_fit_and_safe_checkpoint(tiny_cat
     torch.testing.assert_close(a.anomaly_map, b.anomaly_map)
     torch.testing.assert_close(a.pred_score, b.pred_score)
     assert b.anomaly_map.shape == (2, 1, 64, 64)
+
+
+def _plain_folder(root: Path, category: Path) -> tuple[Path, list[str]]:
+    """A flat folder of images (2 defective, 2 good, no labels or masks): what a user points `predict` at."""
+    root.mkdir(parents=True)
+    names = []
+    for sub, prefix in (("defect", "d"), ("good", "g")):
+        for path in sorted((category / "test" / sub).glob("*.png"))[:2]:
+            shutil.copy(path, root / f"{prefix}_{path.name}")
+            names.append(f"{prefix}_{path.name}")
+    return root, names
+
+
+@pytest.mark.slow
+def test_zero_shot_predict_on_a_plain_folder_gives_raw_scores_relative_maps_and_says_so(
+    tiny_category, tmp_path, caplog
+):
+    from tests.conftest import cpu_engine
+
+    folder, _ = _plain_folder(tmp_path / "images", tiny_category)
+    model = GRNR(backbone="tf_efficientnet_lite0", weights="imagenet", image_size=64, num_global_priors=8)
+    engine = cpu_engine(tmp_path / "run", enable_model_summary=False)
+    with caplog.at_level(logging.WARNING):
+        predictions = engine.predict(model, data_path=folder)  # was: "`val_dataloader` must be implemented"
+    assert "GRNR: predicting without calibration data" in caplog.text
+    assert not model.post_processor.calibrated
+    scores = {}
+    for batch in predictions:
+        assert batch.pred_label is None and batch.pred_mask is None  # no threshold without calibration data
+        maps = batch.anomaly_map
+        assert torch.isfinite(maps).all() and maps.shape[-2:] == (64, 64)
+        torch.testing.assert_close(maps.flatten(1).amax(1), torch.ones(len(maps)))  # each map / its own maximum
+        assert (maps >= 0).all()
+        for path, score in zip(batch.image_path, batch.pred_score, strict=True):
+            scores[Path(path).name] = float(score)
+    # raw scores: the model's own maxima, far above 1, and the defective images rank first
+    with torch.no_grad():
+        raw = model.model(model.pre_processor(torch.stack([predictions[0].image[0]]))).pred_score
+    assert float(raw) > 1.0
+    defect = [v for n, v in scores.items() if n.startswith("d_")]
+    good = [v for n, v in scores.items() if n.startswith("g_")]
+    assert len(defect) == 2 and len(good) == 2
+    assert min(defect) > max(good)
+    # visualisations were written and are images of the [0, 1] maps
+    assert list((tmp_path / "run").rglob("*.png"))
+
+
+@pytest.mark.slow
+def test_cli_predict_on_a_plain_folder(tiny_category, tmp_path):
+    folder, names = _plain_folder(tmp_path / "images", tiny_category)
+    cli = Path(sys.executable).parent / "anomalib"
+    command = [
+        str(cli),
+        "predict",
+        "--model",
+        "GRNR",
+        "--model.backbone",
+        "tf_efficientnet_lite0",
+        "--model.image_size",
+        "64",
+        "--model.num_global_priors",
+        "8",
+        "--data",
+        str(folder),
+        "--trainer.accelerator",
+        "cpu",
+        "--default_root_dir",
+        str(tmp_path / "results"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "val_dataloader" not in log
+    assert "GRNR: predicting without calibration data" in log
+    written = sorted(p.name for p in (tmp_path / "results").rglob("*.png"))
+    assert sorted(names) == written
+
+
+def test_uncalibrated_direct_call_and_calibrated_post_processing():
+    model = tiny()
+    model.eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        raw = model.model(model.pre_processor(images))
+        out = model(images)
+    assert not model.post_processor.calibrated
+    torch.testing.assert_close(out.pred_score, raw.pred_score)  # raw scores
+    torch.testing.assert_close(out.anomaly_map, relative_map(raw.anomaly_map))
+    torch.testing.assert_close(out.anomaly_map * out.pred_score.view(-1, 1, 1, 1), raw.anomaly_map)
+    assert out.pred_label is None and out.pred_mask is None
+    # once calibrated it is anomalib's PostProcessor: min-max normalisation around the threshold, labels
+    post = model.post_processor
+    post.image_min.fill_(0.0), post.image_max.fill_(2.0 * float(raw.pred_score.max()))
+    post._image_threshold.fill_(float(raw.pred_score.max()))
+    post.pixel_min.fill_(0.0), post.pixel_max.fill_(float(raw.anomaly_map.max()))
+    post._pixel_threshold.fill_(0.5 * float(raw.anomaly_map.max()))
+    assert post.calibrated
+    with torch.no_grad():
+        out = model(images)
+    assert out.pred_label is not None and ((out.pred_score >= 0) & (out.pred_score <= 1)).all()
+    # an all-zero map stays zero (no NaN from dividing by its maximum)
+    assert torch.equal(relative_map(torch.zeros(2, 1, 4, 4)), torch.zeros(2, 1, 4, 4))
+    assert isinstance(GRNR.configure_post_processor(), GRNRPostProcessor)
+
+
+def test_export_of_an_uncalibrated_model_warns(monkeypatch, caplog, tmp_path):
+    from anomalib_recon.components.module import ReconModuleMixin
+
+    monkeypatch.setattr(ReconModuleMixin, "to_onnx", lambda self, root, *a, **k: Path(root) / "model.onnx")
+    with caplog.at_level(logging.WARNING):
+        tiny().to_onnx(tmp_path, input_size=(64, 64))
+    assert "exporting an uncalibrated model" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -333,6 +631,8 @@ def test_resolve_layers_and_paper_defaults():
         ({"image_size": 16}, "Input 16x16 gives a 2x2 feature grid"),
         ({"border_cut": (3,)}, "border_cut needs one non-negative value per layer"),
         ({"distance_chunk": 0}, "distance_chunk must be >= 1"),
+        ({"eps": 0.0}, "eps must be a finite number > 0"),
+        ({"eps": -1e-6}, "eps must be a finite number > 0"),
         ({"backbone": "not_a_backbone"}, "Unknown timm backbone"),
     ],
 )
@@ -345,9 +645,25 @@ def test_input_errors():
     model = tiny().model
     images = torch.randn(1, 3, 64, 64)
     images[0, 1, 3, 4] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(NonFiniteError, match="images contains NaN or inf"):
         model(images)
     with pytest.raises(ValueError, match=r"Input 32x32 gives a 2x2 feature grid at layer 'blocks\.4'"):
         model(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="RGB batch"):
         model(torch.randn(1, 1, 64, 64))
+
+
+def test_autocast_half_precision_and_nan_features_are_refused(monkeypatch):
+    model = tiny().model
+    images = torch.randn(1, 3, 64, 64)
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(RuntimeError, match="refuses to run under autocast"),
+    ):
+        model(images)
+    with pytest.raises(TypeError, match="GRNR runs in float32"):
+        model(images.half())
+    nan_features = [torch.zeros(1, 40, 8, 8), torch.full((1, 112, 4, 4), float("nan"))]
+    monkeypatch.setattr(model.feature_extractor, "forward", lambda images: nan_features)
+    with pytest.raises(NonFiniteError, match=r"backbone features of layer 'blocks\.4' contains NaN.*weights file"):
+        model(images)

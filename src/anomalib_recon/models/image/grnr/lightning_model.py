@@ -1,7 +1,8 @@
 """GRNR: Global-Regularized Neighborhood Regression for efficient zero-shot texture anomaly detection.
 
 Paper: H. Yao et al., *Global-Regularized Neighborhood Regression for Efficient Zero-Shot Texture Anomaly
-Detection*, arXiv 2406.07333. Reference: github.com/hmyao22/GRNR ``demo.py`` (no licence file; read, not copied).
+Detection*, arXiv 2406.07333. Authors' code: GitHub hmyao22/GRNR, ``demo.py``, commit 8c02ba1 (no licence file;
+read, not copied).
 
 Training-free: every feature of a test image is regressed from its 3×3 neighbours, regularised toward the image's
 own most typical features ("self filtering"); the regression residual is the anomaly map. No training images.
@@ -20,12 +21,13 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities.types import STEP_OUTPUT
+from lightning.pytorch.utilities.types import EVAL_DATALOADERS, STEP_OUTPUT
 from torch import nn
 
 from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
 
+from .post_processor import UNCALIBRATED_MEANING, GRNRPostProcessor
 from .torch_model import REFERENCE_SIZE, GRNRModel
 
 logger = logging.getLogger(__name__)
@@ -40,9 +42,12 @@ class GRNR(ReconModuleMixin, AnomalibModule):
 
     ``learning_type`` is ``ZERO_SHOT``: ``Engine.test``/``predict`` work without a fit (anomalib runs a validation
     pass first to calibrate the normalisation and thresholds), and ``Engine.fit``/``anomalib train`` only run that
-    validation, as for WinCLIP. The anomaly map has the input size: the paper evaluates the central 256 px of a
-    320-px map; here the outer 10 % band repeats the centre's edge (the spec's default option), so it can be
-    compared with full-size masks.
+    validation, as for WinCLIP. ``Engine.predict(model, data_path=...)`` / ``anomalib predict --data <folder>`` have
+    no validation images: the model then answers that validation with no data (instead of Lightning's
+    "``val_dataloader`` must be implemented") and predicts uncalibrated outputs whose meaning is logged
+    (:class:`~.post_processor.GRNRPostProcessor`). The anomaly map has the input size: the paper evaluates the
+    central 256 px of a 320-px map; here the outer 10 % band repeats the centre's edge, so it can be compared with
+    full-size masks.
 
     Args:
         backbone: timm CNN; ``wide_resnet50_2.tv_in1k`` (torchvision V1 weights) as in the paper.
@@ -54,14 +59,15 @@ class GRNR(ReconModuleMixin, AnomalibModule):
         pool_kernel: Local average pooling (3).
         num_global_priors: ``K``, the self-filtered global priors (40).
         lam: ``λ``, weight of the global regularisation (5); 0 = plain neighbourhood regression (the ablation).
-        border_cut: Border band per layer, in feature cells at 320 px, set to the map minimum ((3, 2)); scales with
-            the input size.
+        border_cut: Border band per layer, in feature cells at 320 px, set to the interior's minimum ((3, 2)); scales
+            with the input size.
         blur_sigma: Gaussian σ of the map in pixels at 320 px (3); scales with the input size.
         crop: Outer band in pixels at 320 px (32) outside the evaluated centre, filled by edge replication.
-        eps: Relative ridge on the 8×8 Gram matrices (1e-6).
+        eps: Relative ridge ``ε > 0`` on the 8×8 systems (1e-6).
         distance_chunk: Rows of the ``N × N`` distance matrix computed at once (1024; exact).
         pre_processor: Pre-processor, or ``True`` for Resize(``image_size``) + ImageNet Normalize.
-        post_processor: Post-processor or flag (anomalib's ``PostProcessor`` by default).
+        post_processor: Post-processor or flag (:class:`~.post_processor.GRNRPostProcessor` by default: anomalib's
+            ``PostProcessor`` once calibrated).
         evaluator: Evaluator or flag.
         visualizer: Visualizer or flag.
 
@@ -120,8 +126,9 @@ class GRNR(ReconModuleMixin, AnomalibModule):
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
-        """anomalib's min-max normalisation and F1-adaptive thresholds (no default exists for ZERO_SHOT)."""
-        return PostProcessor()
+        """anomalib's min-max normalisation and F1-adaptive thresholds once calibrated; honest raw outputs before
+        (:class:`~.post_processor.GRNRPostProcessor`). anomalib has no default for ZERO_SHOT models."""
+        return GRNRPostProcessor()
 
     @staticmethod
     def configure_optimizers() -> None:
@@ -149,3 +156,36 @@ class GRNR(ReconModuleMixin, AnomalibModule):
         del args, kwargs
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
+
+    # ------------------------------------------------------------------------------------------------ zero-shot use
+    def val_dataloader(self) -> EVAL_DATALOADERS:
+        """No validation images: an empty validation, so nothing is calibrated (and Lightning does not fail).
+
+        Lightning asks the model only when neither a datamodule nor dataloaders were given: anomalib's
+        ``Engine.predict(model, data_path=...)`` (and ``anomalib predict --data <folder>``) validates a zero-shot
+        model before predicting even when there is nothing to validate on. Any datamodule or dataloader passed to
+        the Engine still takes precedence and calibrates as usual.
+        """
+        logger.info("GRNR: no validation images were given; the post-processor is not calibrated by this run.")
+        return []
+
+    def on_predict_start(self) -> None:
+        """Say in the log what the outputs mean when no calibration data was seen."""
+        if isinstance(self.post_processor, GRNRPostProcessor) and not self.post_processor.calibrated:
+            logger.warning(
+                "GRNR: predicting without calibration data (no validation images, no calibrated checkpoint): %s. For "
+                "normalised scores, labels and masks, predict with a datamodule that has validation images "
+                "(Engine.predict(model, datamodule=...), anomalib predict --data <datamodule>) or a calibrated "
+                "checkpoint (ckpt_path).",
+                UNCALIBRATED_MEANING,
+            )
+
+    def to_onnx(self, export_root: Any, model_file_name: str = "model", input_size: Any = None, **kwargs: Any) -> Any:
+        """ONNX export (also the first step of OpenVINO's); warns when the post-processor is not calibrated."""
+        if isinstance(self.post_processor, GRNRPostProcessor) and not self.post_processor.calibrated:
+            logger.warning(
+                "GRNR: exporting an uncalibrated model: the graph's pred_score and anomaly_map are raw and its "
+                "pred_label/pred_mask compare raw values with 0.5 (meaningless). Calibrate first (Engine.validate or "
+                "Engine.test with images), then export."
+            )
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)

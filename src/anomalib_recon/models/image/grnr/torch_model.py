@@ -1,19 +1,34 @@
 """PyTorch model of GRNR: global-regularised neighbourhood regression on frozen CNN features (training-free).
 
-Per image and per scale, on the 3×3-average-pooled feature map ``E`` (``N = h·w`` positions, ``C`` channels):
+Per image and per scale, on the 3×3-average-pooled feature map ``E`` (``N = h·w`` positions ``q_n``, ``C``
+channels):
 
-1. **Self filtering** (global normality prior ``S_G``): the ``K`` features with the smallest mean Euclidean
-   distance to all *other* features of the same image; only their sum ``Σ_j μ_j`` is needed.
-2. **Local support** ``S_n ∈ R^{8×C}``: the 8 neighbours of position ``n`` in the reflect-padded map (centre
-   excluded).
-3. **Regression**: ``min_w ‖q − wS‖² + λ Σ_j ‖μ_j − wS‖²`` has the closed form
-   ``q̂ = t Sᵀ (S Sᵀ)⁻¹ S`` with the regularised target ``t = (q + λ Σ_j μ_j) / (1 + λK)`` (the projection of
-   ``t`` onto the span of the neighbours). ``λ = 0`` is plain neighbourhood regression (RNR).
-4. **Residual** ``a_n = ‖q_n − q̂_n‖``; border band set to the map minimum, bilinear upsampling, Gaussian blur;
-   product over the scales; central crop with the outer band replicated; image score = max of the map.
+1. **Self filtering** (global normality prior ``S_G``, :func:`select_global_priors`): the ``K`` features with the
+   smallest mean Euclidean distance to all *other* features of the same image.
+2. **Local support** ``S_n ∈ R^{8×C}`` (:func:`neighbourhood_support`): the 8 neighbours of position ``n`` in the
+   reflect-padded map (centre excluded).
+3. **Regression** (:func:`neighbourhood_regression`, which takes the priors as an argument):
+   ``min_w ‖q − wS‖² + λ Σ_j ‖μ_j − wS‖² + ε̃ ‖w‖²`` has the closed form ``q̂ = w S`` with
+   ``w = t Sᵀ (S Sᵀ + ε̃ I)⁻¹`` and the regularised target ``t = (q + λ Σ_j μ_j) / (1 + λK)``: the ridge projection
+   of ``t`` onto the span of the neighbours. ``λ = 0`` is plain neighbourhood regression (RNR);
+   ``ε̃ = ε · trace(S Sᵀ)/8`` (+ the smallest normal float) keeps the system invertible.
+4. **Residual** ``a_n = ‖q_n − q̂_n‖``; a border band per layer takes the minimum of the interior
+   (:func:`fill_border`), bilinear upsampling, Gaussian blur; product over the scales; central crop with the outer
+   band replicated; image score = max of the map.
 
-Everything is batched over images and positions and uses only ops that export to ONNX/OpenVINO: the 8×8
-solves are an unrolled batched Cholesky (:func:`spd_solve`), ``torch.linalg`` has no ONNX lowering.
+Numerics of step 3 in float32. On flat regions (plain backgrounds, black borders) the 8 neighbours are nearly equal,
+``S Sᵀ`` is nearly rank one and its entries are large numbers whose small differences carry the answer: formed and
+factorised directly in float32 it loses the answer (residuals off by orders of magnitude, negative pivots, NaN).
+The same problem is solved in a basis where nothing cancels: the anchor ``a = s_8`` and the differences
+``d_i = s_i − a`` (``B = T S``, ``T`` a fixed 8×8 matrix), so ``w S = c B`` and the ridge becomes ``ε̃ c T Tᵀ cᵀ``;
+the system ``(B Bᵀ + ε̃ T Tᵀ) c = B (t − a) − ε̃ T Tᵀ e_1`` is Jacobi-scaled (unit diagonal), and the residual is
+``(q − a) − c B`` (``a`` lies in the span, so its part of the projection is exact except for the ridge term on the
+right). It is the same regularised problem, exact in float32 to about 1e-6 relative on near-flat neighbourhoods
+(``benchmarks/grnr_precision.py``), and it stays float32 so ONNX/OpenVINO run the identical graph (OpenVINO's CPU
+plugin computes float64 graphs in float32).
+
+Everything is batched over images and positions and uses only ops that export to ONNX/OpenVINO: the 8×8 solves are
+an unrolled batched Cholesky (:func:`spd_solve`), ``torch.linalg`` has no ONNX lowering.
 """
 
 from __future__ import annotations
@@ -24,19 +39,22 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from anomalib.data import InferenceBatch
-from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
+from anomalib_recon.components.anomaly_map import check_blur_fits, make_blur, reduce_max
 from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
+from anomalib_recon.components.guards import check_finite
 from anomalib_recon.components.tracing import is_tracing
 
 __all__ = [
     "GRNRModel",
-    "global_prior_sum",
+    "fill_border",
+    "grnr_residual",
     "mean_distance_to_others",
+    "neighbourhood_regression",
     "neighbourhood_support",
-    "regularised_projection",
     "resolve_layers",
+    "select_global_priors",
     "spd_solve",
 ]
 
@@ -44,6 +62,10 @@ FEATURE_STRIDES = (8, 16)
 """Strides of the default layers (WRN50 ``layer2``/``layer3``, the paper's choice)."""
 REFERENCE_SIZE = 320
 """Input size at which the paper's border cut, blur σ and crop are given (they scale with the input)."""
+NUM_NEIGHBOURS = 8
+"""The 3×3 window without its centre."""
+SOLVE_DTYPES = (torch.float32, torch.float64)
+"""Dtypes the regression accepts: its residuals are small differences of large feature norms."""
 
 
 def resolve_layers(backbone: str, layers: Sequence[int | str] | None) -> list[int | str]:
@@ -56,16 +78,17 @@ def resolve_layers(backbone: str, layers: Sequence[int | str] | None) -> list[in
 
 
 # ------------------------------------------------------------------------------------------------ the algorithm
-def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor, min_pivot: float | None = None) -> torch.Tensor:
     """Solve ``A x = b`` for a batch of small symmetric positive-definite ``A (..., n, n)``, ``b (..., n)``.
 
     An unrolled Cholesky factorisation ``A = L Lᵀ`` with forward and back substitution, written with slicing,
     products and sums only, so that it exports to ONNX/OpenVINO (``torch.linalg.solve``/``cholesky`` do not).
-    ``n`` is fixed at trace time (8 for GRNR), so the loops unroll into a fixed graph. The pivots are clamped to
-    a tiny positive value; callers regularise ``A`` (GRNR adds ``εI``).
+    ``n`` is fixed at trace time (8 for GRNR), so the loops unroll into a fixed graph. Each pivot (before its square
+    root) is clamped to ``min_pivot`` (default: the smallest normal float): a caller that knows a lower bound of
+    ``A``'s eigenvalues passes it, so rounding can never produce a zero or negative pivot.
     """
     n = matrix.shape[-1]
-    tiny = torch.finfo(matrix.dtype).tiny
+    floor = torch.finfo(matrix.dtype).tiny if min_pivot is None else float(min_pivot)
     rows = torch.arange(n, device=matrix.device)
     cols: list[torch.Tensor] = []  # columns of L, zero above the diagonal
     for j in range(n):
@@ -73,7 +96,7 @@ def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         if j:
             done = torch.stack(cols, dim=-1)  # (..., n, j)
             v = v - (done * done[..., j : j + 1, :]).sum(-1)
-        pivot = v[..., j : j + 1].clamp_min(tiny).sqrt()
+        pivot = v[..., j : j + 1].clamp_min(floor).sqrt()
         cols.append(v / pivot * (rows >= j).to(matrix.dtype))
     lower = torch.stack(cols, dim=-1)
     ys: list[torch.Tensor] = []  # L y = b
@@ -96,9 +119,9 @@ def mean_distance_to_others(features: torch.Tensor, chunk_size: int | None = Non
 
     ``features (B, N, C)`` → ``(B, N)``. Distances in matmul form ``√(‖x‖² + ‖y‖² − 2 x·y)`` on features centred
     on their image mean (exact, and it avoids float32 cancellation when features are far from 0); the diagonal
-    (a feature with itself) is excluded by zeroing it and dividing by ``N − 1`` (the reference demo writes
-    ``inf`` there, which makes every mean infinite — not reproduced). With ``chunk_size`` rows of the ``N × N``
-    matrix are computed at a time: exact, and memory ``B·chunk_size·N`` instead of ``B·N²``.
+    (a feature with itself) is excluded by zeroing it and dividing by ``N − 1`` (the authors' demo writes ``inf``
+    there, which makes every mean infinite — not reproduced). With ``chunk_size`` rows of the ``N × N`` matrix are
+    computed at a time: exact, and memory ``B·chunk_size·N`` instead of ``B·N²``.
     """
     n = features.shape[1]
     features = features - features.mean(dim=1, keepdim=True)  # distances are shift-invariant; less cancellation
@@ -116,15 +139,25 @@ def mean_distance_to_others(features: torch.Tensor, chunk_size: int | None = Non
     return torch.cat(sums, dim=1) / (n - 1)
 
 
-def global_prior_sum(features: torch.Tensor, num_priors: int, chunk_size: int | None = None) -> torch.Tensor:
-    """Self filtering: ``Σ_j μ_j`` over the ``num_priors`` features with the smallest mean distance to the others.
+def select_global_priors(features: torch.Tensor, num_priors: int, chunk_size: int | None = None) -> torch.Tensor:
+    """Self filtering: the ``num_priors`` features with the smallest mean distance to the others, ``(B, K, C)``.
 
-    ``features (B, N, C)`` → ``(B, C)``. Only the sum enters the closed form.
+    ``features (B, N, C)`` with ``N >= 2`` (a mean distance to the others needs another feature) and
+    ``1 <= num_priors <= N``.
     """
+    if features.dim() != 3:
+        msg = f"select_global_priors expects features (B, N, C), got shape {tuple(features.shape)}."
+        raise ValueError(msg)
+    n = features.shape[1]
+    if not 1 <= num_priors <= n or n < 2:
+        msg = (
+            f"num_global_priors={num_priors} needs between 1 and N feature vectors per image and N >= 2, but the map "
+            f"has N={n}. Use fewer num_global_priors or a larger image_size."
+        )
+        raise ValueError(msg)
     mean_dist = mean_distance_to_others(features, chunk_size)
     index = torch.topk(mean_dist, num_priors, dim=1, largest=False).indices  # (B, K)
-    priors = torch.gather(features, 1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-    return priors.sum(1)
+    return torch.gather(features, 1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
 
 
 def neighbourhood_support(pooled: torch.Tensor) -> torch.Tensor:
@@ -135,24 +168,106 @@ def neighbourhood_support(pooled: torch.Tensor) -> torch.Tensor:
     b, c, h, w = pooled.shape
     padded = F.pad(pooled, (1, 1, 1, 1), mode="reflect")
     shifted = [padded[:, :, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3) if (dy, dx) != (1, 1)]
-    return torch.stack(shifted, dim=1).reshape(b, 8, c, h * w).permute(0, 3, 1, 2)
+    return torch.stack(shifted, dim=1).reshape(b, NUM_NEIGHBOURS, c, h * w).permute(0, 3, 1, 2)
 
 
-def regularised_projection(support: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``q̂ = w S`` with ``w = t Sᵀ (S Sᵀ + ε̃ I)⁻¹``: the regularised target projected onto the neighbours' span.
+def _anchor_ridge(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``T Tᵀ``, its diagonal and its first row, for the basis ``B = T S``: row 0 the anchor ``s_8``, row ``i`` the
+    difference ``s_i − s_8``.
 
-    ``target (B, N, C)``, ``support (B, N, 8, C)``. ``ε̃ = ε · trace(S Sᵀ)/8`` (plus the smallest
-    normal float) keeps the Gram matrix invertible when neighbours are (nearly) collinear (**ASSUMPTION** of the
-    spec; the demo adds 0.001·U[0,1) noise to the neighbours instead).
+    ``(T Tᵀ)_00 = 1``, ``(T Tᵀ)_0i = −1``, ``(T Tᵀ)_ij = 1 + δ_ij`` (``i, j ≥ 1``); eigenvalues 0.1125 ... 8.89.
     """
-    gram = support @ support.transpose(-1, -2)  # (B, N, 8, 8)
-    k = support.shape[-2]
-    trace = (support * support).sum((-1, -2))
-    ridge = eps * trace / k + torch.finfo(support.dtype).tiny
-    eye = torch.eye(k, dtype=support.dtype, device=support.device)
-    rhs = (support @ target.unsqueeze(-1)).squeeze(-1)  # (B, N, 8)
-    weights = spd_solve(gram + ridge[..., None, None] * eye, rhs)
-    return (weights.unsqueeze(-2) @ support).squeeze(-2)
+    k = NUM_NEIGHBOURS
+    first = [1.0] + [-1.0] * (k - 1)
+    rows = [first] + [[-1.0] + [2.0 if i == j else 1.0 for j in range(1, k)] for i in range(1, k)]
+    tt = torch.tensor(rows, dtype=dtype, device=device)
+    return tt, torch.tensor([1.0] + [2.0] * (k - 1), dtype=dtype, device=device), tt[0]
+
+
+TT_MIN_EIGENVALUE = 0.1125
+"""Smallest eigenvalue of ``T Tᵀ`` (0.11252...; rounded down)."""
+
+
+def pivot_floor(eps: float) -> float:
+    """A lower bound of the eigenvalues of the Jacobi-scaled system of :func:`neighbourhood_regression`.
+
+    ``λ_min(B Bᵀ + ε̃ T Tᵀ) >= ε̃ λ_min(T Tᵀ)`` and its diagonal is at most ``2 trace(S Sᵀ) + 2ε̃`` with
+    ``ε̃ >= ε trace(S Sᵀ)/8``, so every Cholesky pivot of the scaled system is at least
+    ``λ_min(T Tᵀ) ε / (16 + 2ε)``; 90 % of it is the floor that rounding may never cross.
+    """
+    return 0.9 * TT_MIN_EIGENVALUE * eps / (16.0 + 2.0 * eps)
+
+
+def neighbourhood_regression(
+    support: torch.Tensor,
+    query: torch.Tensor,
+    priors: torch.Tensor | None = None,
+    lam: float = 0.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Residual norms ``‖q − q̂‖`` of the global-regularised neighbourhood regression, ``(B, N)``.
+
+    Solves ``min_w ‖q − wS‖² + λ Σ_j ‖μ_j − wS‖² + ε̃ ‖w‖²`` per position (module docstring) in the anchored,
+    Jacobi-scaled basis that keeps float32 exact on near-flat neighbourhoods.
+
+    Args:
+        support: Neighbours ``S (B, N, 8, C)`` (:func:`neighbourhood_support`).
+        query: Features ``q (B, N, C)``.
+        priors: The global priors ``μ_j`` of each image, ``(B, K, C)`` (:func:`select_global_priors`); their count
+            ``K`` is the ``K`` of the target. Needed when ``lam > 0``, ignored when ``lam == 0``.
+        lam: ``λ >= 0``.
+        eps: ``ε > 0``, the ridge relative to ``trace(S Sᵀ)/8``.
+    """
+    if support.dim() != 4 or query.dim() != 3 or support.shape[-2] != NUM_NEIGHBOURS:
+        msg = (
+            f"neighbourhood_regression expects support (B, N, 8, C) and query (B, N, C), got {tuple(support.shape)} "
+            f"and {tuple(query.shape)}."
+        )
+        raise ValueError(msg)
+    if support.shape[:2] != query.shape[:2] or support.shape[-1] != query.shape[-1]:
+        msg = f"support {tuple(support.shape)} and query {tuple(query.shape)} disagree on B, N or C."
+        raise ValueError(msg)
+    if query.dtype not in SOLVE_DTYPES or support.dtype != query.dtype:
+        msg = (
+            f"the GRNR regression runs in float32 or float64, got {query.dtype}/{support.dtype}: its residuals are "
+            "small differences of large feature norms, which half precision cannot hold. Run the model in float32."
+        )
+        raise TypeError(msg)
+    if not (math.isfinite(eps) and eps > 0):
+        msg = f"eps must be a finite number > 0 (the ridge that keeps the 8x8 systems invertible), got {eps!r}."
+        raise ValueError(msg)
+    if not (math.isfinite(lam) and lam >= 0):
+        msg = f"lam must be a finite number >= 0, got {lam!r}."
+        raise ValueError(msg)
+    k = NUM_NEIGHBOURS
+    anchor = support[..., k - 1, :]  # (B, N, C)
+    basis = torch.cat([anchor.unsqueeze(-2), support[..., : k - 1, :] - anchor.unsqueeze(-2)], dim=-2)
+    if lam > 0:
+        if (
+            priors is None
+            or priors.dim() != 3
+            or priors.shape[0] != query.shape[0]
+            or priors.shape[-1] != query.shape[-1]
+        ):
+            shape = None if priors is None else tuple(priors.shape)
+            msg = f"lam > 0 needs priors of shape (B, K, C) = ({query.shape[0]}, K, {query.shape[-1]}), got {shape}."
+            raise ValueError(msg)
+        weight = lam * priors.shape[1]  # λK
+        prior_mean = priors.mean(dim=1, keepdim=True)  # Σ_j μ_j = K μ̄
+        offset = ((query - anchor) + weight * (prior_mean - anchor)) / (1.0 + weight)  # t − a
+    else:
+        offset = query - anchor
+    ridge = eps * (support * support).sum((-1, -2)) / k + torch.finfo(support.dtype).tiny  # ε̃ (B, N)
+    tt, tt_diagonal, tt_first = _anchor_ridge(support.dtype, support.device)
+    scale = ((basis * basis).sum(-1) + ridge.unsqueeze(-1) * tt_diagonal).rsqrt()  # Jacobi scaling (B, N, 8)
+    scaled = basis * scale.unsqueeze(-1)
+    system = scaled @ scaled.transpose(-1, -2) + ridge[..., None, None] * tt * (
+        scale.unsqueeze(-1) * scale.unsqueeze(-2)
+    )
+    rhs = (scaled @ offset.unsqueeze(-1)).squeeze(-1) - ridge.unsqueeze(-1) * tt_first * scale
+    coefficients = spd_solve(system, rhs, min_pivot=pivot_floor(eps))
+    residual = (query - anchor) - (coefficients.unsqueeze(-2) @ scaled).squeeze(-2)
+    return (residual * residual).sum(-1).sqrt()
 
 
 def grnr_residual(
@@ -162,22 +277,31 @@ def grnr_residual(
     eps: float = 1e-6,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Regression residual ``‖q − q̂‖`` at every position of a pooled map ``(B, C, h, w)`` → ``(B, 1, h, w)``."""
+    """Regression residual ``‖q − q̂‖`` at every position of a pooled map ``(B, C, h, w)`` → ``(B, 1, h, w)``.
+
+    The priors come from self filtering (:func:`select_global_priors`) on the same map; ``λ = 0`` skips them.
+    """
     b, _, h, w = pooled.shape
     query = pooled.flatten(2).transpose(1, 2)  # (B, N, C)
-    support = neighbourhood_support(pooled)
-    if lam > 0:
-        prior = global_prior_sum(query, num_priors, chunk_size)
-        target = (query + lam * prior.unsqueeze(1)) / (1.0 + lam * num_priors)
-    else:
-        target = query
-    residual = query - regularised_projection(support, target, eps)
-    return (residual * residual).sum(-1).sqrt().reshape(b, 1, h, w)
+    priors = select_global_priors(query, num_priors, chunk_size) if lam > 0 else None
+    residual = neighbourhood_regression(neighbourhood_support(pooled), query, priors, lam, eps)
+    return residual.reshape(b, 1, h, w)
 
 
-def _gaussian_kernel_size(sigma: float) -> int:
-    """scipy's ``gaussian_filter`` support: radius ``int(4σ + 0.5)``."""
-    return 2 * int(4.0 * sigma + 0.5) + 1
+def fill_border(residual: torch.Tensor, cut: tuple[int, int]) -> torch.Tensor:
+    """Set a band of ``cut = (rows, cols)`` cells at the border of ``(B, 1, h, w)`` maps to the interior's minimum.
+
+    The band's own values (neighbourhoods made of reflected copies) never enter the fill value.
+    """
+    ch, cw = int(cut[0]), int(cut[1])
+    if not (ch or cw):
+        return residual
+    h, w = residual.shape[-2:]
+    interior = residual[..., ch : h - ch, cw : w - cw]
+    rows = torch.arange(h, device=residual.device)
+    columns = torch.arange(w, device=residual.device)
+    inside = ((rows >= ch) & (rows < h - ch))[:, None] & ((columns >= cw) & (columns < w - cw))[None, :]
+    return torch.where(inside, residual, interior.amin(dim=(-2, -1), keepdim=True))
 
 
 # ------------------------------------------------------------------------------------------------ the module
@@ -189,15 +313,15 @@ class GRNRModel(nn.Module):
         layers: Layers (names or ``features_only`` indices); ``None`` = strides 8 and 16 (:func:`resolve_layers`).
         weights: ``"imagenet"``, a local weights file, or ``None``.
         image_size: Input size the default sizes are scaled for (the paper: 320×320).
-        pool_kernel: Local aggregation (3×3 average pooling, ``count_include_pad=True``, as the demo).
+        pool_kernel: Local aggregation (3×3 average pooling, ``count_include_pad=True``, as the authors' demo).
         num_global_priors: ``K``, features kept by self filtering (40).
         lam: ``λ``, weight of the global regularisation (5); 0 = plain neighbourhood regression.
-        border_cut: Border band (in feature cells at 320 px, per layer) set to the map minimum: (3, 2). Scaled
-            by ``input / 320`` and rounded (**INFERRED** for other sizes).
+        border_cut: Border band (in feature cells at 320 px, per layer) set to the interior's minimum: (3, 2).
+            Scaled by ``input / 320`` and rounded (**INFERRED** for other sizes).
         blur_sigma: Gaussian σ in pixels at 320 px (3), scaled by ``min(input) / 320``; 0 = no blur.
         crop: Border band in pixels at 320 px (32) outside the evaluated centre; the map keeps the input size and
-            the band repeats the centre's edge (the spec's default option). 0 = no crop.
-        eps: Relative ridge on the 8×8 Gram matrices (1e-6, **ASSUMPTION** of the spec).
+            the band repeats the centre's edge. 0 = no crop.
+        eps: Relative ridge ``ε > 0`` on the 8×8 systems (1e-6, **INFERRED**).
         distance_chunk: Rows of the per-image ``N × N`` distance matrix computed at once (exact; bounds memory
             at large inputs). ``None`` = all rows at once.
     """
@@ -230,11 +354,8 @@ class GRNRModel(nn.Module):
         self.eps = float(eps)
         self.distance_chunk = None if distance_chunk is None else int(distance_chunk)
         self.sigma = float(blur_sigma) * min(self.image_size) / REFERENCE_SIZE
-        self.blur = (
-            GaussianBlur2d(sigma=self.sigma, channels=1, kernel_size=_gaussian_kernel_size(self.sigma))
-            if self.sigma > 0
-            else None
-        )
+        check_blur_fits(self.sigma, None, self.image_size, "GRNR")
+        self.blur = make_blur(self.sigma) if self.sigma > 0 else None
         self.check_image_size(self.image_size)
 
     @staticmethod
@@ -258,8 +379,10 @@ class GRNRModel(nn.Module):
             problems.append(f"pool_kernel must be an odd integer >= 1, got {pool_kernel!r}")
         if len(cut) != len(layers) or any(int(c) < 0 for c in cut):
             problems.append(f"border_cut needs one non-negative value per layer ({len(layers)}), got {list(cut)}")
-        if sigma < 0 or crop < 0 or eps < 0:
-            problems.append(f"blur_sigma, crop and eps must be >= 0, got {sigma}, {crop}, {eps}")
+        if sigma < 0 or crop < 0:
+            problems.append(f"blur_sigma and crop must be >= 0, got {sigma}, {crop}")
+        if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
+            problems.append(f"eps must be a finite number > 0 (the ridge of the 8x8 systems; 1e-6), got {eps!r}")
         if chunk is not None and chunk < 1:
             problems.append(f"distance_chunk must be >= 1 or None, got {chunk}")
         if problems:
@@ -303,18 +426,10 @@ class GRNRModel(nn.Module):
 
     # -------------------------------------------------------------------------------------------- forward
     def scale_map(self, features: torch.Tensor, cut: tuple[int, int]) -> torch.Tensor:
-        """Residual map of one layer ``(B, C, h, w)`` → ``(B, 1, h, w)`` with its border band at the map minimum."""
+        """Residual map of one layer ``(B, C, h, w)`` → ``(B, 1, h, w)``: pooling, regression, border fill."""
         pooled = F.avg_pool2d(features, self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
         residual = grnr_residual(pooled, self.num_global_priors, self.lam, self.eps, self.distance_chunk)
-        ch, cw = cut
-        if ch or cw:
-            h, w = residual.shape[-2:]
-            rows = torch.arange(h, device=residual.device)
-            columns = torch.arange(w, device=residual.device)
-            inside = ((rows >= ch) & (rows < h - ch))[:, None] & ((columns >= cw) & (columns < w - cw))[None, :]
-            minimum = residual.amin(dim=(-2, -1), keepdim=True)
-            residual = torch.where(inside, residual, minimum)
-        return residual
+        return fill_border(residual, cut)
 
     def anomaly_map(self, features: list[torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
         """Upsampled, blurred per-layer maps, their product, the central crop with the band replicated."""
@@ -332,14 +447,36 @@ class GRNRModel(nn.Module):
             fused = F.pad(centre, (bw, bw, bh, bh), mode="replicate")
         return fused
 
+    def _check_precision(self, images: torch.Tensor) -> None:
+        """Refuse autocast and half-precision inputs: the residuals need float32 (module docstring)."""
+        device_type = images.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            msg = (
+                f"GRNR refuses to run under autocast ({device_type}, {dtype}): its regression residuals are small "
+                "differences of large feature norms, which half precision loses. Run in float32: Engine/Trainer "
+                "precision='32' (not 'bf16-mixed'/'16-mixed'), or call the model outside torch.autocast."
+            )
+            raise RuntimeError(msg)
+        if images.dtype not in SOLVE_DTYPES:
+            msg = f"GRNR runs in float32 (got {images.dtype} images); call model.float() and pass float32 images."
+            raise TypeError(msg)
+
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """``images (B, 3, H, W)`` (normalised) → anomaly map ``(B, 1, H, W)`` and image score = its max."""
         image_size = (int(images.shape[-2]), int(images.shape[-1]))
-        if not is_tracing() and not bool(torch.isfinite(images).all()):
-            msg = "images contain NaN or Inf values; GRNR needs finite, normalised images (check the input files)."
-            raise ValueError(msg)
+        if not is_tracing():
+            self._check_precision(images)
+            check_finite("GRNR", "the (normalised) images", images, hint="Check the input files.")
         features = self.feature_extractor(images)
         if not is_tracing():
+            for layer, feature in zip(self.feature_extractor.layers, features, strict=True):
+                check_finite(
+                    "GRNR",
+                    f"the backbone features of layer {layer!r}",
+                    feature,
+                    hint="The images are finite, so the backbone weights are not: check the weights file.",
+                )
             self.check_image_size(image_size, [tuple(f.shape[-2:]) for f in features])
         anomaly_map = self.anomaly_map(features, image_size)
-        return InferenceBatch(pred_score=anomaly_map.amax(dim=(-3, -2, -1)), anomaly_map=anomaly_map)
+        return InferenceBatch(pred_score=reduce_max(anomaly_map), anomaly_map=anomaly_map)
