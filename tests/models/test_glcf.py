@@ -334,7 +334,8 @@ def test_statistics_source_prefers_a_normal_only_validation_split():
         model._trainer = SimpleNamespace(datamodule=SimpleNamespace(val_data=val, train_data=train))
         loader, source = model._statistics_source()
         assert source == expected
-        assert loader.dataset is (normal if expected == "validation" else train)
+        # the validation split is read through its own loader; the training set by the shared loop (loader None)
+        assert (loader.dataset is normal) if expected == "validation" else loader is None
     model.stats_split = "val"
     model._trainer = SimpleNamespace(datamodule=SimpleNamespace(val_data=mixed, train_data=train))
     with pytest.raises(ValueError, match="stats_split='val'"):
@@ -596,11 +597,11 @@ def test_lightning_fit_statistics_applies_the_pre_processor_and_the_image_cap():
     torch.manual_seed(0)
     model = tiny(stats_max_images=3)
     raw = [torch.rand(2, 3, 64, 64) for _ in range(3)]
-    mean, std = model.fit_statistics(raw)  # stops after 4 images (two whole batches)
-    expected = model.model.fit_statistics([model.pre_processor.transform(x) for x in raw[:2]])
+    mean, std = model.fit_statistics(raw)  # the first 3 images: one batch and half of the next
+    expected = model.model.fit_statistics([model.pre_processor.transform(torch.cat(raw)[:3])])
     torch.testing.assert_close(mean, expected[0])
     torch.testing.assert_close(std, expected[1])
-    other = model.model.fit_statistics([model.pre_processor.transform(x) for x in raw])
+    other = model.model.fit_statistics([model.pre_processor.transform(x) for x in raw[:2]])
     assert not torch.allclose(other[0], expected[0])
     with pytest.raises(ValueError, match="stats_max_images"):
         tiny(stats_max_images=0)
@@ -618,3 +619,165 @@ def test_statistics_are_outdated_after_training_steps_or_loading_other_weights()
     assert model.statistics_outdated()
     model.model.load_state_dict(snapshot)  # back to the weights the statistics were fitted with
     assert not model.statistics_outdated()
+
+
+# ---------------------------------------------------------------------------------------------------- wiring
+def _global_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Brute-force ``mean_b (1 − cos(flat(a_b), flat(b_b)))`` in float64."""
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    return (1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean()
+
+
+def test_training_step_optimises_the_three_correspondence_terms_and_trains_every_decoder(monkeypatch):
+    """Through ``training_step``: the loss is Σ_k cosG(T_k, L_k) + cosG(G_k, T_k) + cosG(G_k, Ĝ_k) on the tensors the
+    forward produced, with ``T_k`` the frozen teacher's maps of the batch; the bottleneck and all three decoders get
+    gradients, the frozen teacher none. A decoder compared with the wrong target, or a term left out of the optimised
+    loss (Ψ_G then gets no gradient), fails here."""
+    from anomalib.data import ImageBatch
+
+    torch.manual_seed(0)
+    model = tiny()
+    net = model.model
+    images = normalize(torch.rand(2, 3, 64, 64))
+    recorded = {}
+    run = net.run
+
+    def recording_run(x: torch.Tensor):
+        recorded["out"] = run(x)
+        return recorded["out"]
+
+    monkeypatch.setattr(net, "run", recording_run)
+    net.train()
+    loss = model.training_step(ImageBatch(image=images), 0)["loss"]
+    loss.backward()
+    out = recorded["out"]
+    with torch.no_grad():
+        teacher = net.teacher(images)
+    for got, want in zip(out.teacher, teacher[:3], strict=True):
+        torch.testing.assert_close(got, want)
+    expected = sum(
+        _global_cosine(t, loc) + _global_cosine(g, t) + _global_cosine(g, ge)
+        for t, loc, g, ge in zip(out.teacher, out.local, out.global_features, out.global_estimates, strict=True)
+    )
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    for name in ("bottleneck", "local_decoder", "global_decoder", "global_estimator"):
+        params = list(getattr(net, name).parameters())
+        assert all(p.grad is not None for p in params), name
+        assert sum(float(p.grad.abs().sum()) for p in params) > 0, name
+    assert all(p.grad is None for p in net.teacher.parameters())
+    assert model.statistics_outdated()  # a training step makes the fitted statistics stale
+
+
+class _Images(torch.utils.data.Dataset):
+    """Raw images in [0, 1], one tensor per item (what the statistics loop reads)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def test_statistics_are_refit_with_the_final_weights_when_training_ends():
+    """``on_train_end`` after a training step refits μ, σ on the training images with the weights that step left,
+    exactly what a direct fit on those images gives."""
+    from anomalib.data import ImageBatch
+
+    torch.manual_seed(0)
+    model = tiny(lr=1e-2)
+    raw = torch.rand(5, 3, 64, 64)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_data=None, train_data=_Images(raw)))
+    try:
+        model._trainer = trainer
+        model.fit_statistics()
+        before = model.model.stats_mean.clone()
+        model._trainer = None  # training_step logs, which needs a real trainer or none
+        optimizer = model.configure_optimizers()["optimizer"]
+        model.model.train()
+        loss = model.training_step(ImageBatch(image=normalize(raw[:2])), 0)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model._trainer = trainer
+        model.on_train_end()
+    finally:
+        model._trainer = None
+    fitted = (model.model.stats_mean.clone(), model.model.stats_std.clone())
+    assert not torch.allclose(fitted[0], before)  # refit, with the new weights
+    expected = model.model.fit_statistics([model.pre_processor.transform(raw)])
+    torch.testing.assert_close(fitted[0], expected[0])
+    torch.testing.assert_close(fitted[1], expected[1])
+    assert not model.statistics_outdated()
+
+
+def test_blur_and_optimiser_settings_are_checked_at_construction():
+    with pytest.raises(ValueError, match=r"GLCF: blur_sigma=8 .* image_size"):
+        tiny(image_size=32, blur_sigma=8.0)
+    for kwargs, match in (
+        ({"lr": float("nan")}, "lr must be a finite number > 0"),
+        ({"lr": 0.0}, "lr must be a finite number > 0"),
+        ({"weight_decay": -1.0}, "weight_decay must be a finite number >= 0"),
+        ({"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0"),
+        ({"betas": (0.9, 1.5)}, r"betas must be two numbers in \[0, 1\)"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            tiny(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- final weights
+@pytest.mark.slow
+def test_max_steps_mid_epoch_leaves_the_thresholds_a_fresh_validation_computes(tmp_path, tiny_category):
+    """8 training images, batch 4, 3 steps: training ends mid-epoch. The post-processor's thresholds and min/max
+    after ``fit`` equal those of a fresh ``Engine.validate`` of the final model: the last validation ran on the final
+    weights, with map statistics refitted for them."""
+    torch.manual_seed(0)
+    model = tiny(lr=1e-3)
+    datamodule = folder_datamodule(tiny_category, batch_size=4, seed=0)  # the same validation split both times
+    engine = cpu_engine(tmp_path / "fit", max_steps=3)
+    engine.fit(model, datamodule=datamodule)
+    assert engine.trainer.global_step == 3
+    after_fit = {k: v.clone() for k, v in model.post_processor.state_dict().items()}
+    stats = (model.model.stats_mean.clone(), model.model.stats_std.clone())
+    assert not model.statistics_outdated()
+    cpu_engine(tmp_path / "validate").validate(model, datamodule=folder_datamodule(tiny_category, batch_size=4, seed=0))
+    torch.testing.assert_close(model.model.stats_mean, stats[0], rtol=0, atol=0)
+    torch.testing.assert_close(model.model.stats_std, stats[1], rtol=0, atol=0)
+    validated = model.post_processor.state_dict()
+    assert sorted(validated) == sorted(after_fit)
+    for key, value in after_fit.items():
+        assert bool(torch.isfinite(value).all()), key
+        torch.testing.assert_close(validated[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("split", "validate"), [("training", False), ("validation", True)])
+def test_ddp_ranks_fit_the_single_process_statistics(split, validate, tmp_path, tiny_category):
+    """Under 2-process DDP both ranks hold identical map statistics, equal to an in-process refit on rank 0's final
+    model. Training set without validation: fitted at the end of training, after the last step, when each rank's
+    decoder batch-norm statistics have moved apart (no DDP forward follows to overwrite them); each rank reads its
+    share of the images and the rows are gathered. Normal-only validation split: read whole on every rank, at the
+    final validation."""
+    from anomalib_recon.models.image.glcf.lightning_model import _all_normal
+    from tests.ddp import assert_same_state, fit_ddp
+
+    extra = {"val_split_mode": "from_train", "val_split_ratio": 0.25, "seed": 0} if split == "validation" else {}
+    engine_kwargs = {} if validate else {"limit_val_batches": 0}
+    torch.manual_seed(0)
+    model = tiny(evaluator=False, lr=1e-2)
+    datamodule = folder_datamodule(tiny_category, batch_size=2, **extra)
+    states = fit_ddp(model, datamodule, tmp_path, max_steps=3, **engine_kwargs)
+    assert_same_state(states, ["model.stats_mean", "model.stats_std", "model.stats_fitted"])
+    assert bool(states[0]["model.stats_fitted"])
+
+    datamodule = folder_datamodule(tiny_category, batch_size=2, **extra)
+    datamodule.setup()
+    assert _all_normal(datamodule.val_data) == (split == "validation")  # so the fit read the intended split
+    dataset = datamodule.val_data if split == "validation" else datamodule.train_data
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, shuffle=False, collate_fn=dataset.collate_fn)
+    model.load_state_dict(states[0])
+    mean, std = model.fit_statistics(loader)
+    torch.testing.assert_close(mean, states[0]["model.stats_mean"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(std, states[0]["model.stats_std"], rtol=1e-5, atol=1e-6)

@@ -1,6 +1,8 @@
 """GLCF: Learning Global-Local Correspondence with Semantic Bottleneck for Logical Anomaly Detection.
 
-Paper: H. Yao et al., arXiv 2303.05768. Reference code: github.com/hmyao22/GLCF (MIT), read for understanding only.
+Paper: H. Yao et al., *Learning Global-Local Correspondence with Semantic Bottleneck for Logical Anomaly
+Detection*, arXiv 2303.05768. Authors' code: GitHub hmyao22/GLCF, commit a9eaaec (MIT licence), read for
+understanding only.
 
 A frozen CNN teacher, a ViT bottleneck whose patch tokens carry the local latent and whose one semantic token
 carries a global latent, and three reverse-distillation decoders: the local branch (teacher vs local estimate)
@@ -12,6 +14,7 @@ fitted on normal images, weighted over scales and fused.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,10 +27,12 @@ from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
 from anomalib_recon.components.module import ReconModuleMixin
+from anomalib_recon.components.normal_images import collect_normal_images
 from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
 from anomalib_recon.components.schedules import check_lr_schedule, multistep_lr
 
@@ -42,12 +47,20 @@ DEFAULT_IMAGE_SIZE = (224, 224)
 STATS_SPLITS = ("auto", "train", "val")
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_normal(dataset: Any) -> bool:
     """Whether an anomalib dataset holds only normal images (label 0); False when that cannot be told."""
     samples = getattr(dataset, "samples", None)
     if samples is None or len(samples) == 0 or "label_index" not in getattr(samples, "columns", []):
         return False
     return bool((samples["label_index"] == 0).all())
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class GLCF(ReconModuleMixin, AnomalibModule):
@@ -66,7 +79,8 @@ class GLCF(ReconModuleMixin, AnomalibModule):
         decoder_embed_dim, decoder_depth, decoder_num_heads: DPTV latent decoders (480, 6, 16).
         mlp_ratio: Block MLP ratio (4).
         legacy_double_residual: The reference's extra outer residual ``x ← Block(x) + x`` (True).
-        fuse_patch_scales: Sum the three patch embeddings (True); False = deepest scale only (released v3 code).
+        fuse_patch_scales: Sum the three patch embeddings (True, the paper and the authors' code at a9eaaec);
+            False = the deepest scale only (an ablation; an earlier authors' commit, 0571ff1, had it).
         decoder: ``"auto"``: anomalib's reverse-distillation decoder for ResNet teachers, a generic RD-style decoder
             (:class:`~.torch_model.ChannelMirrorDecoder`, **INFERRED**) otherwise; or ``"resnet"`` / ``"generic"``.
         decoder_blocks: Blocks per stage of the generic decoder (2, **INFERRED**).
@@ -79,8 +93,8 @@ class GLCF(ReconModuleMixin, AnomalibModule):
         blur_sigma: Optional Gaussian σ per upsampled map (the reference's is commented out; σ = 4 if used).
         stats_split: Normal images for the map statistics: ``"auto"`` (the datamodule's validation split when it
             holds only normal images, else the training set), ``"train"`` or ``"val"``.
-        stats_max_images: Use at most this many images (whole batches, in dataset order) for the statistics;
-            ``None`` = all (**INFERRED** option, to bound the refit cost on large training sets).
+        stats_max_images: Use the first this many images (in dataset order) for the statistics; ``None`` = all
+            (**INFERRED** option, to bound the refit cost on large training sets).
         lr: AdamW learning rate (1e-4).
         betas: AdamW betas ((0.9, 0.95)).
         weight_decay: AdamW weight decay (0.01, PyTorch's default that the reference ends up with).
@@ -136,8 +150,14 @@ class GLCF(ReconModuleMixin, AnomalibModule):
         super().__init__(
             sized_pre_processor(type(self), image_size, pre_processor), post_processor, evaluator, visualizer
         )
-        if lr <= 0 or weight_decay < 0 or len(betas) != 2:
-            msg = f"need lr > 0, weight_decay >= 0 and two betas; got {lr}, {weight_decay}, {betas}."
+        if not _finite_number(lr) or lr <= 0:
+            msg = f"GLCF: lr must be a finite number > 0, got {lr!r}."
+            raise ValueError(msg)
+        if not _finite_number(weight_decay) or weight_decay < 0:
+            msg = f"GLCF: weight_decay must be a finite number >= 0, got {weight_decay!r}."
+            raise ValueError(msg)
+        if len(betas) != 2 or not all(_finite_number(b) and 0 <= b < 1 for b in betas):
+            msg = f"GLCF: betas must be two numbers in [0, 1), got {betas!r}."
             raise ValueError(msg)
         if stats_max_images is not None and stats_max_images < 1:
             msg = f"stats_max_images must be a positive number of images or None, got {stats_max_images}."
@@ -268,31 +288,21 @@ class GLCF(ReconModuleMixin, AnomalibModule):
         if self._stats_stale:
             self.fit_statistics()
 
-    def _statistics_source(self) -> tuple[Iterable, str]:
-        """Normal images for the statistics: the datamodule's normal-only validation split or its training set."""
+    def _statistics_source(self) -> tuple[DataLoader | None, str]:
+        """Where the statistics come from: ``(None, "training")`` for the training set (the shared loop reads it,
+        sharded under DDP), or ``(loader, "validation")`` for the datamodule's normal-only validation split."""
         trainer = getattr(self, "_trainer", None)
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if datamodule is not None:
-            val = getattr(datamodule, "val_data", None)
-            if self.stats_split in ("auto", "val") and val is not None and _all_normal(val):
-                return self._loader(datamodule, val), "validation"
-            if self.stats_split == "val":
-                msg = (
-                    "stats_split='val' but the datamodule's validation split is missing or holds anomalous images; "
-                    "use stats_split='train' or a datamodule with a normal-only validation split (e.g. MVTec LOCO)."
-                )
-                raise ValueError(msg)
-            train = getattr(datamodule, "train_data", None)
-            if train is not None:
-                return self._loader(datamodule, train), "training"
-        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
-        if loader is None:
+        val = getattr(datamodule, "val_data", None)
+        if self.stats_split in ("auto", "val") and val is not None and _all_normal(val):
+            return self._loader(datamodule, val), "validation"
+        if self.stats_split == "val":
             msg = (
-                "GLCF: no normal images to fit the map statistics on; call fit_statistics(dataloader) with a loader "
-                "of normal images, or train with Engine.fit(model, datamodule=...)."
+                "GLCF: stats_split='val' but the datamodule's validation split is missing or holds anomalous images; "
+                "use stats_split='train' or a datamodule with a normal-only validation split (e.g. MVTec LOCO)."
             )
             raise ValueError(msg)
-        return loader, "training"
+        return None, "training"
 
     @staticmethod
     def _loader(datamodule: Any, dataset: Any) -> DataLoader:
@@ -304,38 +314,49 @@ class GLCF(ReconModuleMixin, AnomalibModule):
             collate_fn=getattr(datamodule, "external_collate_fn", None) or dataset.collate_fn,
         )
 
-    def _prepare(self, batch: Any) -> torch.Tensor:
-        images = batch if isinstance(batch, torch.Tensor) else batch.image
-        images = images.to(self.device)
-        transform = getattr(self.pre_processor, "transform", None)
-        return transform(images) if transform is not None else images
-
-    def _limited(self, batches: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
-        """Stop once ``stats_max_images`` images have been yielded (whole batches)."""
-        seen = 0
-        for images in batches:
-            if self.stats_max_images is not None and seen >= self.stats_max_images:
-                return
-            seen += int(images.shape[0])
-            yield images
+    def _map_moment_rows(self, images: torch.Tensor) -> torch.Tensor:
+        """One row per pre-processed image: its maps' means and standard deviations ``(B, 4, 3)``."""
+        return torch.cat(self.model.map_moments(images), dim=1)
 
     def fit_statistics(self, dataloader: Iterable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Fit ``(μ, σ)`` per (branch, scale) on normal images and store them as buffers.
 
+        Every DDP rank ends with the statistics a single process computes on rank 0's model: the model's buffers
+        (the decoders' batch-norm statistics, which each rank updates on its own batches) are first taken from rank
+        0, as DDP does before each forward; the training set is then read by the shared loop
+        (:func:`~anomalib_recon.components.normal_images.collect_normal_images`: each rank reads its share and the
+        per-image rows are gathered), and the normal validation split is read whole on every rank and rank 0's
+        result is kept.
+
         Args:
-            dataloader: Batches of *raw* normal images (anomalib batches or tensors; the pre-processor's transform
-                is applied here, as the Lightning loops do). ``None``: the source chosen by ``stats_split`` from the
-                trainer's datamodule (called automatically during ``Engine.fit``).
+            dataloader: Batches of *raw* normal images (anomalib batches or tensors; the pre-processor is applied
+                here, as the Lightning loops do), read as given on this process. ``None``: the source chosen by
+                ``stats_split`` (called automatically during ``Engine.fit``). At most ``stats_max_images`` images
+                are used either way.
         """
-        source = "given"
+        source, distributed = "given", dataloader is None and _distributed()
         if dataloader is None:
             dataloader, source = self._statistics_source()
         with torch.inference_mode(False), torch.no_grad():
-            mean, std = self.model.fit_statistics(self._limited(self._prepare(batch) for batch in dataloader))
+            if distributed:
+                for buffer in self.model.buffers():
+                    if buffer.dtype != torch.bool:  # gloo has no bool; the only one, stats_fitted, is set below
+                        dist.broadcast(buffer, src=0)
+            rows = collect_normal_images(self, self._map_moment_rows, self.stats_max_images, dataloader)
+            mean, std = self.model.statistics_from_moments(rows[:, :2], rows[:, 2:])
+            mean, std = mean.to(self.model.stats_mean), std.to(self.model.stats_std)
+            if distributed and dataloader is not None:  # every rank read the whole split: keep rank 0's numbers
+                dist.broadcast(mean, src=0)
+                dist.broadcast(std, src=0)
+            self.model.set_statistics(mean, std)
         self._stats_stale = False
         self._stats_fingerprint = self._weights_fingerprint()
         logger.info(
-            "GLCF: map statistics fitted on the %s images: mean %s, std %s", source, mean.tolist(), std.tolist()
+            "GLCF: map statistics fitted on %d %s images: mean %s, std %s",
+            rows.shape[0],
+            source,
+            mean.tolist(),
+            std.tolist(),
         )
         return mean, std
 

@@ -1,4 +1,4 @@
-"""GLCF loss: three RD-style global cosine correspondence terms (glcf.md §5).
+"""GLCF loss: three RD-style global cosine correspondence terms (arXiv 2303.05768; authors' ``models/Model.py``).
 
     L = Σ_k cosG(T_k, L_k) + Σ_k cosG(G_k, T_k) + Σ_k cosG(G_k, Ĝ_k)
         (local-local)        (local-global)       (global-global)

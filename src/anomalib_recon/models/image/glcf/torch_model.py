@@ -1,6 +1,8 @@
 """PyTorch model of GLCF: a frozen teacher, the DPTV semantic bottleneck and three reverse-distillation decoders.
 
-Data flow (glcf.md §2-§7; WRN50 at 224 px in brackets):
+Paper: H. Yao et al., *Learning Global-Local Correspondence with Semantic Bottleneck for Logical Anomaly
+Detection*, arXiv 2303.05768; authors' code: GitHub hmyao22/GLCF, commit a9eaaec (``models/bottleneck.py``,
+``models/Model.py``, ``measure.py``). Data flow (WRN50 at 224 px in brackets):
 
 * teacher Φ_L (frozen by default) → ``T_1..T_4`` at strides 4, 8, 16, 32 [256@56, 512@28, 1024@14, 2048@7];
 * DPTV bottleneck on ``T_2..T_4``: one patch embedding per scale onto the stride-32 grid (patch sizes 4, 2, 1),
@@ -34,8 +36,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn import functional as F
 
-from anomalib_recon.components.anomaly_map import make_blur, reduce_max, reduce_std
+from anomalib_recon.components.anomaly_map import check_blur_fits, make_blur, reduce_max, reduce_std
 from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
+from anomalib_recon.components.initialization import init_mae_weights
 from anomalib_recon.components.patch_embed import MultiScalePatchEmbed
 from anomalib_recon.components.position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
 from anomalib_recon.components.tracing import is_tracing
@@ -137,7 +140,7 @@ def _resnet_decoder(backbone: str, channels: Sequence[int]) -> ResNetDecoder | N
 
 # ---------------------------------------------------------------------------------------------------- bottleneck
 class DPTV(nn.Module):
-    """The semantic bottleneck (glcf.md §3, the reference's active "v3").
+    """The semantic bottleneck DPTV (the authors' ``models/bottleneck.py``, its active "v3" forward).
 
     Args:
         in_channels: Channels of the three bottleneck inputs ``T_2..T_4``.
@@ -153,9 +156,9 @@ class DPTV(nn.Module):
         mlp_ratio: MLP ratio of every block (4).
         legacy_double_residual: ``x ← Block(x) + x`` as the reference (its blocks already hold their residuals, so
             the identity path is doubled); ``False`` = plain ``x ← Block(x)``.
-        fuse_patch_scales: Sum the three patch embeddings (the paper's multi-scale patch embedding, the spec).
-            ``False`` = only the deepest scale's tokens, as the released v3 code does (it computes the other two
-            embeddings and never uses them).
+        fuse_patch_scales: Sum the three patch embeddings (the paper's multi-scale patch embedding, and what the
+            authors' code does at commit a9eaaec). ``False`` = only the deepest scale's tokens: an ablation, the
+            ``x = x3`` of the authors' earlier commit 0571ff1, replaced by the sum forty minutes later (392f98d).
     """
 
     def __init__(
@@ -204,14 +207,7 @@ class DPTV(nn.Module):
 
     def _init_weights(self) -> None:
         """MAE init: xavier-uniform Linear with zero bias, LayerNorm 1/0; patch convs like Linear; tokens zero."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_mae_weights(self)
         # PatchEmbed already initialises its convs with init_conv_as_linear; both tokens stay zero.
 
     def _positions(self, table: SinCosPositionEmbedding2D, dim: int, grid: tuple[int, int], ref: torch.Tensor):
@@ -229,7 +225,7 @@ class DPTV(nn.Module):
         if self.fuse_patch_scales:
             tokens = self.patch_embed(features)
         else:
-            self.patch_embed(features)  # same grid checks; the reference computes all three embeddings
+            self.patch_embed(features)  # the same grid checks (and the same cost) as the sum
             tokens = self.patch_embed.embeds[-1](features[-1])
         grid = (int(features[-1].shape[-2]), int(features[-1].shape[-1]))
         return tokens + self._positions(self.pos_embed, self.embed_dim, grid, tokens)
@@ -287,7 +283,8 @@ class GLCFModel(nn.Module):
         decoder_embed_dim, decoder_depth, decoder_num_heads: DPTV latent decoders (480, 6, 16).
         mlp_ratio: Block MLP ratio (4).
         legacy_double_residual: Reference's extra outer residual per block (True).
-        fuse_patch_scales: Sum the three patch embeddings (True, the spec); False = deepest only (released v3).
+        fuse_patch_scales: Sum the three patch embeddings (True, the paper and the authors' code); False = the
+            deepest scale only (ablation).
         decoder: ``"auto"`` (anomalib's ResNet decoder when the teacher is a ResNet whose widths it mirrors, else
             :class:`ChannelMirrorDecoder`), ``"resnet"`` or ``"generic"``.
         decoder_blocks: Blocks per stage of :class:`ChannelMirrorDecoder` (2).
@@ -358,6 +355,7 @@ class GLCFModel(nn.Module):
         self.global_decoder = self._make_decoder(backbone, decoder_blocks)  # Φ_G
         self.local_decoder = self._make_decoder(backbone, decoder_blocks)  # Ψ_L
         self.global_estimator = self._make_decoder(backbone, decoder_blocks)  # Ψ_G
+        check_blur_fits(blur_sigma, None, size, "GLCF")
         self.blur = make_blur(blur_sigma) if blur_sigma is not None else None
 
         # (μ, σ) per (branch: 0 = local, 1 = global; scale k = 1..3), fitted on normal images after training.
@@ -467,8 +465,23 @@ class GLCFModel(nn.Module):
         """Train mode for the trainable parts; the teacher stays in eval unless ``train_teacher`` (reference)."""
         super().train(mode)
         if self.train_teacher:
+            # FeatureExtractor.train keeps a frozen extractor in eval; a trained teacher follows ``mode`` (its
+            # batch-norm statistics update, as in the authors' code). Until FeatureExtractor has a public
+            # ``trainable`` option, its timm module is switched directly.
             nn.Module.train(self.teacher.model, mode)
         return self
+
+    def _teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The teacher maps: frozen (``FeatureExtractor``, no gradients), or with gradients when trained."""
+        if not (self.train_teacher and self.training):
+            return self.teacher(images)
+        # FeatureExtractor.forward runs under no_grad; a trained teacher needs its gradients, so its timm module is
+        # called directly (NCHW maps, as FeatureExtractor returns them).
+        features = list(self.teacher.model(images))
+        return [
+            f.permute(0, 3, 1, 2) if f.shape[1] != c and f.shape[-1] == c else f
+            for f, c in zip(features, self.channels, strict=True)
+        ]
 
     # ------------------------------------------------------------------------------------------------ forward
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -476,12 +489,7 @@ class GLCFModel(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             msg = f"GLCF expects an RGB batch (B, 3, H, W), got {tuple(images.shape)}."
             raise ValueError(msg)
-        if self.train_teacher and self.training:
-            features = list(self.teacher.model(images))  # with gradients, BN in train mode (reference)
-            if self.teacher._channels_last:
-                features = [f.permute(0, 3, 1, 2) for f in features]
-        else:
-            features = self.teacher(images)
+        features = self._teacher_features(images)
         if not is_tracing():
             size = (int(images.shape[-2]), int(images.shape[-1]))
             self._check_shapes([(int(f.shape[-2]), int(f.shape[-1])) for f in features], size)
@@ -567,6 +575,18 @@ class GLCFModel(nn.Module):
         flat = raw.flatten(3)
         return flat.mean(dim=3), flat.std(dim=3, correction=0)
 
+    @staticmethod
+    def statistics_from_moments(means: torch.Tensor, stds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(μ, σ)`` ``(2, 3)`` from per-image moments ``(N, 2, 3)``: the mean over images of each map's mean and
+        of each map's standard deviation, as the authors' ``fuse_weight.py`` computes them (in float64)."""
+        if means.dim() != 3 or means.shape[0] == 0 or means.shape != stds.shape:
+            msg = (
+                "GLCF: fitting the map statistics needs at least one normal image; got moments of shape "
+                f"{tuple(means.shape)} and {tuple(stds.shape)}."
+            )
+            raise ValueError(msg)
+        return means.double().mean(dim=0), stds.double().mean(dim=0)
+
     @torch.no_grad()
     def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Store ``(2, 3)`` statistics in the buffers (σ must be positive and finite)."""
@@ -587,28 +607,26 @@ class GLCFModel(nn.Module):
     def fit_statistics(self, batches: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fit ``(μ, σ)`` per (branch, scale) on pre-processed normal images and store them.
 
-        μ = mean over images of each map's mean, σ = mean over images of each map's standard deviation, as the
-        reference's ``fuse_weight.py`` computes them (per image, then averaged).
+        μ = mean over images of each map's mean, σ = mean over images of each map's standard deviation
+        (:meth:`statistics_from_moments`). In a Lightning run, :meth:`GLCF.fit_statistics` does this from the
+        training (or normal validation) images, on every DDP rank alike.
         """
         if isinstance(batches, torch.Tensor):
             batches = [batches]
         was_training = self.training
         self.eval()
-        total_mean = torch.zeros(2, 3, dtype=torch.float64)
-        total_std = torch.zeros(2, 3, dtype=torch.float64)
-        count = 0
+        means, stds = [], []
         try:
             for images in batches:
                 mean, std = self.map_moments(images)
-                total_mean += mean.double().sum(dim=0).cpu()
-                total_std += std.double().sum(dim=0).cpu()
-                count += int(images.shape[0])
+                means.append(mean)
+                stds.append(std)
         finally:
             self.train(was_training)
-        if count == 0:
+        if not means:
             msg = "GLCF: fitting the map statistics needs at least one normal image; the statistics split is empty."
             raise ValueError(msg)
-        mean = (total_mean / count).to(self.stats_mean)
-        std = (total_std / count).to(self.stats_std)
+        mean, std = self.statistics_from_moments(torch.cat(means), torch.cat(stds))
+        mean, std = mean.to(self.stats_mean), std.to(self.stats_std)
         self.set_statistics(mean, std)
         return mean, std
