@@ -1,4 +1,4 @@
-"""Multi-layer feature aggregation (components.md C2).
+"""Multi-layer feature aggregation.
 
 Feature-reconstruction models reconstruct a single target built from several backbone layers. The recipe is
 always the same few steps, only the switches differ between methods:

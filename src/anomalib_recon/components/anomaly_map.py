@@ -1,4 +1,4 @@
-"""Anomaly maps from feature residuals, and image-score reducers (components.md C14).
+"""Anomaly maps from feature residuals, and image-score reducers.
 
 :class:`AnomalyMapGenerator` turns (target, reconstruction) feature pairs into one ``(B, 1, H, W)`` map:
 per-position distance per scale (:func:`distance_map`) → optional standardisation → bilinear upsampling →

@@ -1,4 +1,4 @@
-"""Loss library for feature-reconstruction models (components.md C13).
+"""Loss library for feature-reconstruction models.
 
 Conventions: feature maps are ``(B, C, H, W)`` with channels on ``dim=1``; pass ``dim=-1`` for ``(B, L, C)``
 tokens. Segmentation losses take probabilities (after the sigmoid), not logits, as NAFRAD and DRAEM-style heads do.

@@ -1,4 +1,4 @@
-"""Patch embeddings of feature maps and the matching token → feature-map head (components.md C3, C7).
+"""Patch embeddings of feature maps and the matching token → feature-map head.
 
 * :class:`PatchEmbed`: one ``Conv2d(C, D, kernel=p, stride=p)`` → ``(B, L, D)`` tokens (AMI-Net: two of them,
   1792 → 768 with p = 4; ST-MAE adds a LayerNorm).

@@ -1,4 +1,4 @@
-"""Fixed 2-D sin-cos position embedding in the MAE form (components.md C4).
+"""Fixed 2-D sin-cos position embedding in the MAE form.
 
 Used, not trained, by AMI-Net, GLCF, DADF, ST-MAE and PNPT. For a token at column ``x`` and row ``y`` of an
 ``h × w`` grid and ``D = embed_dim`` (divisible by 4), with ``ω_i = 1 / 10000^(i / (D/4))``, ``i = 0..D/4-1``:
