@@ -65,6 +65,12 @@ CONTRACT_KWARGS: dict[str, tuple[dict[str, Any], int, int]] = {
         64,
         3,
     ),
+    "LGFDR": (
+        {**LITE0, "image_size": 64, "local_embed_dim": 32, "local_depth": 1, "local_num_heads": 2}
+        | {"embed_dim": 32, "depth": 1, "num_heads": 2},
+        64,
+        3,
+    ),
 }
 
 

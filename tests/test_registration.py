@@ -70,6 +70,17 @@ TINY_KWARGS: dict[str, dict] = {
         "decoder_depth": 1,
         "decoder_num_heads": 2,
     },
+    "LGFDR": {
+        "backbone": "tf_efficientnet_lite0",
+        "weights": None,
+        "image_size": 64,
+        "local_embed_dim": 32,
+        "local_depth": 1,
+        "local_num_heads": 2,
+        "embed_dim": 32,
+        "depth": 1,
+        "num_heads": 2,
+    },
 }
 
 
