@@ -239,6 +239,24 @@ def test_loss_compares_each_reconstruction_with_the_clean_features(distance):
     assert abs(loss.item() - wrong.item()) > 1e-4 * expected.item()  # far outside assert_close's rtol (1.3e-6)
 
 
+def test_training_step_trains_the_decoder_only():
+    """After a real ``training_step`` and its backward every decoder parameter has a gradient, while the frozen
+    encoder and the EMA teacher (whose attention guided the noise in that very step) have none."""
+    module = _module()
+    model = module.model
+    teacher_calls = []
+    learnable = model.learnable_attention_map
+    model.learnable_attention_map = lambda target: teacher_calls.append(1) or learnable(target)
+    model.train()
+    module.set_progress(0.5)
+    torch.manual_seed(0)
+    module.training_step(SimpleNamespace(image=_images()))["loss"].backward()
+    assert teacher_calls  # the teacher took part in the step
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is None for p in model.teacher.parameters())
+
+
 @pytest.mark.parametrize("distance", ["l2", "cos"])
 def test_anomaly_map_follows_the_training_loss(distance):
     """Per token, the map is a monotone function of the loss term: the map measures what the loss trains.

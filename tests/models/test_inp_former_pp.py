@@ -307,6 +307,173 @@ def test_training_steps_lower_the_loss():
     module._trainer = None
 
 
+class _StepRecorder:
+    """Records, during a real ``training_step``, what the torch model, the synthesis and the head receive."""
+
+    def __init__(self, module: InpFormerPP) -> None:
+        self.forward_args = self.output = self.synthesized = self.head_input = self.head_output = None
+        model, forward, synthesize = module.model, module.model.forward, module.synthesize
+        segment = model.pseudo_anomaly_segmentation
+
+        def recording_forward(images, augmented=None):
+            self.forward_args, self.output = (images, augmented), forward(images, augmented)
+            return self.output
+
+        def recording_synthesize(images):
+            self.synthesized = synthesize(images)
+            return self.synthesized
+
+        def recording_segment(images):
+            self.head_input, self.head_output = images, segment(images)
+            return self.head_output
+
+        model.forward, module.synthesize, model.pseudo_anomaly_segmentation = (
+            recording_forward,
+            recording_synthesize,
+            recording_segment,
+        )
+        module.log = lambda *args, **kwargs: None  # no trainer to log to
+
+
+def _normal_loss_formula(out, tau: float, coherence_weight: float, mse_weight: float) -> torch.Tensor:
+    """Global cosine + MSE between encoder and decoder groups, plus the soft INP coherence, written out."""
+    pairs = list(zip(out.encoder_features, out.decoder_features, strict=True))
+    cosine = torch.stack([(1 - F.cosine_similarity(e.flatten(1), d.flatten(1), dim=1)).mean() for e, d in pairs])
+    mse = torch.stack([((d - e) ** 2).mean() for e, d in pairs])
+    query, inps = out.query, out.prototypes
+    weights = torch.softmax(F.cosine_similarity(query[:, :, None], inps[:, None], dim=-1) / tau, dim=-1)
+    coherence = (1 - F.cosine_similarity(query, weights @ inps, dim=-1)).mean()
+    return cosine.mean() + mse_weight * mse.mean() + coherence_weight * coherence
+
+
+def _seg_loss_formula(prediction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Focal (γ = 2) + soft Dice between the head's probabilities and the synthetic mask, written out."""
+    p = prediction.clamp(1e-6, 1 - 1e-6)
+    p_t = torch.where(mask == 1, p, 1 - p)
+    focal = (-((1 - p_t) ** 2) * torch.log(p_t)).mean()
+    inter = (prediction * mask).flatten(1).sum(1)
+    dice = 1 - (2 * inter + 1) / (prediction.flatten(1).sum(1) + mask.flatten(1).sum(1) + 1)
+    return focal + dice.mean()
+
+
+def _groups(model: InpFormerPPModel) -> dict[str, list[torch.nn.Parameter]]:
+    return {
+        "INP tokens": [model.prototype_tokens],
+        "INP extractor": list(model.aggregation.parameters()),
+        "bottleneck": list(model.bottleneck.parameters()),
+        "decoder": list(model.decoder.parameters()),
+        "segmentation head": list(model.seg_head.parameters()),
+    }
+
+
+def _trained(params: list[torch.nn.Parameter]) -> bool:
+    return all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def _untouched(params: list[torch.nn.Parameter]) -> bool:
+    return all(p.grad is None or p.grad.abs().sum() == 0 for p in params)
+
+
+LOSS_WEIGHTS = {"tau": 0.5, "coherence_weight": 0.3, "mse_weight": 0.7}
+
+
+def test_joint_training_step_loss_and_gradients():
+    """One real joint ``training_step``: the normal-modelling losses (soft-mining cosine + MSE, soft coherence with
+    the model's τ) read the *normal* images, the head's Dice + focal reads the *pseudo-anomalous* copies and their
+    masks (weighted by ``seg_loss_weight``), the head's input is the stop-gradient residual of those copies; every
+    trained part gets a gradient, the frozen encoder none."""
+    module = _module(anomaly_probability=1.0, seg_loss_weight=0.5, **LOSS_WEIGHTS)
+    model = module.model
+    record = _StepRecorder(module)
+    module.train()
+    images = _images(2, seed=8)
+    torch.manual_seed(0)
+    loss = module.training_step(SimpleNamespace(image=images))["loss"]
+    seen, augmented = record.forward_args
+    synthetic, masks = record.synthesized
+    assert torch.equal(seen, images) and augmented is synthetic and masks.sum() > 0
+    assert (augmented - images).abs().amax() > 0.1  # the copies carry synthetic defects
+    assert record.head_input is augmented  # the head is trained on the pseudo-anomalous images ...
+    out = record.output
+    with torch.no_grad():
+        torch.testing.assert_close(out.encoder_features[0], model.extract(images)[0])  # ... the losses on the normal
+        en_aug, de_aug, _, _ = model.reconstruct(model.extract(augmented))
+        torch.testing.assert_close(out.residual, model.residual(en_aug, de_aug))
+    assert not out.residual.requires_grad
+    expected = _normal_loss_formula(out, **LOSS_WEIGHTS) + 0.5 * _seg_loss_formula(out.seg_prediction, masks)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    for name, params in _groups(model).items():
+        assert _trained(params), name
+    assert all(p.grad is None for p in model.encoder.parameters())
+
+
+def test_two_stage_training_steps_train_one_branch_each():
+    """``schedule="two_stage"``: before ``seg_start`` a step trains only the reconstruction branch on the normal images
+    (no pseudo-anomalies, no head); after it, only the head on the pseudo-anomalous copies (loss = ``seg_loss_weight``
+    × Dice + focal), and the reconstruction statistics of the fusion stop moving."""
+    module = _module(schedule="two_stage", seg_start=0.5, anomaly_probability=1.0, seg_loss_weight=0.5, **LOSS_WEIGHTS)
+    model = module.model
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10, global_step=4)
+    record = _StepRecorder(module)
+    module.train()
+    images = _images(2, seed=9)
+    torch.manual_seed(0)
+    loss = module.training_step(SimpleNamespace(image=images))["loss"]
+    assert record.forward_args[1] is None and record.synthesized is None and record.head_input is None
+    torch.testing.assert_close(loss, _normal_loss_formula(record.output, **LOSS_WEIGHTS))
+    loss.backward()
+    groups = _groups(model)
+    head = groups.pop("segmentation head")
+    assert all(_trained(params) for params in groups.values()) and _untouched(head)
+    updates = int(model.rec_stats_updates)
+
+    module.zero_grad()
+    module._trainer.global_step = 5
+    record.output = None
+    loss = module.training_step(SimpleNamespace(image=images))["loss"]
+    assert record.output is None  # no normal-modelling forward in the head stage
+    augmented, masks = record.synthesized
+    prediction, _ = record.head_output
+    assert record.head_input is augmented and masks.sum() > 0
+    torch.testing.assert_close(loss, 0.5 * _seg_loss_formula(prediction, masks))
+    loss.backward()
+    assert _trained(head) and all(_untouched(params) for params in groups.values())
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert int(model.rec_stats_updates) == updates
+    module._trainer = None
+
+
+def test_inference_map_measures_what_the_losses_train():
+    """Eval: ``M_rec`` is the per-group ``1 − cos`` the cosine loss trains, upsampled and averaged; ``M_seg`` is the
+    head on the residual exactly as in training (``pseudo_anomaly_segmentation``); the map fuses them as
+    ``½(minmax(M_rec) + M_seg)`` and the score is the mean of its top 1 %."""
+    module = _module(blur_sigma=None)
+    model = module.model
+    x = _images(2, seed=10)
+    model.train()
+    with torch.no_grad():
+        model(x)  # normal training statistics for the min-max scaling
+    model.eval()
+    with torch.no_grad():
+        en, de, _, _ = model.reconstruct(model.extract(x))
+        per_group = [
+            F.interpolate(
+                (1 - F.cosine_similarity(e, d, dim=1))[:, None], size=(64, 64), mode="bilinear", align_corners=True
+            )
+            for e, d in zip(en, de, strict=True)
+        ]
+        rec = torch.stack(per_group).mean(0)
+        seg = model.seg_head(model.residual(en, de), (64, 64))
+        seg_training_path, _ = model.pseudo_anomaly_segmentation(x)
+        out = model(x)
+    torch.testing.assert_close(seg_training_path, seg)
+    expected = 0.5 * ((rec - model.rec_min) / (model.rec_max - model.rec_min) + seg)
+    torch.testing.assert_close(out.anomaly_map, expected, atol=1e-6, rtol=1e-5)
+    top = expected.flatten(1).topk(int(64 * 64 * 0.01), dim=1).values.mean(1)
+    torch.testing.assert_close(out.pred_score, top, atol=1e-6, rtol=1e-5)
+
+
 def test_two_stage_schedule_switches_at_seg_start():
     module = _module(schedule="two_stage", seg_start=0.5)
     module._trainer = SimpleNamespace(estimated_stepping_batches=10, global_step=4)

@@ -218,8 +218,12 @@ class _Recorder:
 @pytest.mark.parametrize("standardize", [False, True])
 def test_training_step_reconstructs_normal_features_from_defective_ones(standardize):
     """In a real training step, R gets the features of the *pseudo-anomalous* images and the MSE target is the
-    features of the *normal* images; the segmentation target is the synthetic mask."""
-    module = _small_module(anomaly_probability=1.0, rotation_probability=0.0, standardize_features=standardize)
+    features of the *normal* images; S reads the residual of the pseudo-anomalous features and its target is the
+    synthetic mask; the loss is ``MSE + focal(γ=4) + L1`` of exactly those tensors. R and S get gradients (the
+    segmentation terms reach R too), the frozen backbone none."""
+    module = _small_module(
+        anomaly_probability=1.0, rotation_probability=0.0, standardize_features=standardize, drop_path_rate=0.0
+    )
     images = textures(2, seed=4)
     if standardize:
         module.fit_feature_statistics([_batch(textures(2, seed=8))])
@@ -242,6 +246,24 @@ def test_training_step_reconstructs_normal_features_from_defective_ones(standard
     assert (target - f_augmented).abs().amax() > 0.5 * gap
     torch.testing.assert_close(loss_mask, mask)
     assert prediction.shape == (2, 1, 64, 64)
+    module.model.segmentor.train()  # the batch statistics of S's BatchNorm, as in the step
+    with torch.no_grad():  # P = S(cat[(F̂ − F_aug)², F_aug]): the segmentation reads the defective features
+        expected_p = module.model.segment(rec.reconstructor_output, f_augmented)
+    torch.testing.assert_close(prediction, expected_p, atol=1e-5, rtol=1e-4)
+    small = downsample_mask(mask, (64, 64))
+    p = prediction.clamp(1e-6, 1 - 1e-6)
+    p_t = torch.where(small == 1, p, 1 - p)
+    expected = (
+        ((reconstruction - f_normal) ** 2).mean()
+        + (-((1 - p_t) ** 4) * torch.log(p_t)).mean()
+        + (prediction - small).abs().mean()
+    )
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+    loss.backward()
+    for name in ("reconstructor", "segmentor"):
+        params = list(getattr(module.model, name).parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params), name
+    assert all(p.grad is None for p in module.model.feature_extractor.parameters())
 
 
 def test_training_rotates_normal_images_and_testing_perturbs_nothing():
@@ -687,3 +709,35 @@ def test_checkpoint_round_trip_with_safe_loader(tmp_path):
     torch.testing.assert_close(a.pred_score, b.pred_score)
     torch.testing.assert_close(a.anomaly_map, b.anomaly_map)
     torch.testing.assert_close(loaded.post_processor.image_threshold, model.post_processor.image_threshold)
+
+
+@pytest.mark.slow
+def test_feature_statistics_under_ddp_equal_the_single_process_result(tmp_path):
+    """Under 2-process DDP each rank measures its share of the first ``stats_max_images`` training images and the
+    per-image moments are gathered: both ranks hold the same ``feature_mean``/``feature_std``, equal to one process
+    reading exactly those images in dataset order (here 3 of 5, split 2 + 1 between the ranks)."""
+    from torch.utils.data import DataLoader
+
+    from tests.conftest import folder_datamodule, write_textured_category
+    from tests.ddp import assert_same_state, fit_ddp
+
+    root = write_textured_category(tmp_path / "data", size=256, n_train=5, n_good=1, n_defect=1, defect=40)
+    args = {"backbone": LITE0, "weights": None, "visualizer": False, "standardize_features": True, **SMALL}
+    torch.manual_seed(0)
+    states = fit_ddp(NAFRAD(**args, stats_max_images=3), folder_datamodule(root, batch_size=2), tmp_path, max_steps=1)
+    statistics = ["model.feature_mean", "model.feature_std", "model.feature_stats_count"]
+    assert_same_state(states, statistics)
+    assert int(states[0]["model.feature_stats_count"]) == 3
+
+    single = NAFRAD(**args, stats_max_images=3)
+    single.load_state_dict(states[0])  # the same (frozen) backbone
+    datamodule = folder_datamodule(root, batch_size=2)
+    datamodule.setup()
+    dataset = datamodule.train_data
+    loader = DataLoader(dataset, batch_size=2, shuffle=False, collate_fn=dataset.collate_fn)
+    assert single.fit_feature_statistics(loader) == 3
+    for name in ("feature_mean", "feature_std"):
+        torch.testing.assert_close(states[0][f"model.{name}"], getattr(single.model, name), rtol=1e-6, atol=1e-7)
+    single.stats_max_images = 5  # all five images give other statistics: the first three were the ones used
+    single.fit_feature_statistics(loader)
+    assert (states[0]["model.feature_mean"] - single.model.feature_mean).abs().max() > 1e-4
