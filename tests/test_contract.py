@@ -71,6 +71,12 @@ CONTRACT_KWARGS: dict[str, tuple[dict[str, Any], int, int]] = {
         64,
         3,
     ),
+    "STMAE": (
+        {**LITE0, "image_size": 64, "embed_dim": 32, "depth": 1, "num_heads": 2}
+        | {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2},
+        64,
+        3,
+    ),
 }
 
 
