@@ -81,6 +81,17 @@ TINY_KWARGS: dict[str, dict] = {
         "depth": 1,
         "num_heads": 2,
     },
+    "STMAE": {
+        "backbone": "tf_efficientnet_lite0",
+        "weights": None,
+        "image_size": 64,
+        "embed_dim": 32,
+        "depth": 1,
+        "num_heads": 2,
+        "decoder_embed_dim": 32,
+        "decoder_depth": 1,
+        "decoder_num_heads": 2,
+    },
 }
 
 
