@@ -77,6 +77,11 @@ CONTRACT_KWARGS: dict[str, tuple[dict[str, Any], int, int]] = {
         64,
         3,
     ),
+    "RBAE": (  # a step switch: 2 reconstruction steps, then 3 segmentation steps
+        {**LITE0, "image_size": 64, "seg_channels": 16, "reconstruction_steps": 2},
+        64,
+        5,
+    ),
 }
 
 
