@@ -92,6 +92,13 @@ TINY_KWARGS: dict[str, dict] = {
         "decoder_depth": 1,
         "decoder_num_heads": 2,
     },
+    "RBAE": {
+        "backbone": "tf_efficientnet_lite0",
+        "weights": None,
+        "image_size": 64,
+        "seg_channels": 16,
+        "reconstruction_steps": 2,
+    },
 }
 
 
