@@ -16,11 +16,25 @@ from anomalib_recon.models.image.grnr import GRNR
 from anomalib_recon.models.image.inp_former_pp import InpFormerPP
 from anomalib_recon.models.image.lgfdr import LGFDR
 from anomalib_recon.models.image.nafrad import NAFRAD
+from anomalib_recon.models.image.pnpt import PNPT
 from anomalib_recon.models.image.rb_ae import RBAE
 from anomalib_recon.models.image.scl_vi import SCLVI
 from anomalib_recon.models.image.st_mae import STMAE
 
-__all__ = ["DADF", "GLCF", "GRNR", "LGFDR", "NAFRAD", "RBAE", "SCLVI", "STMAE", "AGPNet", "AMINet", "InpFormerPP"]
+__all__ = [
+    "DADF",
+    "GLCF",
+    "GRNR",
+    "LGFDR",
+    "NAFRAD",
+    "PNPT",
+    "RBAE",
+    "SCLVI",
+    "STMAE",
+    "AGPNet",
+    "AMINet",
+    "InpFormerPP",
+]
 
 try:  # the start-up hook the wheel installs; absent when running from a bare source tree
     from _anomalib_recon_hook import load_plugins as _load_plugins
