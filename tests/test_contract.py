@@ -82,6 +82,11 @@ CONTRACT_KWARGS: dict[str, tuple[dict[str, Any], int, int]] = {
         64,
         5,
     ),
+    "PNPT": (
+        {**LITE0, "image_size": 64, "embed_dim_per_scale": 16, "depth": 1, "decoder_depth": 1, "num_heads": 2},
+        64,
+        3,
+    ),
 }
 
 
