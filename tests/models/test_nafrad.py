@@ -580,7 +580,7 @@ def test_synthetic_anomalies_score_higher_inside_the_mask():
 
     module = _small_module(weights="imagenet", lr=1e-3, anomaly_probability=1.0, rotation_probability=0.0)
     data = textures(16)
-    [optimizer], _ = module.configure_optimizers()
+    optimizer = module.configure_optimizers()["optimizer"]
     torch.manual_seed(0)
     module.train()
     for _ in range(30):  # the Lightning training_step, as the Engine runs it
