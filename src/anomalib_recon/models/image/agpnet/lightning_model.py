@@ -80,7 +80,9 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
         layers: Encoder layers: ViT 0-based block indices (default ``[2, 5, 8, 11]``, i.e. blocks 3/6/9/12), CNN
             ``features_only`` indices (default ``[1, 2, 3]``).
         weights: ``"imagenet"`` (pretrained, offline-aware), a local weights file, or ``None`` (random init).
-        image_size: Input size of the default pre-processor and of the decoder's position embedding.
+        image_size: Input size of the default pre-processor and of the decoder's position embedding: a multiple of
+            the encoder stride (16), and larger than the blur's reach (at least 17 px with ``blur_sigma=4``); any
+            other size is a ``ValueError`` at construction.
         aggregation: ``"sum"`` of layer-normed layers (paper, ViT default), ``"concat"`` (CNN default) or ``None``.
         decoder_embed_dim: Decoder width (``None``: the ViT's width, 384 for CNNs).
         decoder_depth: Decoder blocks (4, paper).

@@ -187,7 +187,8 @@ class InpFormerPP(ReconModuleMixin, AnomalibModule):
             images before fusion: 0 at their smallest, 1 at their largest error); ``None`` = ``"minmax"`` when the
             map fuses the head's probability (``fusion="mean"``), else ``"none"``.
         blur_sigma: Gaussian σ of the map (4).
-        blur_kernel: Gaussian kernel (5).
+        blur_kernel: Gaussian kernel (5); a kernel whose half-width reaches the input size is a ``ValueError`` at
+            construction.
         score_topk: Fraction of top pixels averaged into the image score (0.01).
         lr: Peak StableAdamW learning rate (1e-3).
         final_lr: Learning rate at the end of the cosine decay (1e-4).
