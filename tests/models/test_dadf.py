@@ -190,6 +190,92 @@ def test_block_weights_are_shared_and_patch_stream_is_a_prenorm_vit_block():
 
 
 # ---------------------------------------------------------------------------------------------------- flows & map
+def _anomalib_flow(dims: tuple[int, ...], steps: int) -> torch.nn.Module:
+    """The flow as DADF built it before: anomalib's ``AllInOneBlock`` with permutation-matrix parameters."""
+    from anomalib.models.components.flow import AllInOneBlock
+    from FrEIA.framework import SequenceINN
+
+    from anomalib_recon.models.image.dadf.torch_model import depthwise_subnet
+
+    flow = SequenceINN(*dims)
+    for step in range(steps):
+        flow.append(
+            AllInOneBlock,
+            subnet_constructor=depthwise_subnet(1 if step % 2 else 3),
+            affine_clamping=2.0,
+            permute_soft=False,
+        )
+    return flow
+
+
+def _old_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict as the matrix layout saved it: ``w_perm``/``w_perm_inv`` one-hot ``(C, C, 1, 1)`` floats."""
+    old = {}
+    for key, value in state.items():
+        if key.endswith(".perm"):
+            eye = torch.eye(value.numel())
+            old[key[: -len("perm")] + "w_perm"] = eye[value].view(value.numel(), value.numel(), 1, 1)
+            old[key[: -len("perm")] + "w_perm_inv"] = eye[value].T.contiguous().view(value.numel(), value.numel(), 1, 1)
+        elif not key.endswith(".perm_inv"):
+            old[key] = value
+    return old
+
+
+def test_fixed_permutations_are_index_buffers_with_the_same_outputs():
+    """The flows' fixed channel permutations are int64 index buffers (C numbers, not two C×C float matrices), in no
+    optimiser; with the same seed the flow gives exactly the outputs (both directions) of anomalib's block."""
+    torch.manual_seed(0)
+    reference = _anomalib_flow((12, 8, 8), 4)
+    torch.manual_seed(0)
+    flow = create_flow((12, 8, 8), flow_steps=4)
+    x = torch.randn(3, 12, 8, 8)
+    with torch.no_grad():
+        z_ref, jac_ref = reference(x)
+        z, jac = flow(x)
+        back_ref, _ = reference(z_ref, rev=True)
+        back, _ = flow(z, rev=True)
+    for got, want in ((z, z_ref), (jac, jac_ref), (back, back_ref)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    model = tiny()
+    names = [name for name, _ in model.named_parameters()]
+    assert not [n for n in names if "perm" in n]
+    buffers = dict(model.model.flows[0].module_list[0].named_buffers())
+    assert buffers["perm"].dtype == torch.int64 and buffers["perm"].shape == (72,)
+    optimised = {id(p) for opt in model.configure_optimizers() for group in opt.param_groups for p in group["params"]}
+    assert all(p.requires_grad for p in model.model.flow_parameters())
+    assert optimised == {id(p) for p in model.model.parameters() if p.requires_grad}
+    permutation_numbers = sum(v.numel() for k, v in model.state_dict().items() if k.endswith(("perm", "perm_inv")))
+    assert permutation_numbers == 2 * 2 * (72 + 120 + 336)  # 2 steps x (perm, perm_inv) x C per scale
+
+
+def test_a_checkpoint_with_permutation_matrices_loads_with_the_same_outputs():
+    """A state dict in the matrix layout (``w_perm``/``w_perm_inv``, as DADF saved it before) loads strictly into a
+    model whose own permutations were drawn differently, and gives the same outputs; a corrupt matrix is refused."""
+    torch.manual_seed(0)
+    trained = tiny().eval()
+    with torch.no_grad():
+        for p in trained.model.flow_parameters():  # a non-trivial flow
+            p.add_(0.05 * torch.randn_like(p))
+    old = _old_layout(trained.state_dict())
+    assert any(k.endswith("w_perm") for k in old) and not any(k.endswith(".perm") for k in old)
+    torch.manual_seed(1)
+    fresh = tiny().eval()
+    block = "model.flows.0.module_list.0."
+    assert not torch.equal(fresh.state_dict()[block + "perm"], trained.state_dict()[block + "perm"])
+    fresh.load_state_dict(old, strict=True)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        want, got = trained(images), fresh(images)
+    torch.testing.assert_close(got.anomaly_map, want.anomaly_map, rtol=0, atol=0)
+    torch.testing.assert_close(got.pred_score, want.pred_score, rtol=0, atol=0)
+
+    corrupt = dict(old)
+    corrupt[block + "w_perm"] = corrupt[block + "w_perm"] * 0.5
+    with pytest.raises(ValueError, match=r"w_perm .* is not a permutation matrix"):
+        fresh.load_state_dict(corrupt)
+
+
 def test_flow_is_invertible_and_log_det_matches_numeric_jacobian():
     torch.manual_seed(0)
     flow = create_flow((4, 2, 2), flow_steps=4, clamp=2.0).double()
@@ -218,7 +304,8 @@ def test_flow_structure():
     assert first.subnet[0].groups == first.subnet[0].in_channels  # depthwise
     assert isinstance(first.subnet[1], torch.nn.LeakyReLU)
     assert first.subnet[1].negative_slope == 0.1
-    assert torch.equal(first.w_perm.abs().sum(dim=1).flatten(), torch.ones(first.w_perm.shape[0]))  # hard perm
+    assert torch.equal(first.perm.sort().values, torch.arange(first.perm.numel()))  # a hard permutation
+    assert torch.equal(first.perm_inv, first.perm.argsort())
 
 
 def test_anomaly_map_and_losses_follow_the_formulas():
@@ -243,6 +330,136 @@ def test_anomaly_map_and_losses_follow_the_formulas():
     losses = DADFReconstructionLoss()(x, m, t)
     brute = sum(F.mse_loss(a, c) + F.mse_loss(b, c) for a, b, c in zip(x, m, t, strict=True))
     torch.testing.assert_close(losses["loss"], brute)
+
+
+# ---------------------------------------------------------------------------------------------------- wiring
+def _training_step(model: DADF, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """Run the model's own ``training_step`` without a trainer (its optimisers and ``manual_backward`` stubbed)."""
+    from anomalib.data import ImageBatch
+
+    optimizers = model.configure_optimizers()
+    monkeypatch.setattr(model, "optimizers", lambda: optimizers)
+    monkeypatch.setattr(model, "manual_backward", lambda loss: loss.backward())
+    model.model.train()
+    return model.training_step(ImageBatch(image=images), 0)["loss"]
+
+
+def _record(monkeypatch: pytest.MonkeyPatch, obj: object, name: str) -> dict:
+    """Replace ``obj.name`` by a wrapper that keeps its last output in the returned dict (key ``"out"``)."""
+    seen: dict = {}
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        seen["out"] = original(*args, **kwargs)
+        return seen["out"]
+
+    monkeypatch.setattr(obj, name, wrapper)
+    return seen
+
+
+def _grads(module: torch.nn.Module) -> tuple[bool, float]:
+    """(every parameter has a gradient, total |gradient|)."""
+    params = list(module.parameters()) if isinstance(module, torch.nn.Module) else [module]
+    return all(p.grad is not None for p in params), sum(float(p.grad.abs().sum()) for p in params if p.grad is not None)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # training_step without a Trainer
+def test_stage_one_step_trains_both_streams_against_the_frozen_features(monkeypatch):
+    """Stage 1 through ``training_step``: the loss is Σ_s mean(X̂_s − f_s)² + mean(M̂_s − f_s)² with ``f_s`` the frozen
+    backbone's patchified maps of the batch; both streams contribute, every transformer part (memory tokens
+    included) gets a gradient, the flows and the backbone none. A stream that never trains fails here."""
+    torch.manual_seed(0)
+    model = tiny()
+    net = model.model
+    images = torch.randn(2, 3, 64, 64)
+    seen = _record(monkeypatch, net, "reconstruction_outputs")
+    loss = _training_step(model, images, monkeypatch)
+    assert model.stage == "reconstruction" and net.blocks.training
+    out = seen["out"]
+    with torch.no_grad():
+        targets = [patchify(f, p) for f, p in zip(net.feature_extractor(images), net.patch_sizes, strict=True)]
+    for got, want in zip(out.targets, targets, strict=True):
+        torch.testing.assert_close(got, want)
+    self_term = sum(((x.detach() - t) ** 2).mean() for x, t in zip(out.self_tokens, targets, strict=True))
+    memory_term = sum(((m.detach() - t) ** 2).mean() for m, t in zip(out.memory_tokens, targets, strict=True))
+    torch.testing.assert_close(loss, self_term + memory_term)
+    assert float(self_term) > 0 and float(memory_term) > 0
+    assert not torch.allclose(out.self_tokens[0], out.memory_tokens[0])  # two streams, not one twice
+    for name in ("patch_embed", "blocks", "norm", "heads"):
+        complete, total = _grads(getattr(net, name))
+        assert complete and total > 0, name
+    assert net.memory.grad is not None and float(net.memory.grad.abs().sum()) > 0  # the memory stream trains
+    assert all(p.grad is None for p in net.flow_parameters())
+    assert all(p.grad is None for p in net.feature_extractor.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # training_step without a Trainer
+def test_stage_two_step_trains_the_flows_on_the_likelihood_with_its_log_determinant(monkeypatch):
+    """Stage 2 through ``training_step``: the flows read ``LayerNorm([f_s, X̂_s, M̂_s])`` (built here by hand) and the
+    loss is Σ_s mean_b[½·Σ z_s² − log|det J_s|] with the flows' own log-determinants; only the flows and their
+    LayerNorms get gradients (the transformer is frozen and in eval mode, the backbone frozen). A dropped
+    log-determinant fails here."""
+    torch.manual_seed(0)
+    model = tiny(reconstruction_steps=0)
+    net = model.model
+    with torch.no_grad():  # a non-trivial flow, so that log|det J| is far from 0
+        for p in net.flow_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # before the step updates the flows
+        features = net.feature_extractor(images)
+        x_maps, m_maps = net.reconstruction_maps(features)
+        by_hand = [
+            flow(norm(torch.cat([f, x, m], dim=1)))
+            for flow, norm, f, x, m in zip(net.flows, net.flow_norms, features, x_maps, m_maps, strict=True)
+        ]
+    seen = _record(monkeypatch, net, "flow_outputs")
+    loss = _training_step(model, images, monkeypatch)
+    assert model.stage == "flow" and not net.blocks.training
+    hidden, log_jacobians = seen["out"]
+    for (z_want, j_want), z, j in zip(by_hand, hidden, log_jacobians, strict=True):
+        torch.testing.assert_close(z.detach(), z_want)
+        torch.testing.assert_close(j.detach(), j_want)
+    nll = sum((0.5 * (z**2).sum(dim=(1, 2, 3)) - j).mean() for z, j in by_hand)
+    torch.testing.assert_close(loss, nll)
+    log_det = sum(float(j.detach().abs().mean()) for j in log_jacobians)
+    assert log_det > 1e-2 * abs(float(loss))  # the log-determinant is a real part of the loss
+    for name in ("flows", "flow_norms"):
+        complete, total = _grads(getattr(net, name))
+        assert complete and total > 0, name
+    assert all(p.grad is None and not p.requires_grad for p in net.reconstruction_parameters())
+    assert all(p.grad is None for p in net.feature_extractor.parameters())
+
+
+def test_flow_outputs_are_the_flows_of_the_stacked_features_and_reconstructions():
+    """``flow_outputs`` (training and inference) runs each scale's flow on ``LayerNorm([f_s, X̂_s, M̂_s])`` in that
+    order and returns its latents and log-determinants, which the flow computes itself (a dropped or replaced
+    log-determinant fails here); the map and score are formed from those latents."""
+    torch.manual_seed(0)
+    net = tiny().model.eval()
+    with torch.no_grad():
+        for p in net.flow_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = net.feature_extractor(images)
+        x_maps, m_maps = net.reconstruction_maps(features)
+        by_hand = []
+        for flow, norm, f, x, m in zip(net.flows, net.flow_norms, features, x_maps, m_maps, strict=True):
+            by_hand.append(flow(norm(torch.cat([f, x, m], dim=1))))
+        hidden, log_jacobians = net.flow_outputs(images)
+        pred = net(images)
+    for (z_want, j_want), z, j in zip(by_hand, hidden, log_jacobians, strict=True):
+        torch.testing.assert_close(z, z_want)
+        torch.testing.assert_close(j, j_want)
+        assert float(j.abs().min()) > 0
+    expected_map = net.anomaly_map([z for z, _ in by_hand])
+    torch.testing.assert_close(pred.anomaly_map, expected_map)
+    torch.testing.assert_close(pred.pred_score, expected_map.flatten(1).amax(dim=1))
+    with torch.no_grad():  # the memory stream reaches the map
+        net.memory.mul_(-3.0)
+        moved = net(images).anomaly_map
+    assert float((moved - pred.anomaly_map).abs().max()) > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -465,6 +682,18 @@ def test_safe_checkpoint_round_trip(tmp_path, tiny_category):
     torch.testing.assert_close(a.anomaly_map, b.anomaly_map)
     torch.testing.assert_close(a.pred_score, b.pred_score)
 
+    # a checkpoint file in the layout DADF wrote before (permutation matrices w_perm / w_perm_inv) loads alike
+    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint["state_dict"] = _old_layout(checkpoint["state_dict"])
+    old_ckpt = tmp_path / "dadf_matrix_layout.ckpt"
+    torch.save(checkpoint, old_ckpt)
+    old = DADF.load_from_checkpoint(old_ckpt, weights_only=True, visualizer=False, evaluator=False).eval()
+    with torch.no_grad():
+        c = old(images)
+    torch.testing.assert_close(c.anomaly_map, a.anomaly_map, rtol=0, atol=0)
+    torch.testing.assert_close(c.pred_score, a.pred_score, rtol=0, atol=0)
+    assert old_ckpt.stat().st_size > ckpt.stat().st_size  # the matrices took more room than the indices
+
 
 # ---------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
@@ -476,7 +705,11 @@ def test_safe_checkpoint_round_trip(tmp_path, tiny_category):
         ({"layers": ["blocks.1", "blocks.2"]}, "three backbone layers"),
         ({"patch_sizes": [4, 2, 2]}, "one token grid"),
         ({"reconstruction_steps": -1}, "reconstruction_steps"),
-        ({"flow_lr": 0.0}, "flow_lr > 0"),
+        ({"flow_lr": 0.0}, "flow_lr must be a finite number > 0"),
+        ({"lr": float("nan")}, "lr must be a finite number > 0"),
+        ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0"),
+        ({"flow_weight_decay": float("nan")}, "flow_weight_decay must be a finite number >= 0"),
+        ({"betas": (0.9,)}, "betas must be two numbers"),
         ({"backbone": "not_a_backbone"}, "Unknown timm backbone"),
     ],
 )

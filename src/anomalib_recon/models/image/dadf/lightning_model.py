@@ -1,7 +1,7 @@
 """DADF: Dual-Attention Transformer and Discriminative Flow for industrial visual anomaly detection.
 
 Paper: H. Yao et al., *Dual-Attention Transformer and Discriminative Flow for Industrial Visual Anomaly
-Detection*, IEEE T-ASE 2023 (arXiv 2303.17882). Reference code: github.com/hmyao22/DADF (MIT).
+Detection*, IEEE T-ASE 2023 (arXiv 2303.17882). Authors' code: GitHub hmyao22/DADF, commit ebef0b6 (MIT licence).
 
 Both stages train inside one anomalib model, so one ``anomalib train`` runs them in order: stage 1
 ("reconstruction") trains the dual-attention transformer with AdamW, stage 2 ("flow") freezes it and trains the
@@ -30,7 +30,7 @@ from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
 
 from .loss import DADFFlowLoss, DADFReconstructionLoss
-from .torch_model import DADFModel
+from .torch_model import DADFModel, permutation_matrices_to_indices
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ __all__ = ["DADF", "STAGES"]
 
 DEFAULT_IMAGE_SIZE = (256, 256)
 STAGES = ("reconstruction", "flow")
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class DADF(ReconModuleMixin, AnomalibModule):
@@ -53,7 +57,8 @@ class DADF(ReconModuleMixin, AnomalibModule):
     Validation before stage 2 scores with untrained flows; an info line says so, and its values (none are
     logged by default) mean nothing. It does not leak into the result: anomalib's post-processor recomputes its
     normalisation and thresholds from scratch at every validation, and the last validation is always after the
-    last training step (with ``max_steps`` the model asks Lightning to stop, which validates even mid-epoch).
+    last training step (with ``max_steps`` the shared ``ModelGuard`` stops training through ``should_stop``, so
+    Lightning validates the final weights even mid-epoch).
 
     Args:
         backbone: timm CNN. ``wide_resnet50_2.tv_in1k`` (layer1-3) by default: the reference's flow script uses
@@ -135,11 +140,20 @@ class DADF(ReconModuleMixin, AnomalibModule):
         if reconstruction_steps is None and reconstruction_epochs + flow_epochs == 0:
             msg = "reconstruction_epochs + flow_epochs must be positive."
             raise ValueError(msg)
-        if min(lr, flow_lr) <= 0 or min(weight_decay, flow_weight_decay) < 0 or len(betas) != 2:
-            msg = (
-                "need lr > 0, flow_lr > 0, weight_decay >= 0, flow_weight_decay >= 0 and two betas; got "
-                f"{lr}, {flow_lr}, {weight_decay}, {flow_weight_decay}, {betas}."
-            )
+        if not _finite_number(lr) or lr <= 0:
+            msg = f"DADF: lr must be a finite number > 0, got {lr!r}."
+            raise ValueError(msg)
+        if not _finite_number(weight_decay) or weight_decay < 0:
+            msg = f"DADF: weight_decay must be a finite number >= 0, got {weight_decay!r}."
+            raise ValueError(msg)
+        if len(betas) != 2 or not all(_finite_number(b) and 0 <= b < 1 for b in betas):
+            msg = f"DADF: betas must be two numbers in [0, 1), got {betas!r}."
+            raise ValueError(msg)
+        if not _finite_number(flow_lr) or flow_lr <= 0:
+            msg = f"DADF: flow_lr must be a finite number > 0, got {flow_lr!r}."
+            raise ValueError(msg)
+        if not _finite_number(flow_weight_decay) or flow_weight_decay < 0:
+            msg = f"DADF: flow_weight_decay must be a finite number >= 0, got {flow_weight_decay!r}."
             raise ValueError(msg)
         self.reconstruction_epochs = int(reconstruction_epochs)
         self.flow_epochs = int(flow_epochs)
@@ -207,7 +221,10 @@ class DADF(ReconModuleMixin, AnomalibModule):
         """Rebuild the model for the checkpoint's input size (fixed-size memory and LayerNorms), then restore.
 
         The size comes from the size record of the checkpoint, if any, else from its restored pre-processor.
+        Checkpoints that stored the flows' fixed permutations as matrices are converted to index buffers first.
         """
+        if checkpoint.get("state_dict"):
+            permutation_matrices_to_indices(checkpoint["state_dict"])
         recorded = (checkpoint.get("anomalib_recon") or {}).get("input_size")
         if recorded is not None:
             self._build_for(recorded)
@@ -283,17 +300,9 @@ class DADF(ReconModuleMixin, AnomalibModule):
             loss = self.flow_loss(hidden, log_jacobians)
             self.log("train_flow_loss", loss, on_step=False, on_epoch=True, batch_size=size)
             optimizer = optimizers[-1]
-        if not torch.isfinite(loss):
-            msg = f"DADF: the {stage} loss is {float(loss)}; lower lr/flow_lr or check the inputs."
-            raise ValueError(msg)
         optimizer.zero_grad()
-        self.manual_backward(loss)
+        self.manual_backward(loss)  # a non-finite loss stops here (ModelGuard.on_before_backward)
         optimizer.step()
-        max_steps = self.trainer.max_steps
-        if max_steps is not None and 0 < max_steps <= self.global_step:
-            # INFERRED: stop through ``should_stop`` so that Lightning validates after the last step even mid-epoch;
-            # the post-processor's thresholds and normalisation then always come from the trained flows.
-            self.trainer.should_stop = True
         self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         self.log("stage", float(STAGES.index(stage)), on_step=True, on_epoch=False, batch_size=size)
         return {"loss": loss.detach()}

@@ -16,8 +16,8 @@ averaged over the scales, the image score its maximum.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
@@ -27,7 +27,9 @@ from FrEIA.framework import SequenceINN
 from timm.layers import Mlp
 from torch import nn
 
+from anomalib_recon.components.anomaly_map import reduce_max
 from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
+from anomalib_recon.components.initialization import init_mae_weights
 from anomalib_recon.components.patch_embed import MultiScalePatchEmbed, TokenToFeatureHead, patchify
 from anomalib_recon.components.position import SinCosPositionEmbedding2D
 from anomalib_recon.components.tracing import is_tracing
@@ -38,8 +40,10 @@ __all__ = [
     "DADFReconstruction",
     "DualAttention",
     "DualAttentionBlock",
+    "PermutationBlock",
     "create_flow",
     "depthwise_subnet",
+    "permutation_matrices_to_indices",
     "resolve_layers",
 ]
 
@@ -148,15 +152,89 @@ def depthwise_subnet(kernel_size: int) -> Callable[[int, int], nn.Module]:
     return constructor
 
 
-def create_flow(input_dims: Sequence[int], flow_steps: int = 8, clamp: float = 2.0) -> SequenceINN:
-    """``flow_steps`` ``AllInOneBlock`` s (hard permutation, ``affine_clamping=clamp``), kernels 3, 1, 3, 1, ...
+class PermutationBlock(AllInOneBlock):
+    """anomalib's ``AllInOneBlock`` (hard permutation) with its fixed channel permutation kept as indices in buffers.
 
-    Built as anomalib's FastFlow builds its flows, with DADF's depthwise subnets.
+    ``AllInOneBlock`` draws one random channel permutation at construction and keeps it as two one-hot ``C × C``
+    matrices ``w_perm`` and ``w_perm_inv``, in ``nn.Parameter`` s with ``requires_grad=False`` applied by a 1×1
+    convolution: they are listed among the model's parameters (and so handed to the optimiser) and fill
+    checkpoints with ``2·C²`` floats per block (198 M for DADF on WideResNet-50 at 256 px). Here the same draw is
+    kept as two ``int64`` index buffers ``perm`` and ``perm_inv`` (``C`` numbers each) and applied by indexing, which
+    gives the same outputs (each output channel is one input channel, exactly). Checkpoints written with the
+    matrices load: :meth:`_load_from_state_dict` turns them into indices.
+    """
+
+    def __init__(self, dims_in: Sequence[tuple[int, ...]], dims_c: Sequence[tuple[int, ...]] | None = None, **kwargs):
+        if kwargs.get("permute_soft") or kwargs.get("learned_householder_permutation"):
+            msg = "PermutationBlock keeps a hard permutation only (permute_soft=False, no householder reflections)."
+            raise ValueError(msg)
+        super().__init__(list(dims_in), None if dims_c is None else list(dims_c), **kwargs)
+        perm = _permutation_indices(self.w_perm.detach(), "w_perm")
+        del self.w_perm, self.w_perm_inv
+        self.register_buffer("perm", perm)
+        self.register_buffer("perm_inv", torch.argsort(perm))
+
+    def _permute(self, x: torch.Tensor, rev: bool = False) -> tuple[torch.Tensor, float | torch.Tensor]:
+        """Global affine (``ActNorm``) and the channel permutation, as ``AllInOneBlock._permute``."""
+        if self.GIN:
+            scale, perm_log_jac = 1.0, 0.0
+        else:
+            scale = self.global_scale_activation(self.global_scale)
+            perm_log_jac = torch.sum(torch.log(scale))
+        if rev:
+            return (x[:, self.perm_inv] - self.global_offset) / scale, perm_log_jac
+        return (x * scale + self.global_offset)[:, self.perm], perm_log_jac
+
+    def _pre_permute(self, x: torch.Tensor, rev: bool = False) -> torch.Tensor:
+        """The inverse permutation before the coupling (``reverse_permutation=True`` only)."""
+        return x[:, self.perm] if rev else x[:, self.perm_inv]
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Accept the old layout: ``w_perm``/``w_perm_inv`` matrices become the ``perm``/``perm_inv`` indices."""
+        permutation_matrices_to_indices(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def permutation_matrices_to_indices(state_dict: MutableMapping[str, torch.Tensor], prefix: str = "") -> None:
+    """Rewrite, in place, the ``<block>.w_perm`` / ``<block>.w_perm_inv`` matrices of checkpoints written before the
+    permutations became indices into ``<block>.perm`` / ``<block>.perm_inv`` (only keys under ``prefix``).
+
+    Raises:
+        ValueError: A matrix that is not a one-hot permutation, or an inverse that does not match it.
+    """
+    for key in [k for k in state_dict if k.startswith(prefix) and k.endswith("w_perm")]:
+        base = key[: -len("w_perm")]
+        perm = _permutation_indices(state_dict.pop(key), key)
+        inverse = state_dict.pop(base + "w_perm_inv", None)
+        if inverse is not None and not torch.equal(_permutation_indices(inverse, base + "w_perm_inv"), perm.argsort()):
+            msg = f"{base}w_perm_inv is not the inverse of {key}: the checkpoint is corrupt."
+            raise ValueError(msg)
+        state_dict.setdefault(base + "perm", perm)
+        state_dict.setdefault(base + "perm_inv", torch.argsort(perm))
+
+
+def _permutation_indices(matrix: torch.Tensor, name: str) -> torch.Tensor:
+    """Indices ``p`` of a one-hot ``(C, C, 1, ...)`` permutation matrix ``W`` (``W[i, p[i]] = 1``), checked."""
+    flat = matrix.detach().reshape(matrix.shape[0], -1)
+    perm = flat.argmax(dim=1)
+    expected = torch.zeros_like(flat)
+    expected[torch.arange(flat.shape[0]), perm] = 1
+    if flat.shape[0] != flat.shape[1] or not torch.equal(flat, expected) or perm.unique().numel() != perm.numel():
+        msg = f"{name} of shape {tuple(matrix.shape)} is not a permutation matrix: the checkpoint is corrupt."
+        raise ValueError(msg)
+    return perm.to(torch.long)
+
+
+def create_flow(input_dims: Sequence[int], flow_steps: int = 8, clamp: float = 2.0) -> SequenceINN:
+    """``flow_steps`` :class:`PermutationBlock` s (hard permutation, ``affine_clamping=clamp``), kernels 3, 1, 3, ...
+
+    Built as anomalib's FastFlow builds its flows, with DADF's depthwise subnets; the fixed permutations are index
+    buffers instead of parameters (:class:`PermutationBlock`).
     """
     flow = SequenceINN(*[int(d) for d in input_dims])
     for step in range(flow_steps):
         flow.append(
-            AllInOneBlock,
+            PermutationBlock,
             subnet_constructor=depthwise_subnet(1 if step % 2 else 3),
             affine_clamping=clamp,
             permute_soft=False,
@@ -335,15 +413,7 @@ class DADFModel(nn.Module):
         The patch-embedding convs are initialised like linear layers by ``PatchEmbed`` and the heads by
         ``TokenToFeatureHead``.
         """
-        for module in (self.blocks, self.norm):
-            for m in module.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.xavier_uniform_(m.weight)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
-                elif isinstance(m, nn.LayerNorm):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
+        init_mae_weights(self.blocks, self.norm)
         if self.memory is not None:
             nn.init.normal_(self.memory, std=0.02)
 
@@ -461,5 +531,5 @@ class DADFModel(nn.Module):
         """
         hidden, _ = self.flow_outputs(images)
         anomaly_map = self.anomaly_map(hidden)
-        pred_score = torch.amax(anomaly_map, dim=(1, 2, 3))
+        pred_score = reduce_max(anomaly_map)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
