@@ -213,6 +213,7 @@ class _Recorder(torch.nn.Module):
         return self.terms
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # training_step without a Trainer
 def test_loss_targets_the_clean_features_that_the_map_compares(monkeypatch):
     """Through ``training_step``: an inpainter that returns the clean features ``F`` exactly has zero direction and
     distance loss and a zero anomaly map; one that returns zeros has distance loss ``mean(F²)``. A loss that compared
@@ -243,6 +244,96 @@ def test_loss_targets_the_clean_features_that_the_map_compares(monkeypatch):
     model.training_step(ImageBatch(image=images), 0)
     torch.testing.assert_close(model.loss.terms["distance"], (features**2).mean())
     torch.testing.assert_close(model.loss.terms["direction"], torch.tensor(1.0))
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # training_step without a Trainer
+def test_training_step_loss_formula_and_gradients_of_both_branches(monkeypatch):
+    """Through ``training_step``: the loss is ``5·mean(1 − cos(F̂_i, T_i)) + mean((F̂ − T)²) + mean_i s_i − 0.1·mean
+    d(c_k, c_l)`` on the tensors the forward produced, with ``T`` the patchified frozen features and ``s_i`` the
+    distance of each clean token to its nearest centre (recomputed here from the centres); the inpainting branch
+    (mask token included) and the mask generator both get gradients, the backbone none."""
+    from anomalib.data import ImageBatch
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    model = tiny(patch_size=2)
+    net = model.model
+    images = torch.randn(2, 3, 64, 64)
+    seen = {}
+    forward = net.forward
+
+    def recording_forward(x: torch.Tensor):
+        seen["out"] = forward(x)
+        return seen["out"]
+
+    monkeypatch.setattr(net, "forward", recording_forward)
+    net.train()
+    loss = model.training_step(ImageBatch(image=images), 0)["loss"]
+    loss.backward()
+    out = seen["out"]
+    assert out.mask.any() and not out.mask.all()
+    with torch.no_grad():
+        features = net.extract(images)
+        target = patchify(features, net.patch_size)
+        clean = net.add_position(net.auxi_embed(features), net.grid_of(features))
+    torch.testing.assert_close(out.target_tokens, target)
+    centers = out.centers.detach()
+    d = torch.linalg.norm(clean[:, :, None] - centers[:, None], dim=-1) * (
+        1 - F.cosine_similarity(clean[:, :, None], centers[:, None], dim=-1)
+    )
+    torch.testing.assert_close(out.token_scores.detach(), d.min(dim=2).values)
+    pred = out.pred_tokens.detach()
+    k = centers.shape[1]
+    pairs = [(a, b) for a in range(k) for b in range(k) if a != b]
+    diversity = torch.stack(
+        [
+            torch.linalg.norm(centers[:, a] - centers[:, b], dim=-1)
+            * (1 - F.cosine_similarity(centers[:, a], centers[:, b], dim=-1))
+            for a, b in pairs
+        ]
+    ).mean()
+    expected = (
+        5 * (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
+        + ((pred - target) ** 2).mean()
+        + d.min(dim=2).values.mean()
+        - 0.1 * diversity
+    )
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    inpainting = ("patch_embed", "mask_token", "blocks", "norm", "head")
+    for name in (*inpainting, "auxi_embed", "cls_token", "auxiliary", "norm_auxi"):
+        part = getattr(net, name)
+        params = list(part.parameters()) if isinstance(part, torch.nn.Module) else [part]
+        assert all(p.grad is not None for p in params), name
+        assert sum(float(p.grad.abs().sum()) for p in params) > 0, name
+    assert all(p.grad is None for p in net.feature_extractor.parameters())
+
+
+def test_inference_map_is_the_product_of_the_blurred_squared_error_and_cosine_maps():
+    """The map is ``blur(up(mean_c (F − F̂)²)) · blur(up(1 − cos(F, F̂)))`` (bilinear, align_corners=True, σ = 4)
+    of the frozen features and their adaptive-mask inpainting, and the image score is its standard deviation."""
+    from torch.nn import functional as F
+
+    from anomalib_recon.components.anomaly_map import make_blur
+
+    torch.manual_seed(0)
+    net = tiny(patch_size=2).model.eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        details = net.details(images)
+        features, recon = details.features, details.reconstruction
+        torch.testing.assert_close(features, net.extract(images))
+        blur = make_blur(4.0)
+
+        def up(m: torch.Tensor) -> torch.Tensor:
+            return blur(F.interpolate(m, size=(64, 64), mode="bilinear", align_corners=True))
+
+        sq = ((features - recon) ** 2).mean(dim=1, keepdim=True)
+        cos = (1 - F.cosine_similarity(features, recon, dim=1)).unsqueeze(1)
+        expected = up(sq) * up(cos)
+        pred = net(images)
+    torch.testing.assert_close(pred.anomaly_map, expected)
+    torch.testing.assert_close(pred.pred_score, expected.flatten(1).std(dim=1, correction=0))
+    assert details.mask.any()  # the adaptive mask was applied to this reconstruction
 
 
 def _captured_inputs(net, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,6 +527,13 @@ def test_engine_few_shot_fit_and_safe_checkpoint_round_trip(tmp_path):
     engine = _engine(tmp_path, steps=2)
     engine.fit(model, datamodule=datamodule)
     assert len(datamodule.train_data) == 3
+    # the shared few-shot draw (components.few_shot, one fold): the seeded images, each once, in dataset order
+    fresh = Folder(
+        name="stripes", root=root, normal_dir="train/good", abnormal_dir="test/bad", normal_test_dir="test/good"
+    )
+    fresh.setup()
+    chosen = sorted(torch.randperm(6, generator=torch.Generator().manual_seed(0))[:3].tolist())
+    assert list(datamodule.train_data.samples.image_path) == list(fresh.train_data.samples.image_path.iloc[chosen])
     assert engine.trainer.global_step == 2
     ckpt = tmp_path / "ami_net.ckpt"
     engine.trainer.save_checkpoint(ckpt)
@@ -583,6 +681,13 @@ def test_resolve_layers():
         ({"embed_dim": 32, "num_heads": 3}, "divisible by num_heads"),
         ({"num_centers": 1}, "num_centers"),
         ({"few_shot_k": 0}, "few_shot_k"),
+        ({"lr": float("nan")}, "lr must be a finite number > 0"),
+        ({"weight_decay": -1.0}, "weight_decay must be a finite number >= 0"),
+        ({"betas": (0.9, 1.0)}, r"betas must be two numbers in \[0, 1\)"),
+        (
+            {"size": 16, "patch_size": 2},
+            r"AMINet: blur_sigma=4 .* image_size of at least 17x17 or blur_sigma < 3.875\.",
+        ),
         ({"backbone": "not_a_backbone"}, "Unknown timm backbone"),
         ({"patch_size": 3}, "not divisible by patch_size=3"),
     ],

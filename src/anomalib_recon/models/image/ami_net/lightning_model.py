@@ -1,7 +1,8 @@
 """AMI-Net: Adaptive Mask Inpainting Network for industrial anomaly detection and localization.
 
 Paper: W. Luo et al., *AMI-Net: Adaptive Mask Inpainting Network for Industrial Anomaly Detection and
-Localization*, IEEE T-ASE 2024 (arXiv 2412.11802). Reference code: github.com/luow23/AMI-Net (MIT).
+Localization*, IEEE T-ASE 2024 (arXiv 2412.11802). Authors' code: GitHub luow23/AMI-Net, commit 3350be0 (MIT
+licence).
 
 Frozen WideResNet-50 features are inpainted by a ViT trained with random positional and quantitative masks;
 at inference an adaptive mask generator (cluster centres + per-cluster outlier threshold) masks the likely
@@ -11,6 +12,7 @@ anomalous tokens so that they are reconstructed as normal, and the residual beco
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -24,6 +26,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from anomalib_recon.components.few_shot import restrict_to_few_shot
 from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
 
@@ -35,6 +38,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["AMINet"]
 
 DEFAULT_IMAGE_SIZE = (256, 256)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class AMINet(ReconModuleMixin, AnomalibModule):
@@ -129,8 +136,14 @@ class AMINet(ReconModuleMixin, AnomalibModule):
         if few_shot_k is not None and few_shot_k < 1:
             msg = f"few_shot_k must be a positive number of normal images or None, got {few_shot_k}."
             raise ValueError(msg)
-        if lr <= 0 or weight_decay < 0 or len(betas) != 2:
-            msg = f"need lr > 0, weight_decay >= 0 and two betas; got {lr}, {weight_decay}, {betas}."
+        if not _finite_number(lr) or lr <= 0:
+            msg = f"AMINet: lr must be a finite number > 0, got {lr!r}."
+            raise ValueError(msg)
+        if not _finite_number(weight_decay) or weight_decay < 0:
+            msg = f"AMINet: weight_decay must be a finite number >= 0, got {weight_decay!r}."
+            raise ValueError(msg)
+        if len(betas) != 2 or not all(_finite_number(b) and 0 <= b < 1 for b in betas):
+            msg = f"AMINet: betas must be two numbers in [0, 1), got {betas!r}."
             raise ValueError(msg)
         input_size = self.input_size
         if input_size is None:
@@ -215,27 +228,14 @@ class AMINet(ReconModuleMixin, AnomalibModule):
         self._few_shot_setup(stage)
 
     def _few_shot_setup(self, stage: str) -> None:
-        """Few-shot: keep ``few_shot_k`` seeded random normal images of the datamodule's training set."""
+        """Few-shot: keep ``few_shot_k`` seeded random normal images of the datamodule's training set.
+
+        The shared recipe (:func:`~anomalib_recon.components.few_shot.restrict_to_few_shot`) with one fold: the
+        paper trains on the ``k`` images as they are (no replication, no augmentation).
+        """
         if self.few_shot_k is None or stage != "fit":
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        train_data = getattr(datamodule, "train_data", None)
-        if train_data is None or not hasattr(train_data, "subsample"):
-            msg = (
-                "few_shot_k needs an anomalib datamodule passed to fit (Engine.fit(model, datamodule=...)); "
-                "with plain dataloaders, build the k-image training set yourself and set few_shot_k=None."
-            )
-            raise ValueError(msg)
-        n = len(train_data)
-        if n < self.few_shot_k:
-            msg = f"few_shot_k={self.few_shot_k} but the training set has only {n} images."
-            raise ValueError(msg)
-        if n == self.few_shot_k:
-            return
-        generator = torch.Generator().manual_seed(self.few_shot_seed)
-        indices = sorted(torch.randperm(n, generator=generator)[: self.few_shot_k].tolist())
-        datamodule.train_data = train_data.subsample(indices)
-        logger.info("AMINet few-shot: %d of %d normal images (seed %d).", len(indices), n, self.few_shot_seed)
+        restrict_to_few_shot(self.trainer, self.few_shot_k, 1, self.few_shot_seed, "AMINet")
 
     # ------------------------------------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

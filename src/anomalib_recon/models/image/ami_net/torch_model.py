@@ -27,8 +27,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from anomalib_recon.components.aggregation import FeatureAggregator
-from anomalib_recon.components.anomaly_map import AnomalyMapGenerator, reduce_std
+from anomalib_recon.components.anomaly_map import AnomalyMapGenerator, check_blur_fits, reduce_std
 from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
+from anomalib_recon.components.initialization import init_mae_weights
 from anomalib_recon.components.patch_embed import PatchEmbed, TokenToFeatureHead, patchify
 from anomalib_recon.components.position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
 from anomalib_recon.components.tracing import is_tracing as _tracing
@@ -196,6 +197,7 @@ class AMINetModel(nn.Module):
         self.feature_extractor = FeatureExtractor(backbone, layers=resolve_layers(backbone, layers), weights=weights)
         self.aggregator = FeatureAggregator(out_size=None, mode="concat", align_corners=True, smooth=True)
         size = (int(image_size[0]), int(image_size[1]))
+        check_blur_fits(blur_sigma, None, size, "AMINet", allow_off=False)  # the maps are blurred at the input size
         self.feature_channels, feature_size = self._probe_features(size)
         self._set_grid(size, feature_size)
 
@@ -305,15 +307,7 @@ class AMINetModel(nn.Module):
 
     def _init_weights(self) -> None:
         """MAE/AMI-Net init: xavier-uniform Linear (zero bias), LayerNorm 1/0, centres N(0, 0.02), mask token 0."""
-        for module in (self.auxiliary, self.blocks, self.norm_auxi, self.norm):
-            for m in module.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.xavier_uniform_(m.weight)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
-                elif isinstance(m, nn.LayerNorm):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
+        init_mae_weights(self.auxiliary, self.blocks, self.norm_auxi, self.norm)
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.zeros_(self.mask_token)
 
