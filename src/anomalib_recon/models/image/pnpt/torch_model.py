@@ -25,6 +25,7 @@ design is INFERRED, consistent with the same first author's DADF code, GitHub hm
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -146,8 +147,9 @@ class ConditionalDecoderBlock(nn.Module):
 class PromptPool(nn.Module):
     """CS-NPP: per-class prior normality maps, learnable prompt offsets and class keys.
 
-    Sized by its class names, which it keeps in its state dict (``_extra_state``); loading a state dict of another
-    class count re-sizes the pool first (models are built before the data says how many classes there are).
+    Sized by its class names, which it keeps in its state dict as the UTF-8 bytes of their JSON list (a ``uint8``
+    buffer, so the state dict holds tensors only); loading a state dict of another class count re-sizes the pool
+    first (models are built before the data says how many classes there are).
 
     Buffers and parameters (``n`` = classes for ``shared=False``, else 1):
 
@@ -156,6 +158,7 @@ class PromptPool(nn.Module):
     * ``offsets`` ``(n, L, D)``: learnable, ``N(0, 0.02)`` (DADF's memory-token initialisation).
     * ``keys`` ``(classes, C_3)``: mean of the globally average-pooled deepest map per class (class inference).
     * ``fitted``: whether :meth:`set_statistics` ran.
+    * ``names_utf8``: the class names, ``json.dumps(names)`` as bytes.
     """
 
     def __init__(
@@ -217,6 +220,8 @@ class PromptPool(nn.Module):
             self.register_buffer(f"prior_{s}", torch.zeros(n, c, h, w, **like))
         self.register_buffer("keys", torch.zeros(len(names), self.channels[-1], **like))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool, device=like.get("device")))
+        encoded = torch.tensor(list(json.dumps(names).encode("utf-8")), dtype=torch.uint8, device=like.get("device"))
+        self.register_buffer("names_utf8", encoded)
 
     def priors(self) -> list[torch.Tensor]:
         """``μ_s`` per scale, each ``(n, C_s, H_s, W_s)``."""
@@ -241,20 +246,16 @@ class PromptPool(nn.Module):
         self.fitted.fill_(True)
 
     # ------------------------------------------------------------------------------------------------ state
-    def get_extra_state(self) -> dict[str, Any]:
-        """The class names travel with the weights."""
-        return {"class_names": list(self.class_names)}
-
-    def set_extra_state(self, state: Any) -> None:
-        """Restore the class names (the tensors were re-sized before loading)."""
-        names = (state or {}).get("class_names") if isinstance(state, dict) else None
-        if names and len(names) == self.num_classes:
-            self.class_names = [str(n) for n in names]
+    @staticmethod
+    def decode_names(encoded: torch.Tensor) -> list[str]:
+        """Class names from their ``names_utf8`` buffer."""
+        return [str(n) for n in json.loads(bytes(encoded.to("cpu", torch.uint8).tolist()).decode("utf-8"))]
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         """Re-size the pool to the incoming tensors before loading them (class count and names from the state)."""
         self.resize_like(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.class_names = self.decode_names(self.names_utf8)
 
     def resize_like(self, state_dict: dict, prefix: str = "") -> None:
         """Re-size to the classes of a state dict (``prefix`` = this pool's key prefix in it); no-op if they fit."""
@@ -262,13 +263,14 @@ class PromptPool(nn.Module):
         offsets = state_dict.get(prefix + "offsets")
         if not isinstance(keys, torch.Tensor) or not isinstance(offsets, torch.Tensor):
             return
-        extra = state_dict.get(prefix + "_extra_state")
-        names = extra.get("class_names") if isinstance(extra, dict) else None
+        encoded = state_dict.get(prefix + "names_utf8")
+        names = self.decode_names(encoded) if isinstance(encoded, torch.Tensor) else None
         count = int(keys.shape[0])
         if not names or len(names) != count:
             names = [f"class_{i}" for i in range(count)]
         names = [str(n) for n in names]
         changed = names != self.class_names or tuple(offsets.shape) != tuple(self.offsets.shape)
+        changed = changed or (isinstance(encoded, torch.Tensor) and encoded.shape != self.names_utf8.shape)
         fits = tuple(offsets.shape[1:]) == tuple(self.offsets.shape[1:])  # same grid and width: only the count moves
         if changed and fits and offsets.shape[0] == (1 if self.shared else count):
             self._allocate(names, self._like())
