@@ -50,6 +50,8 @@ __all__ = ["RBAE", "STAGES"]
 
 DEFAULT_IMAGE_SIZE = (256, 256)
 STAGES = ("reconstruction", "segmentation")
+TIE_TOLERANCE = 1e-5
+"""Reference rule: distances to the mean descriptor within this fraction of the largest distance are a tie."""
 
 
 def _finite_number(value: Any) -> bool:
@@ -97,10 +99,11 @@ class RBAE(ReconModuleMixin, AnomalibModule):
     Reference image (the "fixed normal reference" of the paper; rule INFERRED): when fitting starts and no reference
     is stored yet, :meth:`choose_reference` takes, among the first ``stats_max_images`` training images in dataset
     order, the one whose global-average-pooled encoder maps (all layers, concatenated) are closest in Euclidean
-    distance to their mean over those images, with the encoder as it is before training (ImageNet weights); ties go
-    to the first image. Under DDP every rank computes the same choice from every rank's images. ``reference`` overrides
-    the rule with a training-set index or an image file. The pre-processed image is the buffer
-    ``model.reference_image`` (``model.reference_index`` says which one), saved in checkpoints and exported graphs.
+    distance to their mean over those images, with the encoder as it is before training (ImageNet weights);
+    near-ties (:data:`TIE_TOLERANCE`) go to the first image. Under DDP every rank computes the same choice from every
+    rank's images. ``reference`` overrides the rule with a training-set index or an image file. The pre-processed
+    image is the buffer ``model.reference_image`` (``model.reference_index`` says which one), saved in checkpoints
+    and exported graphs.
 
     Args:
         backbone: Trainable encoder, a timm CNN (``resnet18.tv_in1k``, the paper's ResNet-18;
@@ -343,7 +346,8 @@ class RBAE(ReconModuleMixin, AnomalibModule):
         :func:`~anomalib_recon.components.normal_images.collect_normal_images`, so under DDP from every rank's share
         and identical on every rank; or ``dataloader``'s raw normal images, as given), the image whose descriptor (the
         global-average-pooled maps of the current encoder, all layers concatenated, in float64) is closest in
-        Euclidean distance to the mean descriptor; the first such image on a tie. ``reference=i``: training image
+        Euclidean distance to the mean descriptor; on a tie (within :data:`TIE_TOLERANCE` of the largest distance,
+        as batched convolutions differ in the last bits) the first of them. ``reference=i``: training image
         ``i``. ``reference="path"``: that image file. Called automatically when fitting starts if no reference is
         stored (a model restored from a checkpoint keeps its reference).
         """
@@ -361,7 +365,10 @@ class RBAE(ReconModuleMixin, AnomalibModule):
                 )
                 raise NonFiniteError(msg)
             distances = (descriptors - descriptors.mean(dim=0, keepdim=True)).norm(dim=1)
-            index = int(torch.argmin(distances))  # the first minimum on a tie
+            # Batched convolutions differ in the last bits with the batch's composition (one process vs DDP shares):
+            # distances within TIE_TOLERANCE of the largest count as a tie, and the first image wins.
+            tied = distances <= distances.min() + TIE_TOLERANCE * distances.max()
+            index = int(torch.nonzero(tied)[0, 0])
         image = self._load_normal_image(index, dataloader)
         if _distributed():  # identical already; the broadcast also covers random training-set augmentations
             image = image.to(self.model.reference_image.device)
@@ -459,6 +466,10 @@ class RBAE(ReconModuleMixin, AnomalibModule):
         for name in names:
             self.log(f"train_{name}_loss", losses[name].detach(), on_step=False, on_epoch=True, batch_size=size)
         return {"loss": loss.detach()}
+
+    def on_train_end(self) -> None:
+        """Leave every part trainable again (stage 2 froze the encoder, RBAM and decoder) for later fine-tuning."""
+        self.model.requires_grad_(True)
 
     def on_validation_epoch_start(self) -> None:
         """Say once that stage-1 validation scores with an untrained segmentation module."""

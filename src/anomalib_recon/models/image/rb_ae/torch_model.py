@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from anomalib_recon.components.anomaly_map import reduce_max_avgpool
-from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
+from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides, probe_backbone
 from anomalib_recon.components.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from anomalib_recon.components.tracing import is_tracing
 
@@ -78,15 +78,18 @@ def build_encoder(
     shared :class:`~anomalib_recon.components.feature_extractor.FeatureExtractor`'s; its frozen wrapper is dropped
     and the network is made trainable, as RB-AE fine-tunes its encoder.
     """
+    if probe_backbone(backbone).is_vit:
+        msg = f"RB-AE's encoder must be a timm CNN (e.g. resnet18.tv_in1k, tf_efficientnet_lite0), not {backbone!r}."
+        raise ValueError(msg)
     layers = resolve_layers(backbone, layers)
     if len(layers) < 2:
         msg = f"RB-AE needs at least two encoder layers (skips + a bottleneck), got layers={layers}."
         raise ValueError(msg)
     extractor = FeatureExtractor(backbone, layers, weights=weights)
-    if extractor.is_vit or extractor._channels_last or extractor._delegate is not None:
+    if extractor._channels_last:
         msg = (
             f"RB-AE's encoder must be a timm CNN with NCHW feature maps (e.g. resnet18.tv_in1k, "
-            f"tf_efficientnet_lite0), got {backbone!r}."
+            f"tf_efficientnet_lite0), got {backbone!r} (channels-last stages)."
         )
         raise ValueError(msg)
     strides = [int(r) for r in extractor.reductions]
@@ -138,7 +141,8 @@ class ReferenceAttention(nn.Module):
             msg = f"RBAM: reference features {tuple(reference.shape)} must be (1, {features.shape[1]}, h, w)."
             raise ValueError(msg)
         q, k, v = self._qkv(features, reference)
-        out = F.scaled_dot_product_attention(q, k, v)  # the same softmax(Q Kᵀ/√d) V, without keeping A
+        # The same softmax(Q Kᵀ/√d) V without keeping A; one head axis, as the ONNX exporter wants 4-D inputs.
+        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
         b, c, h, w = features.shape
         return out.transpose(1, 2).reshape(b, c, h, w)
 
@@ -361,10 +365,14 @@ class RBAEModel(nn.Module):
         return [rbam(f, r) for rbam, f, r in zip(self.rbam, features, reference, strict=True)]
 
     def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``(x̂, E(x))``: encoder on the images and the reference in one pass, RBAM, decoder."""
-        features = self.encode(torch.cat([images, self.reference_image.to(images.dtype)], dim=0))
-        own = [f[:-1] for f in features]
-        reference = [f[-1:] for f in features]
+        """``(x̂, E(x))``: encoder on the images and the reference (one pass when they have the same size), RBAM,
+        decoder."""
+        reference_image = self.reference_image.to(images.dtype)
+        if images.shape[-2:] == reference_image.shape[-2:]:
+            features = self.encode(torch.cat([images, reference_image], dim=0))
+            own, reference = [f[:-1] for f in features], [f[-1:] for f in features]
+        else:  # another input size than image_size: the reference keeps its own
+            own, reference = self.encode(images), self.encode(reference_image)
         return self.decoder(self.repair(own, reference), images.shape[-2:]), own
 
     def segment(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
