@@ -1,7 +1,7 @@
 """SCL-VI: Self-supervised Context Learning for Visual Inspection (jigsaw + SVDD, trained from scratch).
 
-Paper: *SCL-VI: Self-supervised Context Learning for Visual Inspection*, arXiv 2311.06504. Reference code:
-github.com/wangpeng000/VisualInspection (no LICENSE file; read for understanding only).
+Paper: *SCL-VI: Self-supervised Context Learning for Visual Inspection*, arXiv 2311.06504. Authors' code: GitHub
+wangpeng000/VisualInspection, commit a593340 (no LICENSE file; read for understanding only).
 
 An AlexNet-like patch encoder is trained from scratch to predict the relative position of two of nine jigsaw patches
 at two patch sizes (64 and 32), plus an SVDD term that pulls embeddings of neighbouring patches together. After
@@ -13,8 +13,9 @@ and the two maps are multiplied. Image score = max of the map.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_recon.components.module import ReconModuleMixin
+from anomalib_recon.components.normal_images import collect_normal_images, training_dataset
 from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
 
 from .loss import SCLVILoss
@@ -46,11 +48,14 @@ class SCLVI(ReconModuleMixin, AnomalibModule):
     There is **no pretrained backbone**: the encoder is trained from scratch on the training images, so the
     ``backbone``, ``layers`` and ``weights`` arguments of the other models do not apply and do not exist here.
 
-    Stages: (1) fit start: the per-pixel mean training image (at the input size) is computed once over the training
-    dataloader and stored as the ``model.mean_image`` buffer; (2) training: each step samples jigsaw and SVDD patch
-    pairs on the fly from the batch of full standardised images; (3) after training (and before any validation that
-    follows training steps) both memory banks are built from the training images, one batch at a time; they are
-    buffers, so checkpoints and ONNX/OpenVINO exports carry them.
+    Stages: (1) fit start: the per-pixel mean training image (at the input size) is computed once over the normal
+    training images and stored as the ``model.mean_image`` buffer; (2) training: each step samples jigsaw and SVDD
+    patch pairs on the fly from the batch of full standardised images; (3) after training (and before any
+    validation that follows training steps) both memory banks are built from the training images' window
+    embeddings; they are buffers, so checkpoints and ONNX/OpenVINO exports carry them. Stages (1) and (3) read the
+    training set through the shared loop :func:`~anomalib_recon.components.normal_images.collect_normal_images`
+    (dataset order, no augmentation; under DDP every rank gathers all ranks' rows, so every rank holds the
+    single-process mean image and banks).
 
     Args:
         image_size: Input size of the default pre-processor (``None`` = 256x256, the paper). Ignored when a
@@ -62,14 +67,15 @@ class SCLVI(ReconModuleMixin, AnomalibModule):
         scales: Patch sizes used for training and scoring: ``(64, 32)`` (paper), ``(64,)`` or ``(32,)``.
         strides: Memory-bank/test grid stride per patch size, e.g. ``{64: 16, 32: 4}``. ``None`` = the paper's 16 and
             4 at 256 px scaled with the input size (8 and 2 at 128 px).
-        k: Nearest neighbours in the affinity score (5; **ASSUMPTION** of the spec, the code scans 1..20; ``k=1`` is
-            plain Patch SVDD scoring).
-        svdd_weight: lambda of the SVDD term (1, the reference README; 0 = jigsaw alone).
+        k: Nearest neighbours in the affinity score (5, **INFERRED**: the authors' code scans 1..20 per category;
+            ``k=1`` is plain Patch SVDD scoring).
+        svdd_weight: lambda of the SVDD term (1, the authors' README command; 0 = jigsaw alone).
         pair_batch_size: Pairs per sub-task and scale per step (64, the paper's batch). Pairs cycle over the
             images of the Lightning batch.
         coreset_ratio: Keep this fraction of each memory bank with anomalib's greedy k-center coreset (``None`` = the
             full bank, the paper). **INFERRED** option to bound search time and export size.
-        knn_chunk_size: Bank rows per block of the exact chunked kNN search.
+        knn_chunk_size: Bank rows per block of the exact kNN search, in eager mode and in exported graphs (an
+            exported model holds ``windows x knn_chunk_size`` distances per image at a time).
         noise_std: Photometric noise std on jigsaw patches (0.02).
         lr: Adam learning rate (1e-4, constant).
         pre_processor: Pre-processor, or ``True`` for Resize(``image_size``) without normalisation (the model
@@ -109,8 +115,8 @@ class SCLVI(ReconModuleMixin, AnomalibModule):
         super().__init__(
             sized_pre_processor(type(self), image_size, pre_processor), post_processor, evaluator, visualizer
         )
-        if lr <= 0:
-            msg = f"lr must be > 0, got {lr}."
+        if not (math.isfinite(lr) and lr > 0):
+            msg = f"lr must be a finite number > 0, got {lr}."
             raise ValueError(msg)
         if coreset_ratio is not None and not 0 < coreset_ratio <= 1:
             msg = f"coreset_ratio must be in (0, 1] or None, got {coreset_ratio}."
@@ -158,72 +164,54 @@ class SCLVI(ReconModuleMixin, AnomalibModule):
         return LearningType.ONE_CLASS
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam, constant learning rate (1e-4), on encoders and classifiers."""
-        return torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        """Adam, constant learning rate (1e-4), on the trainable encoder and classifier parameters."""
+        return torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=self.lr)
 
-    # ------------------------------------------------------------------------------------------------ data access
-    def _training_images(self) -> Iterator[torch.Tensor]:
-        """The training images, one pre-processed batch at a time (never all in memory)."""
-        trainer = self.trainer
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None and getattr(datamodule, "train_data", None) is not None:
-            loader = datamodule.train_dataloader()
-        else:
-            loader = trainer.train_dataloader
-            if loader is None:
-                trainer.fit_loop.setup_data()
-                loader = trainer.train_dataloader
-        transform = getattr(self.pre_processor, "transform", None)
-        for batch in loader:
-            images = batch.image if hasattr(batch, "image") else batch[0] if isinstance(batch, list | tuple) else batch
-            images = images.to(self.device)
-            yield transform(images) if transform is not None else images
-
-    def _has_training_data(self) -> bool:
-        try:
-            trainer = self.trainer
-        except RuntimeError:
-            return False
-        datamodule = getattr(trainer, "datamodule", None)
-        return (datamodule is not None and getattr(datamodule, "train_data", None) is not None) or (
-            trainer.train_dataloader is not None
-        )
-
-    @torch.no_grad()
-    def compute_mean_image(self) -> None:
-        """Per-pixel, per-channel mean of the training images at the input size, stored in ``model.mean_image``."""
-        total, count = None, 0
-        for images in self._training_images():
-            if tuple(images.shape[-2:]) != self.model.image_size:
-                msg = (
-                    f"training images are {images.shape[-2]}x{images.shape[-1]} after the pre-processor, but SCLVI was "
-                    f"built for {self.model.image_size}: give the pre-processor a Resize to image_size."
-                )
-                raise ValueError(msg)
-            if not bool(torch.isfinite(images).all()):
-                msg = "training images contain NaN or inf values; clean or drop those images."
-                raise ValueError(msg)
-            batch_sum = images.double().sum(dim=0, keepdim=True)
-            total = batch_sum if total is None else total + batch_sum
-            count += images.shape[0]
-        if count == 0:
-            msg = "SCLVI needs at least one training image (the training dataloader is empty)."
+    # ------------------------------------------------------------------------------------------------ fitted state
+    def _input_size_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Pre-processed training images, refused unless they have the size the model was built for."""
+        if tuple(images.shape[-2:]) != self.model.image_size:
+            msg = (
+                f"training images are {images.shape[-2]}x{images.shape[-1]} after the pre-processor, but SCLVI was "
+                f"built for {self.model.image_size}: give the pre-processor a Resize to image_size."
+            )
             raise ValueError(msg)
-        self.model.mean_image.copy_((total / count).float())
-        self.model.mean_ready.fill_(True)
-        logger.info("SCLVI: mean image over %d training images.", count)
+        return images
 
-    def build_memory_bank(self) -> dict[int, int]:
-        """Embed every training window into the per-scale memory banks (after training); logs sizes and time."""
-        was_training = self.model.training
-        self.model.eval()
+    def compute_mean_image(self, dataloader: Iterable | None = None) -> None:
+        """Per-pixel, per-channel mean of the training images at the input size, stored in ``model.mean_image``.
+
+        The images come from the shared loop over the normal training images (dataset order, pre-processed, every
+        rank's share gathered under DDP) and are averaged in float64 in dataset order, so every process stores the
+        single-process mean exactly. ``dataloader``: raw normal images to use instead of the training set.
+        """
+        images = collect_normal_images(self, self._input_size_images, dataloader=dataloader)
+        self.model.set_mean_image(images.double().mean(dim=0, keepdim=True).float())
+        logger.info("SCLVI: mean image over %d training images.", images.shape[0])
+
+    def build_memory_bank(self, dataloader: Iterable | None = None) -> dict[int, int]:
+        """Embed every training window into the per-scale memory banks (after training); logs sizes and time.
+
+        The embeddings come from the shared loop over the normal training images, so every DDP rank holds the
+        banks of the whole training set, in dataset order. ``dataloader``: raw normal images instead.
+        """
         start = time.perf_counter()
-        sizes = self.model.build_memory_bank(self._training_images(), coreset_ratio=self.coreset_ratio)
-        self.model.train(was_training)
+        rows = collect_normal_images(
+            self, lambda images: self.model.bank_rows(self._input_size_images(images)), dataloader=dataloader
+        )
+        sizes = self.model.set_memory_banks(rows, coreset_ratio=self.coreset_ratio)
         self.bank_stats = {"bank_build_s": round(time.perf_counter() - start, 2)}
         self.bank_stats |= {f"bank_size_{s}": float(n) for s, n in sizes.items()}
         logger.info("SCLVI memory banks %s built in %.1f s.", sizes, self.bank_stats["bank_build_s"])
         return sizes
+
+    def _has_training_data(self) -> bool:
+        """Whether the trainer can give the normal training images (a datamodule or a train dataloader)."""
+        try:
+            training_dataset(self)
+        except (ValueError, RuntimeError):
+            return False
+        return True
 
     def _refresh_bank(self) -> None:
         """(Re)build the banks of a trained model when they are missing or older than its last training step.

@@ -1,14 +1,15 @@
 """SCL-VI torch model: from-scratch patch encoders, jigsaw/SVDD pair sampling, memory banks and affinity-kNN maps.
 
-Spec: ``shared/specs/scl_vi.md`` (from the authors' code, ``wangpeng000/VisualInspection``). Everything here works on
-images that are already standardised by the mean training image (``x - mean_image`` in [0, 1] units, which equals
-the reference's ``(x_uint8 - mean_uint8) / 255``).
+Paper: *SCL-VI: Self-supervised Context Learning for Visual Inspection*, arXiv 2311.06504; the hyperparameters and
+details come from the authors' code (GitHub wangpeng000/VisualInspection, commit a593340, itself a modification of
+Patch SVDD). Everything here works on images that are already standardised by the mean training image
+(``x - mean_image`` in [0, 1] units, which equals the authors' ``(x_uint8 - mean_uint8) / 255``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from anomalib.data import InferenceBatch
 from torch import nn
 
+from anomalib_recon.components.anomaly_map import reduce_max
 from anomalib_recon.components.tracing import is_tracing
 
 PAPER_SCALES = (64, 32)
@@ -23,7 +25,7 @@ PAPER_STRIDES_256 = {64: 16, 32: 4}  # memory-bank / test grid strides at 256 px
 NUM_CLASSES = 12
 
 # The 12 relative-position classes of a pair (cell i, cell j) of the 3x3 grid, i above or left of j:
-# (row_j - row_i, col_j - col_i) per class (spec §4).
+# (row_j - row_i, col_j - col_i) per class, in the order of the authors' pair table.
 CLASS_OFFSETS: tuple[tuple[int, int], ...] = (
     (0, 1),
     (1, 0),
@@ -46,7 +48,7 @@ def pair_table(rows_per_class: int = 12) -> torch.Tensor:
 
     All ordered pairs of the 3x3 grid (cells 0..8 row-major) with ``i`` before ``j``, grouped by their offset
     (:data:`CLASS_OFFSETS`), each class resampled cyclically to ``rows_per_class`` rows. With 12 rows every pair of
-    a class appears equally often (its 6, 4, 3, 2 or 1 pairs divide 12). Replaces the reference's ``data.npy``.
+    a class appears equally often (its 6, 4, 3, 2 or 1 pairs divide 12). Replaces the authors' ``data.npy``.
     """
     rows: list[tuple[int, int, int]] = []
     for label, offset in enumerate(CLASS_OFFSETS):
@@ -76,7 +78,7 @@ def _nonzero_jitter(n: int, limit: int, device: torch.device, generator: torch.G
 def jigsaw_grid(
     n: int, size: tuple[int, int], patch: int, device: torch.device, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Top-left corners ``(n, 9, 2)`` (y, x) of the 3x3 jigsaw grid per sample (spec §4).
+    """Top-left corners ``(n, 9, 2)`` (y, x) of the 3x3 jigsaw grid per sample, as the authors' pair sampler.
 
     Anchor uniform in ``[0, H-K] x [0, W-K]``; neighbour ``(dy, dx)`` at ``dir * (U{0..K/4-1} + 3K/4)`` per axis,
     clipped; cell 4 is the anchor moved by a non-zero jitter in ``[-K/32, K/32]^2``. The x and y jitters are drawn
@@ -133,7 +135,7 @@ def crop(images: torch.Tensor, index: torch.Tensor, corners: torch.Tensor, patch
 def photometric_noise(
     patches: torch.Tensor, std: float = 0.02, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Per-channel shift N(0, std) plus per-pixel noise N(0, std), in standardised units (spec §4)."""
+    """Per-channel shift N(0, std) plus per-pixel noise N(0, std), in standardised units (the authors' code)."""
     n, c, h, w = patches.shape
     shift = torch.randn(n, c, 1, 1, device=patches.device, generator=generator, dtype=patches.dtype)
     noise = torch.randn(n, c, h, w, device=patches.device, generator=generator, dtype=patches.dtype)
@@ -147,7 +149,7 @@ def _channels(base: int, width: float) -> int:
 
 
 class DeepEncoder(nn.Module):
-    """AlexNet-like 32x32-patch encoder with GroupNorm and cross-channel LRN (§3): ``(N, 3, 32, 32) -> (N, D, 1, 1)``.
+    """AlexNet-like 32x32-patch encoder with GroupNorm and cross-channel LRN: ``(N, 3, 32, 32) -> (N, D, 1, 1)``.
 
     ``width`` scales every hidden width (96, 256, 384, 384, 256, 128); 1.0 is the paper. **INFERRED**: the multiplier
     exists only to make CPU benchmarks affordable. GroupNorm keeps 8 channels per group at every width, as in the
@@ -192,7 +194,7 @@ class DeepEncoder(nn.Module):
 
 
 class HierEncoder(nn.Module):
-    """64x64-patch encoder: the shared :class:`DeepEncoder` on the four 32x32 quadrants, then a 2x2 head (spec §3)."""
+    """64x64-patch encoder: the shared :class:`DeepEncoder` on the four 32x32 quadrants, then a 2x2 head."""
 
     def __init__(self, enc: DeepEncoder, feature_dim: int = 64) -> None:
         super().__init__()
@@ -211,17 +213,35 @@ class HierEncoder(nn.Module):
         return torch.tanh(self.conv2(F.leaky_relu(h, 0.1)))
 
 
+class SmallPatchEncoder(nn.Module):
+    """The :class:`DeepEncoder` alone, for models built with ``scales=(32,)``.
+
+    Holds it under the same name as :class:`HierEncoder` does (``enc``), so the shared encoder's state-dict keys do
+    not depend on the scales, and no 64-px head is built that would never receive a gradient (DDP refuses those).
+    """
+
+    def __init__(self, enc: DeepEncoder) -> None:
+        super().__init__()
+        self.enc = enc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """32x32 patches -> ``(N, D, 1, 1)``."""
+        return self.enc(x)
+
+
 class NormalizedLinear(nn.Module):
-    """Linear layer whose weight is divided by its column norms *under* ``no_grad``, as in the reference.
+    """Linear layer whose weight is divided by its column norms *under* ``no_grad``, as in the authors' code.
 
     Because the normalised weight is computed without autograd, the weight never receives a gradient: it stays a
-    fixed random (Kaiming-uniform) projection and only the bias trains. This is the reference's (inherited from Patch
-    SVDD) behaviour, replicated deliberately for fidelity — a faithful-but-odd choice, flagged in the README.
+    fixed random (Kaiming-uniform) projection and only the bias trains. This is the authors' (inherited from Patch
+    SVDD) behaviour, replicated deliberately for fidelity — a faithful-but-odd choice, flagged in the README. The
+    weight is a parameter with ``requires_grad=False``, so optimisers and DDP (which refuses parameters that never
+    receive a gradient) see what it is: a fixed projection.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         bound = 1 / math.sqrt(in_features)
@@ -253,7 +273,7 @@ class PositionClassifier(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ scoring
 def affinity_score(distances: torch.Tensor) -> torch.Tensor:
-    """Affinity-weighted kNN score over the last axis (spec §7.3); ``k = 1`` gives the nearest distance.
+    """Affinity-weighted kNN score over the last axis (the authors' evaluation code); ``k = 1``: nearest distance.
 
     ``alpha_i = l_i / sum(l)`` (a zero sum counts as 1, ``alpha = 0`` is replaced by 1), ``beta_i = 1 / alpha_i``
     (``beta > 20`` replaced by 15), ``w = softmax(beta)``, score ``sum(w_i * l_i)``.
@@ -267,39 +287,87 @@ def affinity_score(distances: torch.Tensor) -> torch.Tensor:
     return (torch.softmax(beta, dim=-1) * distances).sum(dim=-1)
 
 
-def _squared_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """``||q - b||^2`` for all pairs, by one matrix product (used to rank candidates only)."""
-    return (queries.pow(2).sum(-1, keepdim=True) + bank.pow(2).sum(-1)[None] - 2 * queries @ bank.T).clamp_min(0)
+def split_bits(feature_dim: int) -> int:
+    """Bits of the coarse part in :func:`split_embeddings` for ``D``-dim embeddings in [-1, 1].
 
-
-def knn_distances(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk_size: int | None = None) -> torch.Tensor:
-    """Exact k nearest L2 distances ``(Q, k)``, ascending, of ``queries (Q, D)`` in ``bank (M, D)``.
-
-    Candidates are ranked by the matrix-product form of the squared distance, then the returned distances are
-    recomputed as ``||q - b||`` from the gathered bank rows (no cancellation error near zero). With ``chunk_size``
-    the bank is scanned in blocks of ``chunk_size`` rows (queries in blocks of 1024) keeping a running top-k, so
-    memory stays at ``1024 x chunk_size`` whatever the bank size; the result is the same as the unchunked search.
-    While tracing (export) the search is one block.
+    The coarse parts are integers times ``2^-bits``; their squared distance needs sums of up to ``4 D 4^bits``
+    such units, which fp32 holds exactly while ``4 D 4^bits <= 2^24`` (8 bits for D = 64).
     """
-    k = min(k, bank.shape[0])
-    if chunk_size is None or is_tracing() or (bank.shape[0] <= chunk_size and queries.shape[0] <= 1024):
-        index = _squared_distances(queries, bank).topk(k, dim=1, largest=False).indices
-    else:
-        parts = []
-        for q in queries.split(1024):
-            best_d = q.new_full((q.shape[0], 0), float("inf"))
-            best_i = torch.zeros(q.shape[0], 0, dtype=torch.long, device=q.device)
-            for start in range(0, bank.shape[0], chunk_size):
-                d2 = _squared_distances(q, bank[start : start + chunk_size])
-                values, idx = d2.topk(min(k, d2.shape[1]), dim=1, largest=False)
-                merged_d = torch.cat([best_d, values], dim=1)
-                merged_i = torch.cat([best_i, idx + start], dim=1)
-                keep = merged_d.topk(min(k, merged_d.shape[1]), dim=1, largest=False).indices
-                best_d, best_i = merged_d.gather(1, keep), merged_i.gather(1, keep)
-            parts.append(best_i)
-        index = torch.cat(parts)
-    neighbours = bank[index]  # (Q, k, D)
-    distances = (queries[:, None, :] - neighbours).pow(2).sum(-1).sqrt()
+    return max(1, int((22 - math.log2(feature_dim)) // 2))
+
+
+def split_embeddings(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x = hi + lo`` exactly: ``hi`` rounded to the ``2^-bits`` grid, ``lo = x - hi`` (``|lo| <= 2^-bits-1``)."""
+    scale = float(2**bits)
+    hi = torch.round(x * scale) / scale
+    return hi, x - hi
+
+
+def bank_terms(bank: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """The bank-side factors of :func:`squared_distances` (computed once per bank block, shared by all queries)."""
+    hi, lo = split_embeddings(bank, bits)
+    return hi, hi.pow(2).sum(-1), torch.cat([lo, bank], dim=1), lo.pow(2).sum(-1) + 2 * (hi * lo).sum(-1)
+
+
+def squared_distances(queries: torch.Tensor, terms: tuple[torch.Tensor, ...], bits: int) -> torch.Tensor:
+    """``||q - b||^2`` ``(Q, M)`` by matrix products, without the cancellation of ``||q||^2 + ||b||^2 - 2 q.b``.
+
+    The textbook form subtracts numbers of size ``||q||^2 ~ 40`` (tanh embeddings, D = 64) to get squared
+    distances of ``1e-4`` and below: in fp32 it is off by up to ~5e-5, enough to rank the wrong rows as nearest
+    neighbours, and differently in torch, ONNX Runtime and OpenVINO (their matrix products sum in different
+    orders). Here each embedding is split into ``hi + lo`` (:func:`split_embeddings`) and
+
+        ||q - b||^2 = ||q_hi - b_hi||^2 + 2 (q_hi - b_hi).(q_lo - b_lo) + ||q_lo - b_lo||^2.
+
+    The first term, ``||q_hi||^2 + ||b_hi||^2 - 2 q_hi.b_hi``, is computed exactly (integers on the ``4^-bits``
+    grid, below fp32's 2^24; any summation order gives the same bits); the rest is small (|lo| <= 2^-bits-1) and
+    is one more product, ``a(q) + c(b) - 2 [q_hi, q_lo].[b_lo, b]``, whose rounding error is ~1e-8. The result is
+    within ~1e-7 of the float64 value for near neighbours in every backend, at the cost of a second (2D-wide)
+    matrix product.
+
+    Args:
+        queries: ``(Q, D)`` embeddings in [-1, 1].
+        terms: :func:`bank_terms` of the bank ``(M, D)``.
+        bits: :func:`split_bits` of ``D``.
+    """
+    bank_hi, bank_hi_sq, bank_lo_full, bank_c = terms
+    q_hi, q_lo = split_embeddings(queries, bits)
+    coarse = torch.addmm(bank_hi_sq[None], q_hi, bank_hi.T, alpha=-2) + q_hi.pow(2).sum(-1, keepdim=True)
+    query_a = q_lo.pow(2).sum(-1, keepdim=True) + 2 * (q_hi * q_lo).sum(-1, keepdim=True)
+    fine = torch.addmm(bank_c[None], torch.cat([q_hi, q_lo], dim=1), bank_lo_full.T, alpha=-2) + query_a
+    return (coarse + fine).clamp_min(0)
+
+
+def knn_distances(
+    queries: torch.Tensor, bank: torch.Tensor, k: int, chunk_size: int = 65536, query_block: int = 1024
+) -> torch.Tensor:
+    """The ``k`` nearest L2 distances ``(Q, k)``, ascending, of ``queries (Q, D)`` in ``bank (M, D)``.
+
+    The bank is scanned in blocks of ``chunk_size`` rows with a running top-k, in eager mode and in exported graphs
+    alike (the block loop is unrolled at export, so an exported model never holds more than ``Q x chunk_size``
+    distances per image); in eager mode the queries also go in blocks of ``query_block``. Rows are ranked by the
+    accurate matrix-product form (:func:`squared_distances`), and the returned distances are recomputed as
+    ``||q - b||`` from the gathered rows.
+    """
+    rows, dim = bank.shape
+    k = min(k, rows)
+    bits = split_bits(dim)
+    blocks = [queries] if is_tracing() else list(queries.split(query_block))
+    best: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(blocks)
+    for start in range(0, rows, chunk_size):
+        terms = bank_terms(bank[start : start + chunk_size], bits)
+        width = min(k, terms[0].shape[0])
+        for n, block in enumerate(blocks):
+            values, index = squared_distances(block, terms, bits).topk(width, dim=1, largest=False)
+            index = index + start
+            previous = best[n]
+            if previous is not None:
+                values, index = torch.cat([previous[0], values], dim=1), torch.cat([previous[1], index], dim=1)
+                keep = values.topk(k, dim=1, largest=False).indices
+                values, index = values.gather(1, keep), index.gather(1, keep)
+            best[n] = (values, index)
+    index = torch.cat([b[1] for b in best if b is not None])
+    distances = (queries[:, None, :] - bank[index]).pow(2).sum(-1).sqrt()
     return distances.sort(dim=1).values
 
 
@@ -339,12 +407,13 @@ class SCLVIModel(nn.Module):
         image_size: Model input size (H, W) after the pre-processor's Resize; the mean image and grids use it.
         feature_dim: Embedding size D (64).
         width: Hidden-width multiplier of the DeepEncoder (1.0 = paper; **INFERRED**, for CPU budgets).
-        scales: Patch sizes used in training and scoring, a subset of ``(64, 32)`` (both = paper).
+        scales: Patch sizes used in training and scoring, a subset of ``(64, 32)`` (both = paper). Only the
+            encoders and classifiers of these scales are built.
         strides: Grid stride per scale for the memory bank and the test grid, ``{K: s}``. ``None`` = the paper's
             16 (K=64) and 4 (K=32) at 256 px, scaled with the input size (``H/16`` and ``H/64``).
         k: Nearest neighbours of the affinity score (5; 1 = plain Patch SVDD).
         pair_batch_size: Pairs per sub-task and scale per training step (64 in the paper).
-        knn_chunk_size: Bank rows per block of the chunked exact kNN search (eager only).
+        knn_chunk_size: Bank rows per block of the exact kNN search, in eager mode and in exported graphs.
         patch_batch_size: Patches per encoder call when embedding a grid (eager only; bounds memory).
         noise_std: Photometric noise std on jigsaw patches (0.02).
     """
@@ -388,7 +457,8 @@ class SCLVIModel(nn.Module):
         self.use_svdd = True  # False skips the SVDD pairs (jigsaw-only ablation, svdd_weight = 0)
 
         deep = DeepEncoder(feature_dim, width)
-        self.enc = HierEncoder(deep, feature_dim)  # enc.enc = the DeepEncoder (K = 32)
+        # enc.enc = the DeepEncoder (K = 32); the 64-px head exists only when K = 64 is a scale
+        self.enc = HierEncoder(deep, feature_dim) if 64 in scales else SmallPatchEncoder(deep)
         self.classifiers = nn.ModuleDict({str(s): PositionClassifier(feature_dim) for s in scales})
         self.register_buffer("pair_table", pair_table(), persistent=False)
         self.register_buffer("mean_image", torch.zeros(1, 3, *self.image_size))
@@ -418,9 +488,23 @@ class SCLVIModel(nn.Module):
         """Whether the banks exist and were built after the last training step (buffers, so snapshots know too)."""
         return self.has_memory_bank and int(self.bank_steps) == int(self.trained_steps)
 
+    def grid_shape(self, patch: int) -> tuple[int, int]:
+        """Windows ``(gh, gw)`` of a scale's grid on an input-size image."""
+        stride = self.strides[patch]
+        return (self.image_size[0] - patch) // stride[0] + 1, (self.image_size[1] - patch) // stride[1] + 1
+
     def standardize(self, images: torch.Tensor) -> torch.Tensor:
-        """``x - mean_image`` (the reference's ``(x - mean) / 255`` in uint8 units)."""
+        """``x - mean_image`` (the authors' ``(x - mean) / 255`` in uint8 units)."""
         return images - self.mean_image
+
+    def set_mean_image(self, mean: torch.Tensor) -> None:
+        """Store the per-pixel mean training image ``(1, 3, H, W)`` (or ``(3, H, W)``) at the input size."""
+        mean = mean.reshape(-1, *mean.shape[-3:])
+        if tuple(mean.shape) != tuple(self.mean_image.shape):
+            msg = f"the mean image must be {tuple(self.mean_image.shape)}, got {tuple(mean.shape)}."
+            raise ValueError(msg)
+        self.mean_image.copy_(mean)
+        self.mean_ready.fill_(True)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         """Resize the memory-bank buffers to the stored banks before loading them (their size is data-dependent)."""
@@ -481,27 +565,44 @@ class SCLVIModel(nn.Module):
         return h.reshape(images.shape[0], gh, gw, self.feature_dim)
 
     @torch.no_grad()
-    def build_memory_bank(self, batches: Iterable[torch.Tensor], coreset_ratio: float | None = None) -> dict[int, int]:
-        """Embed every window of the (un-standardised, input-size) training batches into the per-scale banks.
+    def bank_rows(self, images: torch.Tensor) -> torch.Tensor:
+        """One row per (un-standardised, input-size) image: its window embeddings of every scale, flattened.
 
-        Only embeddings are kept (``N * gh * gw * D`` floats per scale), never the images. With ``coreset_ratio`` the
-        bank is reduced by anomalib's greedy k-center coreset. Returns the bank sizes.
+        The row of an image is ``[grid_64 (gh*gw*D), grid_32 (...)]`` in the order of :attr:`scales`;
+        :meth:`set_memory_banks` cuts the rows of all training images into the per-scale banks. Each image's
+        windows are embedded in calls of their own, so a row does not depend on which images share its batch
+        (batch size, DDP sharding): convolution kernels may choose another algorithm, and round differently, for
+        another batch shape, and the encoder amplifies such float noise (~30x measured).
         """
-        store: dict[int, list[torch.Tensor]] = {s: [] for s in self.scales}
-        for images in batches:
-            x = self.standardize(images.to(self.mean_image.device))
-            for s in self.scales:
-                store[s].append(self.embed_grid(x, s).reshape(-1, self.feature_dim))
-        if not store[self.scales[0]]:
-            msg = "no training images to build the memory bank from."
+        x = self.standardize(images)
+        return torch.stack(
+            [torch.cat([self.embed_grid(image[None], s).flatten() for s in self.scales]) for image in x]
+        )
+
+    @torch.no_grad()
+    def set_memory_banks(self, rows: torch.Tensor, coreset_ratio: float | None = None) -> dict[int, int]:
+        """Cut :meth:`bank_rows` of the training images ``(N, R)`` into the per-scale banks; returns the bank sizes.
+
+        With ``coreset_ratio`` each bank is reduced by anomalib's greedy k-center coreset, started from a fixed
+        seed so every process (DDP rank) and every rebuild selects the same rows.
+        """
+        if rows.ndim != 2 or rows.shape[0] == 0:
+            msg = f"expected bank rows (N >= 1, R), got {tuple(rows.shape)}."
             raise ValueError(msg)
-        for s in self.scales:
-            bank = torch.cat(store[s])
-            store[s].clear()
+        sizes = [math.prod(self.grid_shape(s)) * self.feature_dim for s in self.scales]
+        if rows.shape[1] != sum(sizes):
+            msg = (
+                f"bank rows have {rows.shape[1]} values per image; the grids of scales {self.scales} need {sum(sizes)}."
+            )
+            raise ValueError(msg)
+        for s, part in zip(self.scales, rows.split(sizes, dim=1), strict=True):
+            bank = part.reshape(-1, self.feature_dim)
             if coreset_ratio is not None and coreset_ratio < 1:
                 from anomalib.models.components.sampling import KCenterGreedy
 
-                bank = KCenterGreedy(embedding=bank, sampling_ratio=coreset_ratio).sample_coreset()
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    bank = KCenterGreedy(embedding=bank, sampling_ratio=coreset_ratio).sample_coreset()
             setattr(self, f"memory_bank_{s}", bank.contiguous())
         self.bank_steps.copy_(self.trained_steps)
         return {s: int(self.memory_bank(s).shape[0]) for s in self.scales}
@@ -516,20 +617,22 @@ class SCLVIModel(nn.Module):
         return distribute_scores(scores, patch, self.strides[patch], tuple(images.shape[-2:]))
 
     def scale_maps(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Per-scale maps of raw (un-standardised) input images, after the input checks."""
+        """Per-scale maps of raw (un-standardised) input images, after the model-specific input checks."""
         self.check_input(images)
         x = self.standardize(images)
         return {s: self.scale_map(x, s) for s in self.scales}
 
     def check_input(self, images: torch.Tensor) -> None:
-        """One clear error for wrong shapes, NaN/Inf values, or a missing memory bank (shape checks also traced)."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            msg = f"SCLVI expects an RGB batch (B, 3, H, W), got shape {tuple(images.shape)}."
-            raise ValueError(msg)
-        if tuple(images.shape[-2:]) != self.image_size:
+        """The input size the model was built for, and a memory bank to score against (one clear error each).
+
+        Raw-image checks (dtype, channels, value range, NaN) are the shared ones of every model, applied before the
+        pre-processor.
+        """
+        expected = (3, *self.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             msg = (
-                f"SCLVI was built for {self.image_size[0]}x{self.image_size[1]} inputs (its mean image and memory-bank "
-                f"grids), got {images.shape[-2]}x{images.shape[-1]}: resize to image_size first (the default "
+                f"SCLVI was built for (B, 3, {self.image_size[0]}, {self.image_size[1]}) inputs (its mean image and "
+                f"memory-bank grids), got {tuple(images.shape)}: resize to image_size first (the default "
                 "pre-processor does)."
             )
             raise ValueError(msg)
@@ -538,9 +641,6 @@ class SCLVIModel(nn.Module):
                 "SCLVI has no memory bank yet: fit the model first (Engine.fit builds the banks from the training "
                 "images after training), or load a checkpoint of a fitted model."
             )
-            raise ValueError(msg)
-        if not is_tracing() and not bool(torch.isfinite(images).all()):
-            msg = "SCLVI input images contain NaN or inf values; clean or drop those images."
             raise ValueError(msg)
 
     def forward(self, images: torch.Tensor) -> TrainOutputs | InferenceBatch:
@@ -551,7 +651,7 @@ class SCLVIModel(nn.Module):
         anomaly_map = maps[self.scales[0]]
         for s in self.scales[1:]:
             anomaly_map = anomaly_map * maps[s]
-        return InferenceBatch(pred_score=anomaly_map.flatten(1).amax(dim=1), anomaly_map=anomaly_map)
+        return InferenceBatch(pred_score=reduce_max(anomaly_map), anomaly_map=anomaly_map)
 
 
 def resolve_strides(
