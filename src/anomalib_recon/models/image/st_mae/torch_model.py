@@ -79,6 +79,15 @@ def resolve_layers(backbone: str, layers: Sequence[int | str] | None) -> list[in
     return names[:NUM_STAGES]
 
 
+def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves of a batch stacked as ``[first; second]`` along axis 0.
+
+    A reshape instead of ``chunk``: ``chunk`` of a symbolic batch makes ``torch.export`` specialise the batch size.
+    """
+    pair = x.reshape(2, -1, *x.shape[1:])
+    return pair[0], pair[1]
+
+
 class STMAETrainOutput(NamedTuple):
     """What the loss needs from a training forward pass."""
 
@@ -362,7 +371,7 @@ class STMAEModel(nn.Module):
         subset_a, subset_b = partition[..., :half], partition[..., half:]
         # Siamese encoder: the same weights encode A alone and B alone, batched along the batch axis
         both = torch.cat([gather_tokens(tokens, subset_a), gather_tokens(tokens, subset_b)], dim=0)
-        latent_a, latent_b = self.decoder_embed(self.encode(both)).chunk(2, dim=0)
+        latent_a, latent_b = _halves(self.decoder_embed(self.encode(both)))
         latents = torch.cat([latent_a, latent_b], dim=1)  # in the order of the partition: A, then B
         if self.transition == "swap":
             # transition: latents listed as (A, B) go to the positions (B, A), i.e. the order ``roll(partition, L/2)``,
@@ -381,10 +390,10 @@ class STMAEModel(nn.Module):
         in_b = ~in_a
         aux = self.aux_token.to(tokens.dtype)
         encoded = self.encode(torch.cat([torch.where(in_a, tokens, aux), torch.where(in_b, tokens, aux)], dim=0))
-        latent_a, latent_b = self.decoder_embed(encoded).chunk(2, dim=0)
+        latent_a, latent_b = _halves(self.decoder_embed(encoded))
         latent_aux = self.latent_aux_token.to(latent_a.dtype)
         sequences = torch.cat([torch.where(in_a, latent_aux, latent_a), torch.where(in_b, latent_aux, latent_b)], 0)
-        pred_a, pred_b = self.decode(sequences, grid).chunk(2, dim=0)
+        pred_a, pred_b = _halves(self.decode(sequences, grid))
         return torch.where(in_a, pred_a, pred_b)
 
     def training_partition(self, batch_size: int, num_tokens: int, device: torch.device) -> torch.Tensor:
