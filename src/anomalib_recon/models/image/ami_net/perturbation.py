@@ -1,4 +1,4 @@
-"""AMI-Net's token perturbations: feature jitter, the random masking ratio and the mask-token swap (C8)."""
+"""AMI-Net's token perturbations: feature jitter, the random masking ratio and the mask-token swap."""
 
 from __future__ import annotations
 
