@@ -77,8 +77,8 @@ CONTRACT_KWARGS: dict[str, tuple[dict[str, Any], int, int]] = {
         64,
         3,
     ),
-    "RBAE": (  # a step switch: 2 reconstruction steps, then 3 segmentation steps
-        {**LITE0, "image_size": 64, "seg_channels": 16, "reconstruction_steps": 2},
+    "RBAE": (  # a step switch: 1 reconstruction step, then 4 segmentation steps
+        {**LITE0, "image_size": 64, "seg_channels": 16, "reconstruction_steps": 1},
         64,
         5,
     ),
