@@ -177,11 +177,14 @@ def _anchor_ridge(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tenso
 
     ``(T Tᵀ)_00 = 1``, ``(T Tᵀ)_0i = −1``, ``(T Tᵀ)_ij = 1 + δ_ij`` (``i, j ≥ 1``); eigenvalues 0.1125 ... 8.89.
     """
-    k = NUM_NEIGHBOURS
-    first = [1.0] + [-1.0] * (k - 1)
-    rows = [first] + [[-1.0] + [2.0 if i == j else 1.0 for j in range(1, k)] for i in range(1, k)]
-    tt = torch.tensor(rows, dtype=dtype, device=device)
-    return tt, torch.tensor([1.0] + [2.0] * (k - 1), dtype=dtype, device=device), tt[0]
+    index = torch.arange(NUM_NEIGHBOURS, device=device)
+    anchor_row = index == 0
+    tt_first = torch.where(anchor_row, 1.0, -1.0).to(dtype)
+    tt_diagonal = torch.where(anchor_row, 1.0, 2.0).to(dtype)
+    differences = (index[:, None] != 0) & (index[None, :] != 0)
+    tt = torch.where(differences, 1.0, tt_first[:, None] * tt_first[None, :]).to(dtype)  # off-diagonal block
+    tt = tt + torch.where(differences & (index[:, None] == index[None, :]), 1.0, 0.0).to(dtype)
+    return tt, tt_diagonal, tt_first
 
 
 TT_MIN_EIGENVALUE = 0.1125
@@ -253,20 +256,21 @@ def neighbourhood_regression(
             msg = f"lam > 0 needs priors of shape (B, K, C) = ({query.shape[0]}, K, {query.shape[-1]}), got {shape}."
             raise ValueError(msg)
         weight = lam * priors.shape[1]  # λK
-        prior_mean = priors.mean(dim=1, keepdim=True)  # Σ_j μ_j = K μ̄
-        offset = ((query - anchor) + weight * (prior_mean - anchor)) / (1.0 + weight)  # t − a
+        first = priors[:, :1]
+        # μ̄ − a as small differences (μ_j − μ_1 and μ_1 − a), not as a difference of two large rounded vectors
+        prior_offset = (priors - first).mean(dim=1, keepdim=True) + (first - anchor)  # Σ_j μ_j / K − a
+        offset = ((query - anchor) + weight * prior_offset) / (1.0 + weight)  # t − a
     else:
         offset = query - anchor
     ridge = eps * (support * support).sum((-1, -2)) / k + torch.finfo(support.dtype).tiny  # ε̃ (B, N)
     tt, tt_diagonal, tt_first = _anchor_ridge(support.dtype, support.device)
-    scale = ((basis * basis).sum(-1) + ridge.unsqueeze(-1) * tt_diagonal).rsqrt()  # Jacobi scaling (B, N, 8)
-    scaled = basis * scale.unsqueeze(-1)
-    system = scaled @ scaled.transpose(-1, -2) + ridge[..., None, None] * tt * (
-        scale.unsqueeze(-1) * scale.unsqueeze(-2)
-    )
-    rhs = (scaled @ offset.unsqueeze(-1)).squeeze(-1) - ridge.unsqueeze(-1) * tt_first * scale
-    coefficients = spd_solve(system, rhs, min_pivot=pivot_floor(eps))
-    residual = (query - anchor) - (coefficients.unsqueeze(-2) @ scaled).squeeze(-2)
+    gram = basis @ basis.transpose(-1, -2)  # each entry a dot product of its own scale: nothing cancels
+    eye = torch.eye(k, dtype=support.dtype, device=support.device)
+    scale = ((gram * eye).sum(-1) + ridge.unsqueeze(-1) * tt_diagonal).rsqrt()  # Jacobi scaling (B, N, 8)
+    system = (gram + ridge[..., None, None] * tt) * (scale.unsqueeze(-1) * scale.unsqueeze(-2))  # unit diagonal
+    rhs = scale * ((basis @ offset.unsqueeze(-1)).squeeze(-1) - ridge.unsqueeze(-1) * tt_first)
+    coefficients = spd_solve(system, rhs, min_pivot=pivot_floor(eps)) * scale
+    residual = (query - anchor) - (coefficients.unsqueeze(-2) @ basis).squeeze(-2)
     return (residual * residual).sum(-1).sqrt()
 
 
