@@ -118,7 +118,12 @@ class NABlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = NeighborhoodAttention2D(
-            dim, num_heads, kernel_size, qkv_bias=True, relative_position_bias=relative_position_bias, backend=na_backend
+            dim,
+            num_heads,
+            kernel_size,
+            qkv_bias=True,
+            relative_position_bias=relative_position_bias,
+            backend=na_backend,
         )
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
@@ -239,7 +244,7 @@ class SelectiveReconstructionHead(nn.Module):
             self.global_logits = nn.Linear(hidden, channels)
 
     def weights(self, local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
-        """``w_l``: the local tower's weight, ``(B, 1, H, W)`` (spatial), ``(B, C, 1, 1)`` (channel) or ``(1,1,1,1)``."""
+        """``w_l`` (the local tower's weight): ``(B, 1, H, W)`` spatial, ``(B, C, 1, 1)`` channel, ``(1, 1, 1, 1)``."""
         if self.mode == "spatial":
             logits = self.gate(torch.cat([local, global_], dim=1))
             return torch.softmax(logits, dim=1)[:, :1]
@@ -392,7 +397,14 @@ class LGFDRModel(nn.Module):
         )
         self.global_tower = (
             GlobalTower(
-                d_l, c, embed_dim, depth, num_heads, mlp_ratio, patch_size, (grid[0] // patch_size, grid[1] // patch_size)
+                d_l,
+                c,
+                embed_dim,
+                depth,
+                num_heads,
+                mlp_ratio,
+                patch_size,
+                (grid[0] // patch_size, grid[1] // patch_size),
             )
             if towers in ("both", "global")
             else None
@@ -439,7 +451,9 @@ class LGFDRModel(nn.Module):
         ):
             _positive_int(name, value, low)
         if local_embed_dim % local_num_heads:
-            msg = f"LGFDR: local_embed_dim ({local_embed_dim}) must be divisible by local_num_heads ({local_num_heads})."
+            msg = (
+                f"LGFDR: local_embed_dim ({local_embed_dim}) must be divisible by local_num_heads ({local_num_heads})."
+            )
             raise ValueError(msg)
         if embed_dim % 4 or embed_dim % num_heads:
             msg = (
@@ -491,7 +505,10 @@ class LGFDRModel(nn.Module):
         self.check_image_size(size)
         self.image_size = size
         if self.global_tower is not None:
-            grid = (size[0] // self.feature_stride // self.patch_size, size[1] // self.feature_stride // self.patch_size)
+            grid = (
+                size[0] // self.feature_stride // self.patch_size,
+                size[1] // self.feature_stride // self.patch_size,
+            )
             self.global_tower.set_grid(grid)
 
     # ------------------------------------------------------------------------------------------------ statistics
@@ -607,4 +624,3 @@ class LGFDRModel(nn.Module):
         noisy = self.add_noise(features)
         fused, local, global_, gate = self.reconstruct(noisy)
         return LGFDRTrainOutput(features, noisy, fused, local, global_, gate)
-
