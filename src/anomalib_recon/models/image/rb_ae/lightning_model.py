@@ -427,6 +427,30 @@ class RBAE(ReconModuleMixin, AnomalibModule):
                 "draws the synthetic defects on [0, 1] images); use RBAE.configure_pre_processor()."
             )
 
+    def sync_buffers(self) -> None:
+        """Under DDP, give every rank rank 0's buffers (batch-norm statistics), as DDP's ``broadcast_buffers`` does
+        before each forward. With manual optimisation Lightning turns that broadcast off after the first step, so
+        without this the ranks' batch-norm statistics drift apart and each rank would validate another model."""
+        if not _distributed():
+            return
+        with torch.no_grad():
+            for buffer in self.model.buffers():
+                if buffer.dtype != torch.bool:  # gloo has no bool (the model has none)
+                    dist.broadcast(buffer, src=0)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Rank 0's buffers before every training step (DDP)."""
+        del batch, batch_idx
+        self.sync_buffers()
+
+    def on_validation_start(self) -> None:
+        """Rank 0's buffers before validating (DDP): every rank scores the same model."""
+        self.sync_buffers()
+
+    def on_train_end(self) -> None:
+        """Rank 0's buffers at the end of fitting (DDP): every rank holds the same model."""
+        self.sync_buffers()
+
     def synthesize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pseudo-anomalous copies of [0, 1] ``images`` and their masks ``(B, 1, H, W)`` (Perlin generator)."""
         with torch.no_grad():
@@ -457,8 +481,15 @@ class RBAE(ReconModuleMixin, AnomalibModule):
         for group in optimizer.optimizer.param_groups:
             group["lr"] = lr
         loss = losses["loss"]
+        objective = loss
+        if _distributed():
+            # DDP (without find_unused_parameters) waits for a gradient of every parameter at every step: the other
+            # stage's parameters get exact zeros (their optimiser does not step). A non-finite weight makes it NaN.
+            net = self.model
+            idle = net.segmentation_parameters() if stage == STAGES[0] else net.reconstruction_parameters()
+            objective = loss + 0.0 * sum(p.sum() for p in idle)
         optimizer.zero_grad()
-        self.manual_backward(loss)  # a non-finite loss stops here (ModelGuard.on_before_backward)
+        self.manual_backward(objective)  # a non-finite loss stops here (ModelGuard.on_before_backward)
         optimizer.step()
         self.log("train_loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         self.log("stage", float(STAGES.index(stage)), on_step=True, on_epoch=False, batch_size=size)
@@ -466,10 +497,6 @@ class RBAE(ReconModuleMixin, AnomalibModule):
         for name in names:
             self.log(f"train_{name}_loss", losses[name].detach(), on_step=False, on_epoch=True, batch_size=size)
         return {"loss": loss.detach()}
-
-    def on_train_end(self) -> None:
-        """Leave every part trainable again (stage 2 froze the encoder, RBAM and decoder) for later fine-tuning."""
-        self.model.requires_grad_(True)
 
     def on_validation_epoch_start(self) -> None:
         """Say once that stage-1 validation scores with an untrained segmentation module."""

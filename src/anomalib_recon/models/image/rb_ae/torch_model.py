@@ -308,17 +308,20 @@ class RBAEModel(nn.Module):
         return list(self.msfdm.parameters())
 
     def set_stage(self, stage: str) -> None:
-        """``"reconstruction"``: stage-1 modules trainable; ``"segmentation"``: they are frozen (no gradients, eval
-        mode so batch-norm statistics stay) and only the MSFDM trains. The trained part follows ``self.training``."""
+        """Modes for ``stage`` while training: ``"reconstruction"`` trains encoder, RBAM and decoder (the MSFDM is not
+        run); ``"segmentation"`` puts them in eval mode (frozen: their batch-norm statistics stay, and they run
+        without gradients in :meth:`segmentation_logits`) and trains the MSFDM.
+
+        Parameters keep ``requires_grad``: DDP registers its gradient hooks once, and a parameter switched off would
+        leave its reduction waiting.
+        """
         if stage not in ("reconstruction", "segmentation"):
             msg = f"stage must be 'reconstruction' or 'segmentation', got {stage!r}."
             raise ValueError(msg)
         frozen = stage == "segmentation"
         for module in self.reconstruction_modules():
             module.train(self.training and not frozen)
-            module.requires_grad_(not frozen)
         self.msfdm.train(self.training and frozen)
-        self.msfdm.requires_grad_(frozen)
 
     # ------------------------------------------------------------------------------------------------ reference
     @property
