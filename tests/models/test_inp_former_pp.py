@@ -630,7 +630,8 @@ def _write_category(root: Path, seed: int = 0) -> None:
 
 
 def test_engine_fit_and_safe_checkpoint_round_trip(tmp_path):
-    """Two Engine steps (StableAdamW + warm-cosine, grad clip 0.1), then anomalib's weights_only loader."""
+    """Two Engine steps (StableAdamW + warm-cosine, grad clip 0.1); the checkpoint loads with
+    ``torch.load(weights_only=True)`` and with anomalib's loader."""
     from anomalib.data import Folder
     from anomalib.engine import Engine
 
@@ -663,6 +664,9 @@ def test_engine_fit_and_safe_checkpoint_round_trip(tmp_path):
     assert engine.trainer.global_step == 2 and engine.trainer.gradient_clip_val == 0.1
     assert int(model.model.rec_stats_updates) == 2 and model.model.rec_max > model.model.rec_min
     ckpt = next((tmp_path / "results").rglob("*.ckpt"))
+    checkpoint = torch.load(ckpt, weights_only=True)  # plain floats in the scheduler and optimizer states, no numpy
+    assert all(type(lr) is float for lr in checkpoint["lr_schedulers"][0]["schedule"])
+    assert type(checkpoint["optimizer_states"][0]["param_groups"][0]["lr"]) is float
     (textures / "t.png").unlink()
     textures.rmdir()  # training data is not needed to restore the model elsewhere
     loaded = InpFormerPP.load_from_checkpoint(ckpt)  # anomalib's loader: weights_only=True

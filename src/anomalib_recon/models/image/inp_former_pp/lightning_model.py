@@ -48,6 +48,23 @@ SCHEDULES = ("joint", "two_stage")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
+class FloatWarmCosineScheduler(WarmCosineScheduler):
+    """anomalib's warm-cosine schedule (the same values) kept as Python floats.
+
+    anomalib's scheduler holds its schedule as a numpy array and hands numpy scalars to the optimizer, so the
+    checkpoint's scheduler and optimizer states pickle numpy objects and ``torch.load(..., weights_only=True)``
+    refuses the file. Plain floats are the same doubles.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.schedule = [float(v) for v in self.schedule]
+
+    def get_lr(self) -> list[float]:
+        """The learning rate of every parameter group at this step, as floats."""
+        return [float(lr) for lr in super().get_lr()]
+
+
 def check_training_settings(
     lr: float, final_lr: float, warmup_iters: int, weight_decay: float, seg_loss_weight: float
 ) -> None:
@@ -430,7 +447,7 @@ class InpFormerPP(ReconModuleMixin, AnomalibModule):
             eps=1e-10,
         )
         self._total_steps = self._total_training_steps()
-        scheduler = WarmCosineScheduler(
+        scheduler = FloatWarmCosineScheduler(
             optimizer,
             base_value=self.lr,
             final_value=self.final_lr,
