@@ -68,11 +68,10 @@ def run_one(backend: str, backbone: str, size: int, batch: int, threads: int) ->
         got = (out.pred_score.numpy(), out.anomaly_map.numpy())
     else:
         folder = Path(tempfile.mkdtemp(prefix="rb_ae_export_"))
-        kwargs = {"input_size": (size, size), "onnx_kwargs": {"opset_version": 18}}
         if backend == "onnx":
             import onnxruntime as ort
 
-            path = model.to_onnx(folder, **kwargs)
+            path = model.to_onnx(folder, input_size=(size, size), opset_version=18)
             row["export_s"] = round(time.perf_counter() - start, 1)
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             names = [o.name for o in session.get_outputs()]
@@ -81,7 +80,7 @@ def run_one(backend: str, backbone: str, size: int, batch: int, threads: int) ->
         else:
             from anomalib_recon.deploy import OpenVINOInferencer
 
-            path = model.to_openvino(folder, **kwargs)
+            path = model.to_openvino(folder, input_size=(size, size), onnx_kwargs={"opset_version": 18})
             row["export_s"] = round(time.perf_counter() - start, 1)
             inferencer = OpenVINOInferencer(path=path, device="CPU")
             scores, maps = [], []

@@ -499,15 +499,15 @@ def _changed(before: dict, after: dict, prefixes: tuple[str, ...]) -> bool:
 @pytest.mark.slow
 def test_two_stages_in_one_fit_update_only_their_parameters(tmp_path, tiny_category):
     """reconstruction_steps=2, max_steps=5 (mid-epoch): steps 1-2 move encoder/RBAM/decoder only, steps 3-5 the
-    MSFDM only, each with its learning rate decayed after 80 % of its stage; the final weights are validated; the
+    MSFDM only, each with its learning rate decayed after half of its stage; the final weights are validated; the
     reference was chosen at fit start and is unchanged by training."""
     recorder = _Recorder()
-    model = tiny(evaluator=False, lr=1e-3)
+    model = tiny(evaluator=False, lr=1e-3, lr_milestones=(0.5,))
     engine = cpu_engine(tmp_path, max_steps=5, callbacks=[recorder])
     engine.fit(model, datamodule=folder_datamodule(tiny_category, batch_size=4))  # 2 batches per epoch
     assert engine.trainer.global_step == 5
     assert recorder.stages == ["reconstruction"] * 2 + ["segmentation"] * 3
-    assert recorder.lrs == pytest.approx([1e-3, 1e-4, 1e-3, 1e-3, 1e-4])  # round(0.8·2) = 2, round(0.8·3) = 2
+    assert recorder.lrs == pytest.approx([1e-3, 1e-4, 1e-3, 1e-3, 1e-4])  # after round(0.5·2) = 1, round(0.5·3) = 2
     assert recorder.validated_at[-1] == 5
     stage1, stage2 = ("encoder.", "rbam.", "decoder."), ("msfdm.",)
     for step, stage in enumerate(recorder.stages):
@@ -556,9 +556,10 @@ def test_reference_under_ddp_equals_the_single_process_choice(tmp_path):
 
 @pytest.mark.slow
 def test_trained_model_finds_pasted_defects_and_keeps_its_reference_in_checkpoint_and_onnx(tmp_path):
-    """40 reconstruction + 60 segmentation steps on 64-px stripes: every pasted-defect test image scores above the
-    normal ones on average and the map is higher inside the defect than outside. The checkpoint restores the
-    reference, and the ONNX graph carries it (ONNX Runtime equals torch, and torch with another reference does not)."""
+    """40 reconstruction + 60 segmentation steps on 64-px stripes (ImageNet Lite0, lr 1e-3): every pasted-defect test
+    image scores above every normal one and the map is higher inside the defects than outside. The checkpoint
+    restores the reference, and the ONNX graph carries it (ONNX Runtime equals torch; another reference changes
+    torch's outputs)."""
     root = write_textured_category(tmp_path / "data", size=64, n_train=16, n_good=6, n_defect=6, defect=14)
     torch.manual_seed(0)
     model = RBAE(backbone=LITE0, image_size=64, seg_channels=16, reconstruction_steps=40, lr=1e-3, visualizer=False)
@@ -571,10 +572,10 @@ def test_trained_model_finds_pasted_defects_and_keeps_its_reference_in_checkpoin
     masks = torch.stack([_read(p)[:1] for p in sorted((root / "ground_truth" / "defect").glob("*.png"))]) > 0.5
     with torch.no_grad():
         out_good, out_bad = model.model(good), model.model(bad)
-    assert out_bad.pred_score.mean() > out_good.pred_score.mean()
+    assert out_bad.pred_score.min() > out_good.pred_score.max()  # measured: 0.69-0.74 vs 0.36-0.39
     inside = out_bad.anomaly_map[masks].mean()
     outside = out_bad.anomaly_map[~masks].mean()
-    assert inside > outside + 0.1, (float(inside), float(outside))
+    assert inside > outside + 0.2, (float(inside), float(outside))  # measured: 0.81 vs 0.38
 
     ckpt = tmp_path / "model.ckpt"
     engine.trainer.save_checkpoint(ckpt)
@@ -583,7 +584,7 @@ def test_trained_model_finds_pasted_defects_and_keeps_its_reference_in_checkpoin
     assert int(loaded.model.reference_index) == int(model.model.reference_index) >= 0
 
     ort = pytest.importorskip("onnxruntime")
-    onnx_file = loaded.to_onnx(tmp_path / "onnx", input_size=(64, 64), onnx_kwargs={"opset_version": 18})
+    onnx_file = loaded.to_onnx(tmp_path / "onnx", input_size=(64, 64), opset_version=18)
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     x = bad[:2]
