@@ -19,7 +19,7 @@ from anomalib_recon.models.image.pnpt import PNPT
 from anomalib_recon.models.image.pnpt.anomaly_map import cosine_residual, residual_map
 from anomalib_recon.models.image.pnpt.lightning_model import WarmupCosine
 from anomalib_recon.models.image.pnpt.torch_model import ConditionalDecoderBlock, PNPTModel, resolve_layers
-from tests.conftest import write_textured_category
+from tests.conftest import cpu_engine, write_textured_category
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -551,3 +551,148 @@ def test_a_class_without_training_images_is_refused(two_classes):
     model.model.set_classes(["checker", "stripes", "wood"])
     with pytest.raises(ValueError, match=r"no normal training images of class\(es\) \['wood'\]"):
         model.fit_prompt_pool(loader(datamodule.train_data))
+
+
+# ---------------------------------------------------------------------------------------------------- mechanism
+@pytest.mark.slow
+def test_the_prompt_stream_does_not_reproduce_a_pasted_anomaly(tiny_category):
+    """The identical-shortcut test on tiny data (``benchmarks/pnpt_shortcut.py`` at full size): after a short fit on
+    normal stripes, paste a blue square into normal test images and measure how much of the features' change inside
+    it reaches each reconstruction (``Σ_mask |R(x_a) − R(x)| / Σ_mask |f(x_a) − f(x)|``). The sample stream, which
+    reads the image, passes some of it on; the prompt stream (normal content, only re-arranged by the image) passes
+    almost none."""
+    from anomalib.data.utils import read_image
+
+    from tests.conftest import folder_datamodule
+
+    torch.manual_seed(0)
+    model = PNPT(**{**TINY, "weights": "imagenet"}, image_size=64, lr=1e-3, warmup_epochs=0, visualizer=False)
+    engine = cpu_engine(tiny_category.parent / "pnpt_leak", max_steps=10, limit_val_batches=0)
+    engine.fit(model, datamodule=folder_datamodule(tiny_category))
+    good = torch.stack([read_image(p, as_tensor=True) for p in sorted((tiny_category / "test" / "good").glob("*.png"))])
+    bad = good.clone()
+    bad[:, :, 20:40, 20:40] = torch.tensor([0.1, 0.1, 0.8]).view(1, 3, 1, 1)
+    net = model.model.eval()
+    with torch.no_grad():
+        normal, anomalous = net.reconstruction_outputs(normalised(good)), net.reconstruction_outputs(normalised(bad))
+    leaks = {}
+    for stream in ("sample", "prompt"):
+        moved = change = 0.0
+        for s, (f_n, f_a) in enumerate(zip(normal.features, anomalous.features, strict=True)):
+            mask = torch.zeros(1, 1, 64, 64)
+            mask[..., 20:40, 20:40] = 1
+            weight = F.interpolate(mask, size=f_n.shape[-2:], mode="area")
+            r_n, r_a = getattr(normal, stream)[s], getattr(anomalous, stream)[s]
+            moved += float(((r_a - r_n).abs().sum(1, keepdim=True) * weight).sum())
+            change += float(((f_a - f_n).abs().sum(1, keepdim=True) * weight).sum())
+        leaks[stream] = moved / change
+    assert leaks["sample"] > 1e-3, leaks  # the sample stream does see the anomaly
+    assert leaks["prompt"] < 0.2 * leaks["sample"], leaks
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_multi_class_fit_test_and_checkpoint_round_trip(two_classes, tmp_path):
+    """Through the Engine on MultiCategory: the pool gets the datamodule's classes and is fitted at the start of fit
+    (equal to fitting it by hand on the final weights: the priors and keys never train); the test logs per-category
+    metrics and their mean; the checkpoint restores the classes and the pool into a model built without them
+    (``load_from_checkpoint`` and ``Engine.test(ckpt_path=...)``)."""
+    torch.manual_seed(0)
+    model = tiny()
+    datamodule = multi(two_classes)
+    engine = cpu_engine(tmp_path / "run", max_steps=3)
+    engine.fit(model, datamodule=datamodule)
+    pool = model.model.prompt_pool
+    assert pool.class_names == ["checker", "stripes"] and bool(pool.fitted)
+    fitted = [p.clone() for p in (*pool.priors(), pool.keys)]
+    reference = tiny()
+    reference.load_state_dict(model.state_dict())
+    attach(reference, datamodule)
+    reference.fit_prompt_pool(loader(datamodule.train_data))
+    for got, want in zip(
+        fitted, (*reference.model.prompt_pool.priors(), reference.model.prompt_pool.keys), strict=True
+    ):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    (metrics,) = engine.test(model, datamodule=datamodule)
+    for key in ("checker/image_AUROC", "stripes/image_AUROC", "mean/image_AUROC", "image_AUROC"):
+        assert 0.0 <= float(metrics[key]) <= 1.0, key
+    ckpt = tmp_path / "pnpt.ckpt"
+    engine.trainer.save_checkpoint(ckpt)
+    loaded = PNPT.load_from_checkpoint(ckpt, weights_only=True).eval()
+    assert loaded.model.class_names == ["checker", "stripes"]
+    images = normalised(torch.stack([datamodule.test_data[i].image for i in (0, len(datamodule.test_data) - 1)]))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images).anomaly_map, model.model(images).anomaly_map)
+    (again,) = cpu_engine(tmp_path / "again").test(tiny(), datamodule=multi(two_classes), ckpt_path=ckpt)
+    assert again["mean/image_AUROC"] == pytest.approx(float(metrics["mean/image_AUROC"]), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_fits_the_prompt_pool_from_every_ranks_images(two_classes, tmp_path):
+    """Under 2-process DDP each rank reads half of the training set; the per-class sums are all-reduced, so both
+    ranks hold the same pool, equal to a single-process fit on the same weights (up to the float32 differences of
+    the backbone between batch compositions, about 1e-6)."""
+    from tests.ddp import assert_same_state, fit_ddp
+
+    torch.manual_seed(0)
+    model = tiny(evaluator=False)
+    states = fit_ddp(model, multi(two_classes, batch_size=2), tmp_path, max_steps=2, limit_val_batches=0)
+    keys = [k for k in states[0] if k.startswith("model.prompt_pool.") and "offsets" not in k]
+    assert_same_state(states, keys)
+    assert bool(states[0]["model.prompt_pool.fitted"])
+    datamodule = multi(two_classes)
+    datamodule.setup()
+    single = tiny(evaluator=False)
+    single.load_state_dict(states[0])
+    attach(single, datamodule)
+    single.fit_prompt_pool(loader(datamodule.train_data))
+    pool = single.model.prompt_pool
+    for s, prior in enumerate(pool.priors()):
+        torch.testing.assert_close(states[0][f"model.prompt_pool.prior_{s}"], prior, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(states[0]["model.prompt_pool.keys"], pool.keys, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.export
+def test_onnx_and_openvino_infer_the_class_in_the_graph(two_classes, tmp_path):
+    """Multi-class export: the graph infers each image's class (nearest key) and gathers its prompt. Images of the
+    two classes in one batch match torch with their true class ids to 1e-4 in ONNX Runtime and OpenVINO (fp32)."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("openvino")
+    from anomalib_recon.deploy import compile_openvino
+
+    datamodule = multi(two_classes)
+    datamodule.setup()
+    torch.manual_seed(0)
+    model = PNPT(**{**TINY, "weights": "imagenet"}, image_size=64, visualizer=False, evaluator=False)
+    attach(model, datamodule)
+    model.fit_prompt_pool(loader(datamodule.train_data))
+    with torch.no_grad():
+        model.model.prompt_pool.offsets.normal_()  # prompts that differ between the classes beyond their priors
+    model.eval()
+    test = datamodule.test_data
+    rows = [0, len(test) - 1]
+    images = torch.stack([test[i].image for i in rows])
+    truth = model.class_ids([test.samples.image_path[i] for i in rows], torch.device("cpu"))
+    assert truth.tolist() == [0, 1]
+    with torch.no_grad():
+        expected = model(images)
+        raw = model.model(normalised(images), class_ids=truth)
+        swapped = model.model(normalised(images), class_ids=1 - truth)
+    torch.testing.assert_close(model.post_processor(raw).anomaly_map, expected.anomaly_map)
+    assert float((swapped.anomaly_map - raw.anomaly_map).abs().max()) > 1e-3  # the class matters
+
+    path = model.to_onnx(tmp_path, input_size=(64, 64), opset_version=18)
+    session = ort.InferenceSession(str(path))
+    names = [o.name for o in session.get_outputs()]
+    onnx_out = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images.numpy()}), strict=True))
+    compiled = compile_openvino(path)
+    result = compiled(images.numpy())
+    ov_out = {o.get_any_name(): result[o] for o in compiled.outputs}
+    for outputs in (onnx_out, ov_out):
+        for name in ("pred_score", "anomaly_map"):
+            np.testing.assert_allclose(outputs[name], getattr(expected, name).numpy(), rtol=1e-4, atol=1e-4)
