@@ -235,13 +235,25 @@ def test_aux_token_variant_predicts_each_subset_from_an_image_level_summary_of_i
     partition = random_partition(2, 16, generator=torch.Generator().manual_seed(2))
     member_a = subset_membership(partition)
     encoded = {}
-    hook = net.norm.register_forward_hook(lambda m, a, out: encoded.__setitem__("z", out))
+    hooks = [
+        net.norm.register_forward_hook(lambda m, a, out: encoded.__setitem__("z", out)),
+        net.decoder_blocks[0].register_forward_pre_hook(lambda m, a: encoded.__setitem__("seq", a[0])),
+    ]
     pred = net.reconstruct(features, partition)
-    hook.remove()
-    z_a = encoded["z"][:2]  # the A pass: latents at B's positions are kept
+    for hook in hooks:
+        hook.remove()
+    z_a, seq_a = encoded["z"][:2], encoded["seq"][:2]  # the A pass
+    pos = get_2d_sincos_pos_embed(32, (4, 4))
+    with torch.no_grad():
+        for b in range(2):
+            kept = z_a[b, ~member_a[b]]  # latents at B's positions: kept, and all equal
+            torch.testing.assert_close(kept, kept[:1].expand_as(kept), rtol=1e-5, atol=1e-5)
+            # decoder input of the A pass: the latent auxiliary token at A's own positions, the kept latents elsewhere
+            own = net.latent_aux_token[0] + pos[member_a[b]]
+            torch.testing.assert_close(seq_a[b, member_a[b]], own, rtol=1e-5, atol=1e-5)
+            other = net.decoder_embed(kept) + pos[~member_a[b]]
+            torch.testing.assert_close(seq_a[b, ~member_a[b]], other, rtol=1e-5, atol=1e-5)
     for b in range(2):
-        kept = z_a[b, ~member_a[b]]
-        torch.testing.assert_close(kept, kept[:1].expand_as(kept), rtol=1e-5, atol=1e-5)
         (grad,) = torch.autograd.grad(pred[b, member_a[b]].sum(), tokens, retain_graph=True)
         reach = grad[b].abs().sum(dim=-1) > 0
         assert reach[member_a[b]].all() and not reach[~member_a[b]].any()
