@@ -730,3 +730,20 @@ def test_input_errors():
         net(torch.randn(1, 3, 128, 128))
     with pytest.raises(ValueError, match=r"RGB batch \(B, 3, H, W\)"):
         net(torch.randn(1, 1, 64, 64))
+
+
+# ---------------------------------------------------------------------------------------------------- DDP
+@pytest.mark.slow
+def test_both_stages_train_under_ddp_with_one_model_on_every_rank(tmp_path, tiny_category):
+    """Two gloo processes, 2 reconstruction + 2 flow steps: DDP accepts the stage-wise unused parameters (the model
+    asks it to find them), both stages change their parameters, and both ranks end with the same model."""
+    from tests.ddp import assert_same_state, fit_ddp
+
+    torch.manual_seed(0)
+    model = tiny(evaluator=False)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    states = fit_ddp(model, folder_datamodule(tiny_category, batch_size=2), tmp_path, max_steps=4)
+    assert_same_state(states)
+    for prefix in ("model.blocks.", "model.memory", "model.flows.", "model.flow_norms."):
+        assert any(not torch.equal(v, initial[k]) for k, v in states[0].items() if k.startswith(prefix)), prefix
+    assert all(torch.equal(v, initial[k]) for k, v in states[0].items() if k.startswith("model.feature_extractor."))

@@ -238,6 +238,26 @@ class DADF(ReconModuleMixin, AnomalibModule):
             with restoring_from_checkpoint():  # every tensor comes from the checkpoint: no weight download
                 self.model = DADFModel(image_size=size, **self._model_args)
 
+    def setup(self, stage: str) -> None:
+        """Under DDP, let DDP look for unused parameters before it wraps the model.
+
+        The two stages train disjoint parameter sets (stage 1 the transformer, stage 2 the flows), so in every step
+        the other stage's parameters get no gradient, which DDP's default ``find_unused_parameters=False`` refuses
+        ("parameters that were not used in producing the loss"). Lightning's DDP strategies take the flag only as a
+        constructor argument; it is set here on the strategy's DDP arguments, which Lightning reads when it wraps the
+        model after this hook. Any other strategy is left as it is.
+        """
+        del stage
+        strategy = getattr(self._trainer, "strategy", None)
+        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
+        if (
+            self.model.has_reconstruction
+            and isinstance(ddp_kwargs, dict)
+            and not ddp_kwargs.get("find_unused_parameters")
+        ):
+            ddp_kwargs["find_unused_parameters"] = True
+            logger.info("DADF: DDP will find unused parameters (each stage trains only its own parameters).")
+
     # ------------------------------------------------------------------------------------------------ stages
     @property
     def stage(self) -> str:
