@@ -104,7 +104,7 @@ def leak(out_n, out_a, masks, stream: str) -> list[float]:
     return values
 
 
-def evaluate(label: str, path: str, pairs: dict, blur_scores: bool = True) -> list[dict]:
+def evaluate(label: str, path: str, pairs: dict, datamodule=None, blur_scores: bool = True) -> list[dict]:
     """Rows of one checkpoint: one per stream, pooled over categories (per-category values in ``per_category``)."""
     import torch
     from torchmetrics.functional.classification import binary_auroc
@@ -136,6 +136,7 @@ def evaluate(label: str, path: str, pairs: dict, blur_scores: bool = True) -> li
             entry["n"].append(maps_n[stream])
             entry["m"].append(masks)
             entry["leak"].append(leak(out_n, out_a, masks, stream))
+    real = real_test_metrics(net, datamodule, list(pairs)) if datamodule is not None else {}
     rows = []
     for stream in (s for s in STREAMS if s in collected):
         entry = collected[stream]
@@ -170,14 +171,63 @@ def evaluate(label: str, path: str, pairs: dict, blur_scores: bool = True) -> li
                 "prompts": net.prompts,
                 **pooled,
                 "per_category": per_category,
+                "real_test": real.get(stream, {}),
                 "class_inference": inference,
             }
         )
     return rows
 
 
+def real_test_metrics(net, datamodule, categories: list[str], batch_size: int = 16) -> dict:
+    """Per stream and category on the real test set: image AUROC (blurred map maximum) and pixel AUROC (blurred map,
+    where the category has masks). Classes inferred as at test time."""
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+    from torchvision.transforms.v2.functional import InterpolationMode, resize
+
+    from anomalib_recon.components.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
+    size = net.image_size
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    samples = datamodule.test_data.samples
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for category in categories:
+        rows = [i for i, c in enumerate(samples.category) if c == category]
+        scores: dict[str, list] = {}
+        pixels: dict[str, list] = {}
+        labels, masks = [], []
+        for start in range(0, len(rows), batch_size):
+            items = [datamodule.test_data[i] for i in rows[start : start + batch_size]]
+            images = torch.stack([resize(it.image, list(size), antialias=False) for it in items])
+            labels.append(torch.tensor([int(it.gt_label) for it in items]))
+            if all(it.gt_mask is not None for it in items):
+                masks.append(
+                    torch.stack(
+                        [
+                            resize(it.gt_mask.reshape(1, *it.gt_mask.shape[-2:]).float(), list(size),
+                                   interpolation=InterpolationMode.NEAREST) > 0.5
+                            for it in items
+                        ]
+                    )
+                )  # fmt: skip
+            maps, _, _ = stream_maps(net, (images - mean) / std, size)
+            for stream, amap in maps.items():
+                blurred = net.blur(amap) if net.blur is not None else amap
+                scores.setdefault(stream, []).append(blurred.flatten(1).amax(1))
+                pixels.setdefault(stream, []).append(blurred)
+        truth = torch.cat(labels)
+        for stream in scores:
+            entry = {"image_AUROC": float(binary_auroc(torch.cat(scores[stream]), truth))}
+            if masks and len(masks) == len(pixels[stream]):
+                mask = torch.cat(masks)
+                entry["pixel_AUROC"] = float(binary_auroc(torch.cat(pixels[stream]).flatten(), mask.flatten().long()))
+            results.setdefault(stream, {})[category] = entry
+    return results
+
+
 def to_markdown(rows: list[dict], header: dict) -> str:
-    """Pooled metrics per checkpoint and stream, then per-category contrast and leak."""
+    """Pooled metrics per checkpoint and stream, then per-category contrast and leak (and the real test sets)."""
     cols = ["model", "contrast", "leak", "pixel_AUROC", "image_AUROC", "inside", "outside"]
 
     def cell(row: dict, col: str) -> str:
@@ -211,10 +261,31 @@ def to_markdown(rows: list[dict], header: dict) -> str:
         "",
         *harness.markdown_table(cols, rows, cell),
         "",
-        "Per category:",
+        "Per category (synthetic anomalies):",
         "",
         *harness.markdown_table(per_cat_cols, per_cat_rows),
     ]
+    if any(r.get("real_test") for r in rows):
+        real_cols = ["model", *(f"{c} image / pixel AUROC" for c in cats)]
+        real_rows = [
+            {
+                "model": r["model"],
+                **{
+                    f"{c} image / pixel AUROC": " / ".join(
+                        f"{r['real_test'][c][k]:.3f}" for k in ("image_AUROC", "pixel_AUROC") if k in r["real_test"][c]
+                    )
+                    for c in cats
+                    if c in r.get("real_test", {})
+                },
+            }
+            for r in rows
+        ]
+        lines += [
+            "",
+            "Real test sets, each stream's blurred map (image score: its maximum):",
+            "",
+            *harness.markdown_table(real_cols, real_rows),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -227,6 +298,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None)
     p.add_argument("--seed", type=int, default=0, help="Perlin draws and the choice of images (and the ELPV split)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--real-test", action="store_true", help="also score each stream on the real test sets")
     p.add_argument("--name", default="pnpt_shortcut")
     p.add_argument("--results-dir", default=str(harness.RESULTS))
     return p.parse_args(argv)
@@ -267,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     for label, path in checkpoints:
-        rows += evaluate(label, path, pairs)
+        rows += evaluate(label, path, pairs, datamodule if args.real_test else None)
         print(json.dumps([{k: v for k, v in r.items() if k not in ("per_category",)} for r in rows[-3:]]), flush=True)
         table = harness.write_results(Path(args.results_dir), header, rows, render=to_markdown)
     print(table)
