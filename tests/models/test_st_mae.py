@@ -4,6 +4,7 @@ reproducible test partitions, learning, export parity and errors (tiny CPU setti
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -562,13 +563,27 @@ def test_image_size_argument_builds_the_default_pre_processor():
         assert value is None or isinstance(value, (str, int, float, bool, list, tuple))
 
 
-def test_paper_defaults():
-    """The paper's backbone and the inferred tiny size are the defaults (random weights: no download)."""
-    model = STMAE(weights=None, visualizer=False)
+@pytest.mark.parametrize("config", ["st_mae.yaml", "st_mae_offline.yaml"])
+def test_configs_build_and_the_paper_config_spells_out_the_defaults(config):
+    """Both configs construct the model; the paper config's arguments are exactly the constructor's defaults (the
+    paper's VGG19 and the inferred tiny size), so ``STMAE()`` is the paper setting."""
+    import inspect
+
+    import yaml
+
+    init_args = yaml.safe_load((Path(__file__).parents[2] / "configs" / config).read_text())["model"]["init_args"]
+    model = STMAE(**{**init_args, "weights": None}, visualizer=False)
     net = model.model
-    assert net.feature_extractor.backbone_name == "vgg19.tv_in1k"
-    assert (net.feature_channels, net.feature_size, net.grid_size) == (960, (64, 64), (16, 16))
-    assert (net.embed_dim, len(net.blocks), net.blocks[0].attn.num_heads) == (240, 12, 12)
-    assert (net.decoder_embed_dim, len(net.decoder_blocks), net.decoder_blocks[0].attn.num_heads) == (256, 8, 16)
-    assert (net.transition, net.n_partitions, model.loss.direction_weight) == ("swap", 1, 5.0)
-    assert net.head.linear.out_features == 4 * 4 * 960
+    assert (net.transition, net.n_partitions, net.patch_size, net.fusion_stride) == ("swap", 1, 4, 4)
+    if config == "st_mae.yaml":
+        defaults = {k: p.default for k, p in inspect.signature(STMAE.__init__).parameters.items() if k != "self"}
+        # spelled out in the config: the resolved default layers and the default 256 px
+        defaults |= {"layers": resolve_layers(defaults["backbone"], None), "image_size": 256}
+        for key, value in init_args.items():
+            default = defaults[key]
+            assert value == (list(default) if isinstance(default, tuple) else default), key
+        assert net.feature_extractor.backbone_name == "vgg19.tv_in1k"
+        assert (net.feature_channels, net.feature_size, net.grid_size) == (960, (64, 64), (16, 16))
+        assert (net.embed_dim, len(net.blocks), net.blocks[0].attn.num_heads) == (240, 12, 12)
+        assert (net.decoder_embed_dim, len(net.decoder_blocks), net.decoder_blocks[0].attn.num_heads) == (256, 8, 16)
+        assert net.head.linear.out_features == 4 * 4 * 960
