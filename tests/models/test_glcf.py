@@ -628,6 +628,7 @@ def _global_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean()
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # training_step without a Trainer
 def test_training_step_optimises_the_three_correspondence_terms_and_trains_every_decoder(monkeypatch):
     """Through ``training_step``: the loss is Σ_k cosG(T_k, L_k) + cosG(G_k, T_k) + cosG(G_k, Ĝ_k) on the tensors the
     forward produced, with ``T_k`` the frozen teacher's maps of the batch; the bottleneck and all three decoders get
@@ -681,6 +682,7 @@ class _Images(torch.utils.data.Dataset):
         return self.images[index]
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # training_step without a Trainer
 def test_statistics_are_refit_with_the_final_weights_when_training_ends():
     """``on_train_end`` after a training step refits μ, σ on the training images with the weights that step left,
     exactly what a direct fit on those images gives."""
