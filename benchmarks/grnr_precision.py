@@ -367,18 +367,23 @@ def metric_rows(root: Path, image_size: int, batch_size: int = 8) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ time
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _interleaved_ms(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median ms of each variant, timed in alternation (before, after, before, ...) so that the load of a shared
+    machine hits both alike; one warm-up call each."""
+    for fn in variants.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: round(1e3 * statistics.median(values), 2) for name, values in times.items()}
 
 
 def time_rows(image_size: int, repeats: int, image: Path | None) -> list[dict]:
-    """Median ms of the whole forward (batch 1) and of the two layers' regressions alone, before and after."""
+    """Median ms of the whole forward (batch 1), the two layers' regressions and the solves alone, before and
+    after, timed in alternation."""
     import torch
     import torch.nn.functional as F
 
@@ -391,6 +396,7 @@ def time_rows(image_size: int, repeats: int, image: Path | None) -> list[dict]:
     model = lite0(image_size)
     images = load_images(model, [image]) if image is not None else torch.randn(1, 3, image_size, image_size)
     gm = model.model
+    solves = {"before": solve_before, "after": None}  # None: the model's own solve
     with torch.no_grad():
         pooled = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in gm.feature_extractor(images)]
         queries = [p.flatten(2).transpose(1, 2) for p in pooled]
@@ -399,31 +405,43 @@ def time_rows(image_size: int, repeats: int, image: Path | None) -> list[dict]:
             for p, q in zip(pooled, queries, strict=True)
         ]
 
+        def with_solve(solve: Callable | None, fn: Callable[[], object]) -> Callable[[], None]:
+            def run() -> None:
+                with patched(solve):
+                    fn()
+
+            return run
+
         def regressions() -> None:
             for p in pooled:
                 grnr_residual(p, gm.num_global_priors, gm.lam, gm.eps, gm.distance_chunk)
 
-        rows = []
-        for name, solve in (("before", solve_before), ("after", None)):  # None: the model's own solve
-            direct = solve or solve_after
-            with patched(solve):
-                rows.append(
-                    {
-                        "table": "time",
-                        "solve": name,
-                        "image_size": image_size,
-                        "grids": [f"{p.shape[-2]}x{p.shape[-1]}x{p.shape[1]}" for p in pooled],
-                        "forward_ms": round(_median_ms(lambda: gm(images), repeats), 2),
-                        "regressions_ms": round(_median_ms(regressions, repeats), 2),
-                        "solves_ms": round(
-                            _median_ms(lambda d=direct: [d(s, q, m, gm.lam, gm.eps) for s, q, m in inputs], repeats), 2
-                        ),
-                        "threads": torch.get_num_threads(),
-                        "repeats": repeats,
-                        "load_1min": round(os.getloadavg()[0], 1),
-                    }
-                )
-            print(rows[-1], flush=True)
+        load = os.getloadavg()[0]
+        forward = _interleaved_ms({n: with_solve(s, lambda: gm(images)) for n, s in solves.items()}, repeats)
+        regression = _interleaved_ms({n: with_solve(s, regressions) for n, s in solves.items()}, repeats)
+        direct = {
+            n: (lambda d=(s or solve_after): [d(su, q, m, gm.lam, gm.eps) for su, q, m in inputs])
+            for n, s in solves.items()
+        }
+        solve_ms = _interleaved_ms(direct, repeats)
+        load = round(max(load, os.getloadavg()[0]), 1)
+    rows = []
+    for name in solves:
+        rows.append(
+            {
+                "table": "time",
+                "solve": name,
+                "image_size": image_size,
+                "grids": [f"{p.shape[-2]}x{p.shape[-1]}x{p.shape[1]}" for p in pooled],
+                "forward_ms": forward[name],
+                "regressions_ms": regression[name],
+                "solves_ms": solve_ms[name],
+                "threads": torch.get_num_threads(),
+                "repeats": repeats,
+                "load_1min": load,
+            }
+        )
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -519,11 +537,12 @@ def to_markdown(rows: list[dict], header: dict) -> str:
         ]
     if timing:
         lines += [
-            "## Time cost (torch eager, CPU, batch 1, median)",
+            "## Time cost (torch eager, CPU, batch 1, median; before and after timed in alternation)",
             "",
             "`forward_ms`: the whole torch model (backbone, both layers, maps); `regressions_ms`: both layers' "
             "support, self filtering and solve; `solves_ms`: the 8x8 solves alone (support and priors given). "
-            "`load_1min`: the machine's load average when the row was measured (a shared CPU: times are noisy).",
+            "`load_1min`: the machine's highest 1-minute load average during the timing (a shared CPU: times are "
+            "noisy).",
             "",
             *harness.markdown_table(
                 [
