@@ -27,6 +27,15 @@ class SaveRankState(Callback):
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """Every rank writes its own file (CPU tensors)."""
+        self._save(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        """Zero-/few-shot models: anomalib's ``Engine.fit`` only validates them (no ``on_fit_end``)."""
+        if trainer.state.fn == "fit" or getattr(pl_module, "requires_training", True):
+            return
+        self._save(trainer, pl_module)
+
+    def _save(self, trainer: Any, pl_module: Any) -> None:
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
 

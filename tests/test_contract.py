@@ -246,7 +246,7 @@ def test_a_diverging_fit_stops_at_the_first_step(name: str, tmp_path: Path) -> N
         for param in model.model.parameters():
             if param.requires_grad:
                 param.fill_(float("nan"))
-    engine = cpu_engine(tmp_path / "run", max_steps=2)
+    engine = cpu_engine(tmp_path / "run", max_steps=CONTRACT_KWARGS[name][2])
     with pytest.raises(NonFiniteError, match=r"(?i)nan"):
         engine.fit(model, datamodule=folder_datamodule(root))
     assert engine.trainer.global_step == 0

@@ -332,10 +332,10 @@ def test_statistics_source_prefers_a_normal_only_validation_split():
     ):
         model.stats_split = split
         model._trainer = SimpleNamespace(datamodule=SimpleNamespace(val_data=val, train_data=train))
-        loader, source = model._statistics_source()
+        dataset, source = model._statistics_source()
         assert source == expected
-        # the validation split is read through its own loader; the training set by the shared loop (loader None)
-        assert (loader.dataset is normal) if expected == "validation" else loader is None
+        # the shared loop reads the validation split given here, or the training set when none is (None)
+        assert (dataset is normal) if expected == "validation" else dataset is None
     model.stats_split = "val"
     model._trainer = SimpleNamespace(datamodule=SimpleNamespace(val_data=mixed, train_data=train))
     with pytest.raises(ValueError, match="stats_split='val'"):

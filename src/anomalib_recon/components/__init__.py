@@ -1,11 +1,13 @@
 """Building blocks shared by two or more anomalib-recon models (see README.md in this folder for each block's users)."""
 
 from .aggregation import FeatureAggregator, layer_norm_channels, map_to_tokens, tokens_to_map
-from .anomaly_map import AnomalyMapGenerator, make_blur, reduce_max, reduce_max_avgpool, reduce_std
+from .anomaly_map import AnomalyMapGenerator, check_blur_fits, make_blur, reduce_max, reduce_max_avgpool, reduce_std
 from .checkpoint import CheckpointMismatchError, restoring_from_checkpoint
+from .evaluation import SkipUnavailableMetrics
 from .feature_extractor import BackboneInfo, FeatureExtractor, layers_at_strides, probe_backbone
 from .few_shot import dihedral_augment, few_shot_subset, restrict_to_few_shot
 from .guards import InputImageError, NonFiniteError, UntrainedModelError, check_finite, check_images
+from .initialization import init_mae_weights
 from .losses import cosine_distance, dice_loss, focal_loss_on_probs, mse_loss
 from .module import ModelGuard, ReconModuleMixin
 from .neighborhood_attention import (
@@ -19,7 +21,7 @@ from .normal_images import collect_normal_images
 from .patch_embed import MultiScalePatchEmbed, PatchEmbed, TokenToFeatureHead, patchify, unpatchify
 from .position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
 from .schedules import multistep_lr
-from .weights import OfflineWeightsError
+from .weights import OfflineWeightsError, WeightsFileError
 
 __all__ = [
     "NA_BACKEND_ENV_VAR",
@@ -37,9 +39,12 @@ __all__ = [
     "PatchEmbed",
     "ReconModuleMixin",
     "SinCosPositionEmbedding2D",
+    "SkipUnavailableMetrics",
     "TokenToFeatureHead",
     "UntrainedModelError",
+    "WeightsFileError",
     "available_backends",
+    "check_blur_fits",
     "check_finite",
     "check_images",
     "collect_normal_images",
@@ -49,6 +54,7 @@ __all__ = [
     "few_shot_subset",
     "focal_loss_on_probs",
     "get_2d_sincos_pos_embed",
+    "init_mae_weights",
     "layer_norm_channels",
     "layers_at_strides",
     "make_blur",

@@ -50,6 +50,9 @@ class FeatureExtractor(nn.Module):
         vit_norm: ViTs only: apply the backbone's final norm to the returned block outputs.
         img_size: ViTs/Swin only: the input size the model is built for (position embeddings are also
             resampled dynamically for ViTs).
+        trainable: ``False`` (default): frozen, always in eval mode, no gradients. ``True``: the backbone is
+            trained with the model (GLCF's ``train_teacher``): parameters require gradients, ``train()`` follows
+            the mode (batch-norm statistics update in training) and ``forward`` records gradients in training.
 
     Attributes:
         out_dims: channels of each returned map.
@@ -64,12 +67,14 @@ class FeatureExtractor(nn.Module):
         return_attention: bool = False,
         vit_norm: bool = False,
         img_size: int | None = None,
+        trainable: bool = False,
     ) -> None:
         super().__init__()
         if not layers:
             msg = "`layers` must name at least one layer, e.g. layers=[1, 2] or ['layer1', 'layer2']."
             raise ValueError(msg)
         self.layers = list(layers)
+        self.trainable = bool(trainable)
         self.return_attention = return_attention
         self.vit_norm = vit_norm
         self.attention_maps: list[torch.Tensor] = []
@@ -96,7 +101,7 @@ class FeatureExtractor(nn.Module):
             raise TypeError(msg)
 
         for param in self.parameters():
-            param.requires_grad_(False)
+            param.requires_grad_(self.trainable)
         super().train(False)
 
     # ------------------------------------------------------------------ construction
@@ -189,8 +194,9 @@ class FeatureExtractor(nn.Module):
             self.attention_maps.append(attention_weights(module, args[0]))
 
     def train(self, mode: bool = True) -> FeatureExtractor:
-        """Stay in eval mode: batch-norm statistics of the frozen backbone must never update."""
-        return super().train(False)
+        """A frozen extractor stays in eval mode (its batch-norm statistics never update); a trainable one follows
+        ``mode``."""
+        return super().train(mode and self.trainable)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Extract the selected layers of an RGB batch ``(B, 3, H, W)``."""
@@ -201,7 +207,7 @@ class FeatureExtractor(nn.Module):
             )
             raise ValueError(msg)
         self.attention_maps = []
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.trainable and self.training and torch.is_grad_enabled()):
             if self._delegate is not None:
                 return list(self._delegate(images).values())
             if self.is_vit:

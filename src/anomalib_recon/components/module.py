@@ -103,8 +103,12 @@ class ModelGuard(Callback):
             if bad
             else "the learning rate is too high for this model and data"
         )
-        lr = getattr(pl_module, "lr", None)
-        settings = f" (lr={lr})" if lr is not None else ""
+        rates = {
+            name: value
+            for name, value in sorted(vars(pl_module).items())
+            if (name == "lr" or name.endswith("_lr")) and isinstance(value, int | float)
+        }
+        settings = f" ({', '.join(f'{k}={v}' for k, v in rates.items())})" if rates else ""
         msg = (
             f"{name}: the training loss is {float(loss.detach().reshape(-1)[0])} at step {trainer.global_step} "
             f"(epoch {trainer.current_epoch}). Likely cause: {causes}{settings}. Lower the learning rate, or check "

@@ -70,7 +70,7 @@ def preprocess(module: Any, batch: Any) -> torch.Tensor:
 
 
 def normal_image_batches(
-    module: Any, max_images: int | None = None, dataloader: Iterable | None = None
+    module: Any, max_images: int | None = None, dataloader: Iterable | None = None, dataset: Dataset | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(indices, pre-processed images)`` batches of this rank's share of the first ``max_images`` training images.
 
@@ -79,6 +79,8 @@ def normal_image_batches(
         max_images: At most this many images of the training set (``None``: all).
         dataloader: Batches of raw normal images to use instead of the training set (as given, on this process,
             cut after ``max_images`` images).
+        dataset: Another dataset of normal images to read instead of the training set (e.g. a normal-only
+            validation split), sharded like the training set.
     """
     if dataloader is not None:
         seen = 0
@@ -92,7 +94,7 @@ def normal_image_batches(
             seen += images.shape[0]
             yield indices, images
         return
-    dataset = training_dataset(module)
+    dataset = dataset if dataset is not None else training_dataset(module)
     count = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     rank, world = _world(module)
     if count == 0:
@@ -132,32 +134,47 @@ def _gather(rows: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def _sync_buffers(module: Any) -> None:
+    """Take the torch model's buffers from rank 0, as DDP does before each forward: batch-norm statistics of
+    trainable parts drift apart on each rank's own batches, and ``fn`` must compute the same thing everywhere."""
+    model = getattr(module, "model", module)
+    for buffer in model.buffers():
+        if buffer.dtype != torch.bool:  # gloo broadcasts no bool tensors; flags are set from the rows anyway
+            dist.broadcast(buffer.data, src=0)
+
+
 def collect_normal_images(
     module: Any,
     fn: Callable[[torch.Tensor], torch.Tensor],
     max_images: int | None = None,
     dataloader: Iterable | None = None,
+    dataset: Dataset | None = None,
 ) -> torch.Tensor:
     """Rows ``fn(images)`` (one per image) of the first ``max_images`` normal training images, of every rank.
 
     The module is put in eval mode (and restored), gradients are off and inference mode is left (the result may
-    become a buffer used in training). Under DDP the rows of all ranks are gathered and every rank gets them all.
+    become a buffer used in training). Under DDP the torch model's buffers are first taken from rank 0 (as DDP does
+    before a forward), then the rows of all ranks are gathered and every rank gets them all.
 
     Args:
         module: The Lightning module.
         fn: Pre-processed images ``(b, 3, H, W)`` → rows ``(b, ...)``, one per image.
         max_images: At most this many training images (``None``: all).
         dataloader: Raw normal images to use instead of the training set (no sharding, no gathering).
+        dataset: Another dataset of normal images instead of the training set (sharded and gathered like it).
 
     Returns:
         ``(N, ...)`` rows in dataset order (``N`` images in all).
     """
+    distributed = dataloader is None and _world(module)[1] > 1
     was_training = module.training
     module.eval()
     try:
         with torch.inference_mode(False), torch.no_grad():
+            if distributed:
+                _sync_buffers(module)
             rows, indices = [], []
-            for idx, images in normal_image_batches(module, max_images, dataloader):
+            for idx, images in normal_image_batches(module, max_images, dataloader, dataset):
                 out = fn(images)
                 if out.shape[0] != images.shape[0]:
                     msg = f"fn must return one row per image: {images.shape[0]} images gave {tuple(out.shape)}."
@@ -171,7 +188,7 @@ def collect_normal_images(
         msg = f"{name}: no normal training images to fit from (the training set or the given dataloader is empty)."
         raise ValueError(msg)
     local, local_idx = torch.cat(rows), torch.cat(indices)
-    if dataloader is None and _world(module)[1] > 1:
+    if distributed:
         local, local_idx = _gather(local, local_idx)
     order = torch.argsort(local_idx.to(local.device))
     return local[order]

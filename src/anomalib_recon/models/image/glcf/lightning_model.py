@@ -27,9 +27,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch import distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 
 from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.normal_images import collect_normal_images
@@ -45,10 +43,6 @@ __all__ = ["GLCF"]
 
 DEFAULT_IMAGE_SIZE = (224, 224)
 STATS_SPLITS = ("auto", "train", "val")
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _all_normal(dataset: Any) -> bool:
@@ -288,14 +282,15 @@ class GLCF(ReconModuleMixin, AnomalibModule):
         if self._stats_stale:
             self.fit_statistics()
 
-    def _statistics_source(self) -> tuple[DataLoader | None, str]:
-        """Where the statistics come from: ``(None, "training")`` for the training set (the shared loop reads it,
-        sharded under DDP), or ``(loader, "validation")`` for the datamodule's normal-only validation split."""
+    def _statistics_source(self) -> tuple[Any, str]:
+        """Where the statistics come from: ``(None, "training")`` for the training set, or ``(dataset,
+        "validation")`` for the datamodule's normal-only validation split; the shared loop reads either, sharded and
+        gathered under DDP."""
         trainer = getattr(self, "_trainer", None)
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         val = getattr(datamodule, "val_data", None)
         if self.stats_split in ("auto", "val") and val is not None and _all_normal(val):
-            return self._loader(datamodule, val), "validation"
+            return val, "validation"
         if self.stats_split == "val":
             msg = (
                 "GLCF: stats_split='val' but the datamodule's validation split is missing or holds anomalous images; "
@@ -304,16 +299,6 @@ class GLCF(ReconModuleMixin, AnomalibModule):
             raise ValueError(msg)
         return None, "training"
 
-    @staticmethod
-    def _loader(datamodule: Any, dataset: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=int(getattr(datamodule, "eval_batch_size", 8)),
-            shuffle=False,
-            num_workers=int(getattr(datamodule, "num_workers", 0)),
-            collate_fn=getattr(datamodule, "external_collate_fn", None) or dataset.collate_fn,
-        )
-
     def _map_moment_rows(self, images: torch.Tensor) -> torch.Tensor:
         """One row per pre-processed image: its maps' means and standard deviations ``(B, 4, 3)``."""
         return torch.cat(self.model.map_moments(images), dim=1)
@@ -321,12 +306,10 @@ class GLCF(ReconModuleMixin, AnomalibModule):
     def fit_statistics(self, dataloader: Iterable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Fit ``(μ, σ)`` per (branch, scale) on normal images and store them as buffers.
 
-        Every DDP rank ends with the statistics a single process computes on rank 0's model: the model's buffers
-        (the decoders' batch-norm statistics, which each rank updates on its own batches) are first taken from rank
-        0, as DDP does before each forward; the training set is then read by the shared loop
-        (:func:`~anomalib_recon.components.normal_images.collect_normal_images`: each rank reads its share and the
-        per-image rows are gathered), and the normal validation split is read whole on every rank and rank 0's
-        result is kept.
+        Every DDP rank ends with the statistics a single process computes on rank 0's model: the shared loop
+        (:func:`~anomalib_recon.components.normal_images.collect_normal_images`) takes the model's buffers (the
+        decoders' batch-norm statistics, which each rank updates on its own batches) from rank 0, reads each rank's
+        share of the training set or of the normal validation split, and gathers the per-image rows.
 
         Args:
             dataloader: Batches of *raw* normal images (anomalib batches or tensors; the pre-processor is applied
@@ -334,20 +317,13 @@ class GLCF(ReconModuleMixin, AnomalibModule):
                 ``stats_split`` (called automatically during ``Engine.fit``). At most ``stats_max_images`` images
                 are used either way.
         """
-        source, distributed = "given", dataloader is None and _distributed()
+        source, dataset = "given", None
         if dataloader is None:
-            dataloader, source = self._statistics_source()
+            dataset, source = self._statistics_source()
         with torch.inference_mode(False), torch.no_grad():
-            if distributed:
-                for buffer in self.model.buffers():
-                    if buffer.dtype != torch.bool:  # gloo has no bool; the only one, stats_fitted, is set below
-                        dist.broadcast(buffer, src=0)
-            rows = collect_normal_images(self, self._map_moment_rows, self.stats_max_images, dataloader)
+            rows = collect_normal_images(self, self._map_moment_rows, self.stats_max_images, dataloader, dataset)
             mean, std = self.model.statistics_from_moments(rows[:, :2], rows[:, 2:])
             mean, std = mean.to(self.model.stats_mean), std.to(self.model.stats_std)
-            if distributed and dataloader is not None:  # every rank read the whole split: keep rank 0's numbers
-                dist.broadcast(mean, src=0)
-                dist.broadcast(std, src=0)
             self.model.set_statistics(mean, std)
         self._stats_stale = False
         self._stats_fingerprint = self._weights_fingerprint()

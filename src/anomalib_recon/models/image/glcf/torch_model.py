@@ -330,7 +330,9 @@ class GLCFModel(nn.Module):
         self.set_scoring(branch=branch, score_reducer=score_reducer)
         self.train_teacher = bool(train_teacher)
 
-        self.teacher = FeatureExtractor(backbone, layers=resolve_layers(backbone, layers), weights=weights)
+        self.teacher = FeatureExtractor(
+            backbone, layers=resolve_layers(backbone, layers), weights=weights, trainable=self.train_teacher
+        )
         self.channels = [int(c) for c in self.teacher.out_dims]
         size = (int(image_size[0]), int(image_size[1]))
         shapes = self._probe(size)
@@ -362,9 +364,6 @@ class GLCFModel(nn.Module):
         self.register_buffer("stats_mean", torch.zeros(2, 3))
         self.register_buffer("stats_std", torch.ones(2, 3))
         self.register_buffer("stats_fitted", torch.tensor(False))
-        if self.train_teacher:
-            for param in self.teacher.parameters():
-                param.requires_grad_(True)
 
     # ------------------------------------------------------------------------------------------------ construction
     @staticmethod
@@ -461,35 +460,13 @@ class GLCFModel(nn.Module):
         bn.pos_embed = SinCosPositionEmbedding2D(bn.embed_dim, self.grid_size).to(device)
         bn.decoder_pos_embed = SinCosPositionEmbedding2D(bn.decoder_embed_dim, self.grid_size).to(device)
 
-    def train(self, mode: bool = True) -> GLCFModel:
-        """Train mode for the trainable parts; the teacher stays in eval unless ``train_teacher`` (reference)."""
-        super().train(mode)
-        if self.train_teacher:
-            # FeatureExtractor.train keeps a frozen extractor in eval; a trained teacher follows ``mode`` (its
-            # batch-norm statistics update, as in the authors' code). Until FeatureExtractor has a public
-            # ``trainable`` option, its timm module is switched directly.
-            nn.Module.train(self.teacher.model, mode)
-        return self
-
-    def _teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The teacher maps: frozen (``FeatureExtractor``, no gradients), or with gradients when trained."""
-        if not (self.train_teacher and self.training):
-            return self.teacher(images)
-        # FeatureExtractor.forward runs under no_grad; a trained teacher needs its gradients, so its timm module is
-        # called directly (NCHW maps, as FeatureExtractor returns them).
-        features = list(self.teacher.model(images))
-        return [
-            f.permute(0, 3, 1, 2) if f.shape[1] != c and f.shape[-1] == c else f
-            for f, c in zip(features, self.channels, strict=True)
-        ]
-
     # ------------------------------------------------------------------------------------------------ forward
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The four teacher maps with input checks (RGB, size, finiteness)."""
         if images.dim() != 4 or images.shape[1] != 3:
             msg = f"GLCF expects an RGB batch (B, 3, H, W), got {tuple(images.shape)}."
             raise ValueError(msg)
-        features = self._teacher_features(images)
+        features = self.teacher(images)  # with gradients and batch-norm in train mode when ``train_teacher``
         if not is_tracing():
             size = (int(images.shape[-2]), int(images.shape[-1]))
             self._check_shapes([(int(f.shape[-2]), int(f.shape[-1])) for f in features], size)
