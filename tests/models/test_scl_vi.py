@@ -25,6 +25,7 @@ from anomalib_recon.models.image.scl_vi.torch_model import (
     jigsaw_grid,
     knn_distances,
     pair_table,
+    query_terms,
     split_bits,
     squared_distances,
     svdd_positions,
@@ -205,7 +206,7 @@ def test_squared_distances_are_accurate_where_the_textbook_form_cancels():
     assert int(near.sum()) > 1000
     bits = split_bits(64)
     assert bits == 8
-    got = squared_distances(queries, bank_terms(bank, bits), bits).double()
+    got = squared_distances(query_terms(queries, bits), bank_terms(bank, bits)).double()
     textbook = textbook_squared_distances(queries, bank).double()
     error, textbook_error = (got - true)[near].abs().max(), (textbook - true)[near].abs().max()
     assert float(error) < 2e-7, float(error)

@@ -1,4 +1,4 @@
-"""SCL-VI loss: jigsaw position cross-entropy at each patch scale plus the SVDD term (spec §5)."""
+"""SCL-VI loss: jigsaw position cross-entropy at each patch scale plus the SVDD term (arXiv 2311.06504)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ class SCLVILoss(nn.Module):
     """``L = sum_K CE(cls_K(h1 - h2), y_K) + lambda * sum_K mean ||h(S1_K) - h(S2_K)||_2``.
 
     Args:
-        svdd_weight: ``lambda`` (1, the README command of the reference; its code default is 0.001). ``0`` trains the
+        svdd_weight: ``lambda`` (1, the authors' README command; their code's default is 0.001). ``0`` trains the
             jigsaw task alone (the key ablation).
     """
 

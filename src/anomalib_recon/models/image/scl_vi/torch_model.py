@@ -303,13 +303,26 @@ def split_embeddings(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     return hi, x - hi
 
 
-def bank_terms(bank: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    """The bank-side factors of :func:`squared_distances` (computed once per bank block, shared by all queries)."""
+def bank_terms(bank: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bank-side factors of :func:`squared_distances`: ``[b_hi, b_lo]`` ``(M, 2D)``, ``||b_hi||^2`` and
+    ``||b_lo||^2 + 2 b_hi.b_lo`` ``(M,)``. ``b = b_hi + b_lo`` exactly, so the rows are recovered from the first."""
     hi, lo = split_embeddings(bank, bits)
-    return hi, hi.pow(2).sum(-1), torch.cat([lo, bank], dim=1), lo.pow(2).sum(-1) + 2 * (hi * lo).sum(-1)
+    return torch.cat([hi, lo], dim=1), hi.pow(2).sum(-1), lo.pow(2).sum(-1) + 2 * (hi * lo).sum(-1)
 
 
-def squared_distances(queries: torch.Tensor, terms: tuple[torch.Tensor, ...], bits: int) -> torch.Tensor:
+def query_terms(queries: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query-side factors of :func:`squared_distances`: ``[q_hi, 0]``, ``[q_lo, q]`` ``(Q, 2D)``, ``||q_hi||^2`` and
+    ``||q_lo||^2 + 2 q_hi.q_lo`` ``(Q, 1)``."""
+    hi, lo = split_embeddings(queries, bits)
+    return (
+        torch.cat([hi, torch.zeros_like(hi)], dim=1),
+        torch.cat([lo, queries], dim=1),
+        hi.pow(2).sum(-1, keepdim=True),
+        lo.pow(2).sum(-1, keepdim=True) + 2 * (hi * lo).sum(-1, keepdim=True),
+    )
+
+
+def squared_distances(queries: tuple[torch.Tensor, ...], bank: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """``||q - b||^2`` ``(Q, M)`` by matrix products, without the cancellation of ``||q||^2 + ||b||^2 - 2 q.b``.
 
     The textbook form subtracts numbers of size ``||q||^2 ~ 40`` (tanh embeddings, D = 64) to get squared
@@ -319,23 +332,22 @@ def squared_distances(queries: torch.Tensor, terms: tuple[torch.Tensor, ...], bi
 
         ||q - b||^2 = ||q_hi - b_hi||^2 + 2 (q_hi - b_hi).(q_lo - b_lo) + ||q_lo - b_lo||^2.
 
-    The first term, ``||q_hi||^2 + ||b_hi||^2 - 2 q_hi.b_hi``, is computed exactly (integers on the ``4^-bits``
-    grid, below fp32's 2^24; any summation order gives the same bits); the rest is small (|lo| <= 2^-bits-1) and
-    is one more product, ``a(q) + c(b) - 2 [q_hi, q_lo].[b_lo, b]``, whose rounding error is ~1e-8. The result is
-    within ~1e-7 of the float64 value for near neighbours in every backend, at the cost of a second (2D-wide)
-    matrix product.
+    The first term, ``||q_hi||^2 + ||b_hi||^2 - 2 [q_hi, 0].[b_hi, b_lo]``, is computed exactly (integers on the
+    ``4^-bits`` grid below fp32's 2^24, so every summation order gives the same bits); the rest, ``a(q) + c(b) -
+    2 [q_lo, q].[b_hi, b_lo]``, is small (``|lo| <= 2^-bits-1``) and rounds to ~1e-8. Both products read the same
+    bank matrix ``[b_hi, b_lo]``, the only bank-sized tensor an exported graph holds (OpenVINO folds it into a
+    constant of twice the bank). The result is within ~1e-7 of float64 for near neighbours in every backend, for
+    four times the multiply-adds of the textbook form.
 
     Args:
-        queries: ``(Q, D)`` embeddings in [-1, 1].
-        terms: :func:`bank_terms` of the bank ``(M, D)``.
-        bits: :func:`split_bits` of ``D``.
+        queries: :func:`query_terms` of ``(Q, D)`` embeddings in [-1, 1].
+        bank: :func:`bank_terms` of the bank ``(M, D)``.
     """
-    bank_hi, bank_hi_sq, bank_lo_full, bank_c = terms
-    q_hi, q_lo = split_embeddings(queries, bits)
-    coarse = torch.addmm(bank_hi_sq[None], q_hi, bank_hi.T, alpha=-2) + q_hi.pow(2).sum(-1, keepdim=True)
-    query_a = q_lo.pow(2).sum(-1, keepdim=True) + 2 * (q_hi * q_lo).sum(-1, keepdim=True)
-    fine = torch.addmm(bank_c[None], torch.cat([q_hi, q_lo], dim=1), bank_lo_full.T, alpha=-2) + query_a
-    return (coarse + fine).clamp_min(0)
+    coarse_q, fine_q, q_hi_sq, q_a = queries
+    hilo, b_hi_sq, b_c = bank
+    coarse = torch.addmm(b_hi_sq[None], coarse_q, hilo.T, alpha=-2).add_(q_hi_sq)  # exact
+    fine = torch.addmm(b_c[None], fine_q, hilo.T, alpha=-2).add_(q_a)
+    return coarse.add_(fine).clamp_min_(0)
 
 
 def knn_distances(
@@ -343,31 +355,35 @@ def knn_distances(
 ) -> torch.Tensor:
     """The ``k`` nearest L2 distances ``(Q, k)``, ascending, of ``queries (Q, D)`` in ``bank (M, D)``.
 
-    The bank is scanned in blocks of ``chunk_size`` rows with a running top-k, in eager mode and in exported graphs
-    alike (the block loop is unrolled at export, so an exported model never holds more than ``Q x chunk_size``
-    distances per image); in eager mode the queries also go in blocks of ``query_block``. Rows are ranked by the
-    accurate matrix-product form (:func:`squared_distances`), and the returned distances are recomputed as
-    ``||q - b||`` from the gathered rows.
+    The bank is scanned in blocks of ``chunk_size`` rows with a running top-k of the nearest rows themselves, in
+    eager mode and in exported graphs alike: the block loop is unrolled at export, so an exported model holds at
+    most ``Q x chunk_size`` distances per image, and each block's rows are read from that block only (no
+    bank-wide gather that would keep a second copy of the bank in the graph). In eager mode the queries also go in
+    blocks of ``query_block``. Rows are ranked by the accurate matrix-product form (:func:`squared_distances`) and
+    the returned distances are recomputed as ``||q - b||`` from the rows found.
     """
     rows, dim = bank.shape
     k = min(k, rows)
     bits = split_bits(dim)
     blocks = [queries] if is_tracing() else list(queries.split(query_block))
-    best: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(blocks)
+    terms = [query_terms(block, bits) for block in blocks]
+    best: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(blocks)  # (squared distances, rows)
     for start in range(0, rows, chunk_size):
-        terms = bank_terms(bank[start : start + chunk_size], bits)
-        width = min(k, terms[0].shape[0])
-        for n, block in enumerate(blocks):
-            values, index = squared_distances(block, terms, bits).topk(width, dim=1, largest=False)
-            index = index + start
+        chunk = bank_terms(bank[start : start + chunk_size], bits)
+        width = min(k, chunk[0].shape[0])
+        for n, block_terms in enumerate(terms):
+            values, index = squared_distances(block_terms, chunk).topk(width, dim=1, largest=False)
+            found = chunk[0][index]  # (Qb, width, 2D): the rows [hi, lo]
             previous = best[n]
             if previous is not None:
-                values, index = torch.cat([previous[0], values], dim=1), torch.cat([previous[1], index], dim=1)
+                values, found = torch.cat([previous[0], values], dim=1), torch.cat([previous[1], found], dim=1)
                 keep = values.topk(k, dim=1, largest=False).indices
-                values, index = values.gather(1, keep), index.gather(1, keep)
-            best[n] = (values, index)
-    index = torch.cat([b[1] for b in best if b is not None])
-    distances = (queries[:, None, :] - bank[index]).pow(2).sum(-1).sqrt()
+                values = values.gather(1, keep)
+                found = found.gather(1, keep[..., None].expand(-1, -1, found.shape[-1]))
+            best[n] = (values, found)
+    found = torch.cat([b[1] for b in best if b is not None])
+    neighbours = found[..., :dim] + found[..., dim:]  # hi + lo = the bank rows, exactly
+    distances = (queries[:, None, :] - neighbours).pow(2).sum(-1).sqrt()
     return distances.sort(dim=1).values
 
 
@@ -575,9 +591,7 @@ class SCLVIModel(nn.Module):
         another batch shape, and the encoder amplifies such float noise (~30x measured).
         """
         x = self.standardize(images)
-        return torch.stack(
-            [torch.cat([self.embed_grid(image[None], s).flatten() for s in self.scales]) for image in x]
-        )
+        return torch.stack([torch.cat([self.embed_grid(image[None], s).flatten() for s in self.scales]) for image in x])
 
     @torch.no_grad()
     def set_memory_banks(self, rows: torch.Tensor, coreset_ratio: float | None = None) -> dict[int, int]:
