@@ -35,7 +35,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
-WINDOWS = {64: 13 * 13, 32: 57 * 57}  # per 256-px image at the paper's strides 16 and 4
+
+def windows(image_size: int) -> dict[int, int]:
+    """Windows per image and scale at the paper's strides scaled with the size (13 x 13 and 57 x 57 at 256 px)."""
+    from anomalib_recon.models.image.scl_vi.torch_model import PAPER_SCALES, resolve_strides
+
+    strides = resolve_strides((image_size, image_size), PAPER_SCALES, None)
+    return {k: ((image_size - k) // strides[k][0] + 1) ** 2 for k in PAPER_SCALES}
 
 
 def peak_rss_mb() -> float:
@@ -50,11 +56,12 @@ def paper_model(args: argparse.Namespace):
     from anomalib_recon.models import SCLVI
 
     torch.manual_seed(0)
-    model = SCLVI(image_size=256, width=args.width, knn_chunk_size=args.chunk, evaluator=False, visualizer=False)
+    size = args.image_size
+    model = SCLVI(image_size=size, width=args.width, knn_chunk_size=args.chunk, evaluator=False, visualizer=False)
     net = model.model.eval()
-    net.set_mean_image(torch.rand(1, 3, 256, 256) * 0.2 + 0.4)
+    net.set_mean_image(torch.rand(1, 3, size, size) * 0.2 + 0.4)
     gen = torch.Generator().manual_seed(1)
-    for patch, per_image in WINDOWS.items():
+    for patch, per_image in windows(size).items():
         rows = args.train_images * per_image
         setattr(net, f"memory_bank_{patch}", torch.tanh(2 * torch.randn(rows, 64, generator=gen)))
     net.bank_steps.copy_(net.trained_steps)
@@ -62,13 +69,13 @@ def paper_model(args: argparse.Namespace):
     return model
 
 
-def test_images(count: int):
+def test_images(count: int, size: int):
     """Smooth random test images in [0, 1]."""
     import torch
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(2)
-    return F.interpolate(torch.rand(count, 3, 32, 32, generator=gen), size=256, mode="bilinear", align_corners=False)
+    return F.interpolate(torch.rand(count, 3, 32, 32, generator=gen), size=size, mode="bilinear", align_corners=False)
 
 
 def stage_export(args: argparse.Namespace) -> dict:
@@ -76,7 +83,8 @@ def stage_export(args: argparse.Namespace) -> dict:
     model = paper_model(args)
     before = peak_rss_mb()
     start = time.perf_counter()
-    xml = model.to_openvino(Path(args.work_dir), input_size=(256, 256), onnx_kwargs={"opset_version": 18})
+    size = (args.image_size, args.image_size)
+    xml = model.to_openvino(Path(args.work_dir), input_size=size, onnx_kwargs={"opset_version": 18})
     seconds = time.perf_counter() - start
     files = {p.name: round(p.stat().st_size / 2**20, 1) for p in Path(xml).parent.iterdir()}
     return {"stage": "export", "seconds": round(seconds, 1), "rss_before_mb": before, "peak_rss_mb": peak_rss_mb()} | {
@@ -91,7 +99,7 @@ def stage_openvino(args: argparse.Namespace) -> dict:
     from anomalib_recon.deploy import OpenVINOInferencer
 
     torch.set_num_threads(args.threads)
-    images = test_images(args.images)
+    images = test_images(args.images, args.image_size)
     xml = Path(args.work_dir) / "weights" / "openvino" / "model.xml"
     before = peak_rss_mb()
     start = time.perf_counter()
@@ -121,7 +129,7 @@ def stage_torch(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     model = paper_model(args)
-    images = test_images(args.images)
+    images = test_images(args.images, args.image_size)
     before = peak_rss_mb()
     times, scores = [], []
     with torch.no_grad():
@@ -146,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run each stage in a child process; write ``benchmarks/results/scl_vi_<name>.json`` / ``.md``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train-images", type=int, default=762, help="training images (Magnetic Tile: 762)")
+    p.add_argument("--image-size", type=int, default=256, help="input size (256 = the paper; a multiple of 64)")
     p.add_argument("--width", type=float, default=1.0, help="encoder width (1.0 = the paper)")
     p.add_argument("--chunk", type=int, default=65536, help="knn_chunk_size (bank rows per block)")
     p.add_argument("--images", type=int, default=2, help="test images per inference stage (batch 1)")
@@ -174,12 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
         rows.append(row)
 
-    banks = {f"bank_rows_{k}": args.train_images * w for k, w in WINDOWS.items()}
+    per_image = windows(args.image_size)
+    banks = {f"bank_rows_{k}": args.train_images * w for k, w in per_image.items()}
     bank_mb = round(sum(banks.values()) * 64 * 4 / 2**20, 1)
     header = {
         "name": f"scl_vi_{args.name}",
         "command": "python benchmarks/scl_vi_export_memory.py " + " ".join(shlex.quote(a) for a in argv),
         "machine": harness.machine_info() | {"memory_gb": _memory_gb()},
+        "image_size": args.image_size,
         "train_images": args.train_images,
         **banks,
         "banks_mb": bank_mb,
@@ -190,15 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{header['name']}.json").write_text(json.dumps(header, indent=2))
-    per_block_mb = round(WINDOWS[32] * args.chunk * 4 / 2**20)
+    per_block_mb = round(per_image[32] * args.chunk * 4 / 2**20)
     lines = [
         *harness.result_preamble(header),
         "",
-        f"SCL-VI at 256 px with the paper's strides and encoder width {args.width}; random banks of the paper's size "
-        f"for {args.train_images} training images: {banks['bank_rows_64']:,} + {banks['bank_rows_32']:,} rows "
-        f"(D = 64, {bank_mb} MB). kNN blocks of {args.chunk:,} bank rows: {WINDOWS[32]} x {args.chunk:,} distances "
-        f"= {per_block_mb} MB per image per block (unblocked: {WINDOWS[32] * banks['bank_rows_32'] * 4 / 2**30:.1f} "
-        f"GB). Each stage in its own process; peak RSS = ru_maxrss; {args.threads} threads; test images at batch 1.",
+        f"SCL-VI at {args.image_size} px with the paper's strides and encoder width {args.width}; random banks of "
+        f"the paper's size for {args.train_images} training images: {banks['bank_rows_64']:,} + "
+        f"{banks['bank_rows_32']:,} rows (D = 64, {bank_mb} MB). kNN blocks of {args.chunk:,} bank rows: "
+        f"{per_image[32]} x {args.chunk:,} distances = {per_block_mb} MB per image per block (unblocked: "
+        f"{per_image[32] * banks['bank_rows_32'] * 4 / 2**30:.1f} GB). Each stage in its own process; peak RSS = "
+        f"ru_maxrss; {args.threads} threads; test images at batch 1.",
         "",
     ]
     lines += ["- " + ", ".join(f"{key}: {value}" for key, value in row.items()) for row in rows]

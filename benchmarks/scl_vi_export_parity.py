@@ -1,12 +1,13 @@
 """SCL-VI exported to OpenVINO vs its checkpoint, on a bank learnt from real data; kNN distances vs float64.
 
 Fits SCL-VI with the offline configuration's model (``configs/scl_vi_offline.yaml``: 128 px, encoder width x0.125,
-strides 32/16, 32 pairs per sub-task) for ``--max-steps`` steps on a real dataset (or loads ``--state`` saved by an
-earlier run), exports it with ``Engine.export(OPENVINO)`` and compares, on ``--images`` test images, the
-normalised ``pred_score`` and ``anomaly_map`` of the checkpoint (torch) with anomalib's ``OpenVINOInferencer``
-compiled at fp32 (``anomalib_recon.deploy.OpenVINOInferencer``). It also reports, per scale, how far the model's kNN
-distances of those images' windows are from a float64 brute force, and how far the textbook ranking
-(``||q||^2 + ||b||^2 - 2 q.b`` in fp32, then the k distances recomputed from the chosen rows) is.
+strides 32/16, 32 pairs per sub-task) for ``--max-steps`` steps on a dataset (Magnetic Tile, ELPV mono or an
+MVTec-style folder), or loads ``--state`` saved by an earlier run; exports it with ``Engine.export(OPENVINO)`` and
+compares, on ``--images`` test images, the normalised ``pred_score`` and ``anomaly_map`` of the checkpoint (torch)
+with anomalib's ``OpenVINOInferencer`` compiled at fp32 (``anomalib_recon.deploy.OpenVINOInferencer``). It also
+reports, per scale, how far the model's kNN distances of those images' windows are from a float64 brute force, and
+how far the textbook ranking (``||q||^2 + ||b||^2 - 2 q.b`` in fp32, then the k distances recomputed from the chosen
+rows) is.
 
 The script uses only API that every SCL-VI version has, so the same command measures an older checkout
 (``--state`` of this run, with that checkout's ``src`` first on ``PYTHONPATH``).
@@ -43,14 +44,9 @@ OFFLINE_MODEL = {
 
 
 def datamodule(args: argparse.Namespace):
-    """Magnetic Tile (folder) or ELPV mono, batch 8, no workers."""
-    if args.dataset == "magnetic_tile":
-        from anomalib_recon.data import MagneticTile
-
-        return MagneticTile(root=args.data_root, train_batch_size=8, eval_batch_size=16, num_workers=0)
-    from anomalib_recon.data import ELPV
-
-    return ELPV(cell_type="mono", train_batch_size=8, eval_batch_size=16, num_workers=0, seed=args.seed)
+    """Magnetic Tile, ELPV mono or an MVTec-style folder (the harness's datamodules), batch 8, no workers."""
+    settings = {"batch_size": 8, "workers": 0, "cell_type": "mono", "seed": args.seed}
+    return harness.build_datamodule(argparse.Namespace(dataset=args.dataset, data_root=args.data_root, **settings))
 
 
 def textbook_knn(queries, bank, k: int):
@@ -99,8 +95,8 @@ def distance_errors(model, images) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     """Fit (or load), export, compare; write ``benchmarks/results/scl_vi_<name>.json`` / ``.md``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", choices=["magnetic_tile", "elpv"], default="magnetic_tile")
-    p.add_argument("--data-root", default=str(harness.DEFAULT_MT_ROOT))
+    p.add_argument("--dataset", choices=["magnetic_tile", "elpv", "folder"], default="magnetic_tile")
+    p.add_argument("--data-root", default=None, help="Magnetic Tile or folder root (default: the shared Magnetic Tile)")
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--images", type=int, default=200, help="test images compared")
     p.add_argument("--state", default=None, help="state_dict saved by an earlier run (skips the fit)")
@@ -110,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="export_parity")
     p.add_argument("--results-dir", default=str(harness.RESULTS))
     args = p.parse_args(argv)
+    if args.dataset == "folder":
+        harness.check_folder_root(args)
 
     import numpy as np
     import torch
@@ -130,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     fit_s = None
     if args.state:
         model.load_state_dict(torch.load(args.state, weights_only=True))
+        # test images resized to the model's input (the exported graph's input) one by one, as Engine.fit sets up
+        data.test_augmentations = model.pre_processor.transform
         data.setup()
     else:
         start = time.perf_counter()
