@@ -244,7 +244,7 @@ def _run(name: str, root: Path, patch: pytest.MonkeyPatch) -> dict[str, Any]:
 
         def record_backend(*args, **kw):
             backend = real_resolve(*args, **kw)
-            resolved.append((backend, na._is_tracing()))
+            resolved.append((backend, na._exporting()))
             return backend
 
         patch.setattr(cls, "to_onnx", keep_onnx)

@@ -99,6 +99,15 @@ TINY_KWARGS: dict[str, dict] = {
         "seg_channels": 16,
         "reconstruction_steps": 2,
     },
+    "PNPT": {
+        "backbone": "tf_efficientnet_lite0",
+        "weights": None,
+        "image_size": 64,
+        "embed_dim_per_scale": 16,
+        "depth": 1,
+        "decoder_depth": 1,
+        "num_heads": 2,
+    },
 }
 
 

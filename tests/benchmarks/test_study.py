@@ -75,9 +75,17 @@ def test_every_recorded_ablation_has_a_study_file() -> None:
 
 @pytest.mark.parametrize("path", STUDY_FILES, ids=[p.stem for p in STUDY_FILES])
 def test_study_file_plans_the_recorded_runs(study: ModuleType, path: Path) -> None:
-    """Each study re-runs its recorded table: same data, size, budget, seeds, row labels and model arguments."""
+    """Each study re-runs its recorded table: same data, size, budget, seeds, row labels and model arguments.
+
+    A study's seeds not run yet have no results file (the study is then checked on the seeds it recorded); a
+    results file may lack rows only when it says why (``"incomplete"``: e.g. a run stopped before its last variant).
+    """
     spec = study.load_study(path)
-    for result in study.plan(spec):
+    planned = study.plan(spec)
+    recorded_results = [result for result in planned if (RESULTS / f"{result.name}.json").exists()]
+    if not recorded_results:
+        pytest.skip(f"not recorded yet: python benchmarks/study.py {path.relative_to(BENCHMARKS.parent)}")
+    for result in recorded_results:
         recorded = json.loads((RESULTS / f"{result.name}.json").read_text())
         flags = _command_flags(recorded["command"])
         assert recorded["dataset"].split()[0] == spec["dataset"]["name"]
@@ -91,7 +99,9 @@ def test_study_file_plans_the_recorded_runs(study: ModuleType, path: Path) -> No
         recorded_labels = [row["model"] for row in recorded["rows"]]
         skipped = [r for r in recorded_labels if r not in labels]
         assert all(any(gap in r for gap in NOT_RERUN) for r in skipped), skipped
-        assert labels == [r for r in recorded_labels if r in labels]
+        missing = [label for label in labels if label not in recorded_labels]
+        assert not missing or recorded.get("incomplete"), f"{result.name}: rows {missing} missing without a reason"
+        assert [label for label in labels if label in recorded_labels] == [r for r in recorded_labels if r in labels]
         for job in result.jobs:
             if job.peer:
                 assert job.init_args == {}
