@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,8 @@ from anomalib_recon.components.guards import (
     NonFiniteError,
     check_finite,
     check_images,
+    check_optimizer_settings,
+    is_finite_number,
     nonfinite_parameters,
 )
 
@@ -74,3 +78,26 @@ def test_nonfinite_parameters_names_them():
         net[0].bias[1] = float("nan")
     net[1].running_mean[0] = float("inf")
     assert nonfinite_parameters(net) == ["0.bias", "1.running_mean"]
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "named"),
+    [
+        ((0.0, 0.0, (0.9, 0.99)), {}, "lr must be a finite number > 0, got 0.0"),
+        ((float("nan"), 0.0), {}, "lr must be a finite number > 0, got nan"),
+        ((True, 0.0), {}, "lr must be a finite number > 0, got True"),
+        ((1e-3, -1e-4), {}, "weight_decay must be a finite number >= 0, got -0.0001"),
+        ((1e-3, 0.0, (0.9, 1.0)), {}, "betas must be two numbers in [0, 1), got (0.9, 1.0)"),
+        ((1e-3, 0.0, (0.9,)), {}, "betas must be two numbers in [0, 1), got (0.9,)"),
+        ((float("inf"), 0.0), {"prefix": "flow_"}, "flow_lr must be a finite number > 0, got inf"),
+    ],
+)
+def test_optimizer_settings_are_refused_naming_the_argument(args, kwargs, named) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"Model: {named}.")):
+        check_optimizer_settings("Model", *args, **kwargs)
+
+
+def test_usable_optimizer_settings_pass() -> None:
+    check_optimizer_settings("Model", 1e-4, 0.0, (0.9, 0.999))
+    check_optimizer_settings("Model", 1, 0.05)  # integers are numbers; no betas (SGD-like) is fine
+    assert is_finite_number(1e-3) and not is_finite_number(float("inf")) and not is_finite_number(False)

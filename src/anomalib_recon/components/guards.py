@@ -15,7 +15,9 @@ Every check is skipped while a graph is captured (export, ``torch.compile``): ex
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -123,3 +125,23 @@ def nonfinite_parameters(module: nn.Module, limit: int = 3) -> list[str]:
             if len(found) >= limit:
                 break
     return found
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite real number (``bool`` is not a number here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_optimizer_settings(owner: str, lr: Any, weight_decay: Any, betas: Any = None, prefix: str = "") -> None:
+    """One ``ValueError`` at construction, naming the argument, for an Adam/AdamW setting that would fail (or
+    diverge) in ``fit``: ``lr`` finite > 0, ``weight_decay`` finite >= 0, ``betas`` (if given) two numbers in [0, 1).
+    ``prefix`` names a second optimizer's arguments (``flow_`` -> ``flow_lr``)."""
+    if not is_finite_number(lr) or lr <= 0:
+        msg = f"{owner}: {prefix}lr must be a finite number > 0, got {lr!r}."
+        raise ValueError(msg)
+    if not is_finite_number(weight_decay) or weight_decay < 0:
+        msg = f"{owner}: {prefix}weight_decay must be a finite number >= 0, got {weight_decay!r}."
+        raise ValueError(msg)
+    if betas is not None and (len(betas) != 2 or not all(is_finite_number(b) and 0 <= b < 1 for b in betas)):
+        msg = f"{owner}: {prefix}betas must be two numbers in [0, 1), got {betas!r}."
+        raise ValueError(msg)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from anomalib import LearningType
@@ -42,8 +42,11 @@ from .checkpoint import (
 )
 from .evaluation import SkipUnavailableMetrics
 from .guards import NonFiniteError, UntrainedModelError, check_finite, check_images, nonfinite_parameters
-from .preprocessing import as_image_size
+from .preprocessing import as_image_size, resize_pre_processor
 from .tracing import is_tracing
+
+if TYPE_CHECKING:
+    from anomalib.pre_processing import PreProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +243,32 @@ class ReconModuleMixin:
     """
 
     _recon_trained: bool = False
+    default_image_size: ClassVar[tuple[int, int] | None] = None
+    """The default pre-processor's size when ``image_size`` is ``None`` (each model sets its paper's; 256×256)."""
+
+    # ---------------------------------------------------------------------------------------------- defaults
+    # What most models share; a model overrides what differs (its own pre-processor, sanity checks, learning type).
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize to ``image_size`` (the model's ``default_image_size``), then ImageNet ``Normalize``; no
+        augmentation."""
+        return resize_pre_processor(image_size or cls.default_image_size)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation: a model's statistics, banks or thresholds do not exist before training."""
+        return {"num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Trained on normal images only, one model per category."""
+        return LearningType.ONE_CLASS
+
+    def validation_step(self, batch: Any, *args, **kwargs) -> Any:
+        """The torch model's inference on the batch's images → ``pred_score`` and ``anomaly_map`` (and whatever
+        else its ``InferenceBatch`` holds) for the post-processor and metrics; test and predict use it too."""
+        del args, kwargs
+        return batch.update(**self.model(batch.image)._asdict())  # type: ignore[attr-defined]
 
     @property
     def input_normalization(self) -> str:
@@ -321,7 +350,8 @@ class ReconModuleMixin:
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another model or of incompatible settings with one message, then load.
+        """Refuse a checkpoint of another model or of incompatible settings with one message, then load; a torch
+        model with ``set_image_size`` is then re-targeted to the restored pre-processor's input size.
 
         The evaluator's metric buffers (e.g. AUPRO's ``fpr_limit``) are not model state: a checkpoint trained with
         another evaluator (the benchmark harness adds AUPRO) loads into a model built with this one's.
@@ -330,6 +360,11 @@ class ReconModuleMixin:
         check_checkpoint_matches(self, checkpoint)
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
         self._recon_trained = True
+        # Torch models with size-dependent caches (positions, partitions) follow the restored pre-processor's size.
+        set_image_size = getattr(getattr(self, "model", None), "set_image_size", None)
+        size = getattr(self, "input_size", None)
+        if callable(set_image_size) and size is not None:
+            set_image_size(tuple(size))
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; weights loaded from elsewhere count as a trained model."""

@@ -17,11 +17,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
@@ -29,7 +27,7 @@ from torch import nn
 from anomalib_recon.components.anomaly_map import check_blur_fits
 from anomalib_recon.components.few_shot import dihedral_augment, restrict_to_few_shot
 from anomalib_recon.components.module import ReconModuleMixin
-from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor, sized_pre_processor
+from anomalib_recon.components.preprocessing import as_image_size, sized_pre_processor
 from anomalib_recon.components.schedules import check_lr_schedule, multistep_lr, training_horizon
 
 from .loss import AGPNetLoss
@@ -236,20 +234,7 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
         self.set_progress(0.0)
 
     # ------------------------------------------------------------------------------------------------ configuration
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to ``image_size`` (256×256) and normalise with the ImageNet statistics."""
-        return resize_pre_processor(image_size)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation; epochs/steps are left to the user."""
-        return {"num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """Trained on normal images (one-class, multi-class through a concatenating datamodule, or few-shot)."""
-        return LearningType.ONE_CLASS
+    default_image_size = DEFAULT_IMAGE_SIZE
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW on the decoder only; ×``lr_gamma`` at ``lr_milestones`` (fractions of the epochs, or of the steps)."""

@@ -12,23 +12,21 @@ anomalous tokens so that they are reconstructed as normal, and the residual beco
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any
 
 import torch
-from anomalib import LearningType, TaskType
+from anomalib import TaskType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_recon.components.few_shot import restrict_to_few_shot
+from anomalib_recon.components.guards import check_optimizer_settings
 from anomalib_recon.components.module import ReconModuleMixin
-from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
+from anomalib_recon.components.preprocessing import sized_pre_processor
 
 from .loss import AMINetLoss
 from .torch_model import AMINetModel
@@ -38,10 +36,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["AMINet"]
 
 DEFAULT_IMAGE_SIZE = (256, 256)
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class AMINet(ReconModuleMixin, AnomalibModule):
@@ -136,15 +130,7 @@ class AMINet(ReconModuleMixin, AnomalibModule):
         if few_shot_k is not None and few_shot_k < 1:
             msg = f"few_shot_k must be a positive number of normal images or None, got {few_shot_k}."
             raise ValueError(msg)
-        if not _finite_number(lr) or lr <= 0:
-            msg = f"AMINet: lr must be a finite number > 0, got {lr!r}."
-            raise ValueError(msg)
-        if not _finite_number(weight_decay) or weight_decay < 0:
-            msg = f"AMINet: weight_decay must be a finite number >= 0, got {weight_decay!r}."
-            raise ValueError(msg)
-        if len(betas) != 2 or not all(_finite_number(b) and 0 <= b < 1 for b in betas):
-            msg = f"AMINet: betas must be two numbers in [0, 1), got {betas!r}."
-            raise ValueError(msg)
+        check_optimizer_settings("AMINet", lr, weight_decay, betas)
         input_size = self.input_size
         if input_size is None:
             logger.warning("AMINet: no Resize in the pre-processor; building for %s inputs.", DEFAULT_IMAGE_SIZE)
@@ -178,31 +164,12 @@ class AMINet(ReconModuleMixin, AnomalibModule):
         self.loss = AMINetLoss(direction_weight=direction_weight, diversity_weight=diversity_weight)
 
     # ------------------------------------------------------------------------------------------------ configuration
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to ``image_size`` (256×256) and normalise with ImageNet statistics; no augmentation."""
-        return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation; epochs/steps are left to the user (the paper trains 300 epochs)."""
-        return {"num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """Trained on normal images (also in the few-shot setting, which only shrinks the training set)."""
-        return LearningType.ONE_CLASS
+    default_image_size = DEFAULT_IMAGE_SIZE
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW with a constant learning rate on the trainable parts (the backbone is frozen)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the pre-processor, then re-target the model to its input size (position-embedding cache)."""
-        super().on_load_checkpoint(checkpoint)
-        if self.input_size is not None:
-            self.model.set_image_size(tuple(self.input_size))
 
     # ------------------------------------------------------------------------------------------------ setup
     def _set_threshold_matching(self, enabled: bool) -> None:
@@ -248,12 +215,6 @@ class AMINet(ReconModuleMixin, AnomalibModule):
         for name in ("direction", "distance", "compactness", "diversity"):
             self.log(f"train_{name}", losses[name], on_step=False, on_epoch=True, batch_size=size)
         return {"loss": losses["loss"]}
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Adaptive-mask inpainting → ``pred_score`` and ``anomaly_map`` for the post-processor and metrics."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
 
     @property
     def parameter_counts(self) -> dict[str, int]:

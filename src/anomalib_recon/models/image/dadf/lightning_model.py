@@ -16,18 +16,17 @@ import math
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_recon.components.checkpoint import restoring_from_checkpoint
+from anomalib_recon.components.guards import check_optimizer_settings
 from anomalib_recon.components.module import ReconModuleMixin
-from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
+from anomalib_recon.components.preprocessing import sized_pre_processor
 
 from .loss import DADFFlowLoss, DADFReconstructionLoss
 from .torch_model import DADFModel, permutation_matrices_to_indices
@@ -38,10 +37,6 @@ __all__ = ["DADF", "STAGES"]
 
 DEFAULT_IMAGE_SIZE = (256, 256)
 STAGES = ("reconstruction", "flow")
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class DADF(ReconModuleMixin, AnomalibModule):
@@ -140,21 +135,8 @@ class DADF(ReconModuleMixin, AnomalibModule):
         if reconstruction_steps is None and reconstruction_epochs + flow_epochs == 0:
             msg = "reconstruction_epochs + flow_epochs must be positive."
             raise ValueError(msg)
-        if not _finite_number(lr) or lr <= 0:
-            msg = f"DADF: lr must be a finite number > 0, got {lr!r}."
-            raise ValueError(msg)
-        if not _finite_number(weight_decay) or weight_decay < 0:
-            msg = f"DADF: weight_decay must be a finite number >= 0, got {weight_decay!r}."
-            raise ValueError(msg)
-        if len(betas) != 2 or not all(_finite_number(b) and 0 <= b < 1 for b in betas):
-            msg = f"DADF: betas must be two numbers in [0, 1), got {betas!r}."
-            raise ValueError(msg)
-        if not _finite_number(flow_lr) or flow_lr <= 0:
-            msg = f"DADF: flow_lr must be a finite number > 0, got {flow_lr!r}."
-            raise ValueError(msg)
-        if not _finite_number(flow_weight_decay) or flow_weight_decay < 0:
-            msg = f"DADF: flow_weight_decay must be a finite number >= 0, got {flow_weight_decay!r}."
-            raise ValueError(msg)
+        check_optimizer_settings("DADF", lr, weight_decay, betas)
+        check_optimizer_settings("DADF", flow_lr, flow_weight_decay, prefix="flow_")
         self.reconstruction_epochs = int(reconstruction_epochs)
         self.flow_epochs = int(flow_epochs)
         self.reconstruction_steps = None if reconstruction_steps is None else int(reconstruction_steps)
@@ -188,10 +170,7 @@ class DADF(ReconModuleMixin, AnomalibModule):
         self._logged_stage1_validation = False
 
     # ------------------------------------------------------------------------------------------------ configuration
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to ``image_size`` (256×256) and normalise with ImageNet statistics; no augmentation."""
-        return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE)
+    default_image_size = DEFAULT_IMAGE_SIZE
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
@@ -202,11 +181,6 @@ class DADF(ReconModuleMixin, AnomalibModule):
         if self.reconstruction_steps is not None:
             return {"num_sanity_val_steps": 0}
         return {"max_epochs": self.reconstruction_epochs + self.flow_epochs, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """Trained on normal images only."""
-        return LearningType.ONE_CLASS
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """``[AdamW(transformer), Adam(flows)]``; only the flows' Adam without a transformer (flows on features)."""
@@ -335,11 +309,6 @@ class DADF(ReconModuleMixin, AnomalibModule):
                 "post-processor's thresholds are recomputed at the first validation of stage 2."
             )
             self._logged_stage1_validation = True
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Full inference path → ``pred_score`` and ``anomaly_map`` for the post-processor and metrics."""
-        del args, kwargs
-        return batch.update(**self.model(batch.image)._asdict())
 
     @property
     def parameter_counts(self) -> dict[str, int]:

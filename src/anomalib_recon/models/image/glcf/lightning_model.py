@@ -14,24 +14,22 @@ fitted on normal images, weighted over scales and fused.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from anomalib_recon.components.guards import check_optimizer_settings
 from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.normal_images import collect_normal_images
-from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
+from anomalib_recon.components.preprocessing import sized_pre_processor
 from anomalib_recon.components.schedules import check_lr_schedule, multistep_lr
 
 from .loss import GLCFLoss
@@ -51,10 +49,6 @@ def _all_normal(dataset: Any) -> bool:
     if samples is None or len(samples) == 0 or "label_index" not in getattr(samples, "columns", []):
         return False
     return bool((samples["label_index"] == 0).all())
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class GLCF(ReconModuleMixin, AnomalibModule):
@@ -144,15 +138,7 @@ class GLCF(ReconModuleMixin, AnomalibModule):
         super().__init__(
             sized_pre_processor(type(self), image_size, pre_processor), post_processor, evaluator, visualizer
         )
-        if not _finite_number(lr) or lr <= 0:
-            msg = f"GLCF: lr must be a finite number > 0, got {lr!r}."
-            raise ValueError(msg)
-        if not _finite_number(weight_decay) or weight_decay < 0:
-            msg = f"GLCF: weight_decay must be a finite number >= 0, got {weight_decay!r}."
-            raise ValueError(msg)
-        if len(betas) != 2 or not all(_finite_number(b) and 0 <= b < 1 for b in betas):
-            msg = f"GLCF: betas must be two numbers in [0, 1), got {betas!r}."
-            raise ValueError(msg)
+        check_optimizer_settings("GLCF", lr, weight_decay, betas)
         if stats_max_images is not None and stats_max_images < 1:
             msg = f"stats_max_images must be a positive number of images or None, got {stats_max_images}."
             raise ValueError(msg)
@@ -199,32 +185,13 @@ class GLCF(ReconModuleMixin, AnomalibModule):
         self.loss = GLCFLoss()
 
     # ------------------------------------------------------------------------------------------------ configuration
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to ``image_size`` (224×224) and normalise with ImageNet statistics; no augmentation."""
-        return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation (the map statistics do not exist before training); epochs are left to the user."""
-        return {"num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """Trained on normal images only."""
-        return LearningType.ONE_CLASS
+    default_image_size = DEFAULT_IMAGE_SIZE
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW on the trainable parts (the teacher too when ``train_teacher``), ×``lr_gamma`` at ``lr_milestones``."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         return multistep_lr(optimizer, self.lr_milestones, self.lr_gamma, self._trainer)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the pre-processor, then re-target the position caches to its input size."""
-        super().on_load_checkpoint(checkpoint)
-        if self.input_size is not None:
-            self.model.set_image_size(tuple(self.input_size))
 
     # ------------------------------------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
@@ -238,12 +205,6 @@ class GLCF(ReconModuleMixin, AnomalibModule):
         for name in ("local_local", "local_global", "global_global"):
             self.log(f"train_{name}", losses[name], on_step=False, on_epoch=True, batch_size=size)
         return {"loss": losses["loss"]}
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Fused, standardised map → ``pred_score`` and ``anomaly_map``."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
 
     # ------------------------------------------------------------------------------------------------ statistics
     def _weights_fingerprint(self) -> tuple[float, float]:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from anomalib.metrics import Evaluator
@@ -420,12 +419,6 @@ class InpFormerPP(ReconModuleMixin, AnomalibModule):
     def trainer_arguments(self) -> dict[str, Any]:
         """Gradient clipping 0.1 (paper) and no sanity validation; epochs/steps are left to the user."""
         return {"gradient_clip_val": 0.1, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """Trained on normal images (one-class; multi-class via a concatenating datamodule; few-shot via
-        ``few_shot_k``; semi-supervised via ``real_anomaly_path``)."""
-        return LearningType.ONE_CLASS
 
     def _total_training_steps(self) -> int:
         trainer = self._trainer

@@ -14,24 +14,22 @@ clean features and the fused reconstruction is the anomaly map.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from anomalib_recon.components.guards import check_optimizer_settings
 from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.normal_images import collect_normal_images
-from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
+from anomalib_recon.components.preprocessing import sized_pre_processor
 from anomalib_recon.components.schedules import check_lr_schedule, multistep_lr
 
 from .loss import LGFDRLoss
@@ -42,23 +40,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["LGFDR"]
 
 DEFAULT_IMAGE_SIZE = (256, 256)
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_optimizer_settings(lr: float, betas: Sequence[float], weight_decay: float) -> None:
-    """One ``ValueError`` at construction for an Adam setting that would fail (or diverge) in ``fit``."""
-    if not _finite_number(lr) or lr <= 0:
-        msg = f"LGFDR: lr must be a finite number > 0, got {lr!r}."
-        raise ValueError(msg)
-    if not _finite_number(weight_decay) or weight_decay < 0:
-        msg = f"LGFDR: weight_decay must be a finite number >= 0, got {weight_decay!r}."
-        raise ValueError(msg)
-    if len(betas) != 2 or not all(_finite_number(b) and 0 <= b < 1 for b in betas):
-        msg = f"LGFDR: betas must be two numbers in [0, 1), got {betas!r}."
-        raise ValueError(msg)
 
 
 class LGFDR(ReconModuleMixin, AnomalibModule):
@@ -147,7 +128,7 @@ class LGFDR(ReconModuleMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        check_optimizer_settings(lr, betas, weight_decay)
+        check_optimizer_settings("LGFDR", lr, weight_decay, betas)
         super().__init__(
             sized_pre_processor(type(self), image_size, pre_processor), post_processor, evaluator, visualizer
         )
@@ -190,32 +171,13 @@ class LGFDR(ReconModuleMixin, AnomalibModule):
         self.loss = LGFDRLoss(tower_loss_weight=tower_loss_weight)
 
     # ------------------------------------------------------------------------------------------------ configuration
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to ``image_size`` (256×256) and normalise with ImageNet statistics; no augmentation."""
-        return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation (the feature statistics are measured when training starts)."""
-        return {"num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """One model per category, trained on normal images."""
-        return LearningType.ONE_CLASS
+    default_image_size = DEFAULT_IMAGE_SIZE
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam on the stem, towers and SRH (the backbone is frozen), ×``lr_gamma`` at ``lr_milestones``."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         return multistep_lr(optimizer, self.lr_milestones, self.lr_gamma, self._trainer)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the pre-processor, then re-target the model to its input size (position cache)."""
-        super().on_load_checkpoint(checkpoint)
-        if self.input_size is not None:
-            self.model.set_image_size(tuple(self.input_size))
 
     # ------------------------------------------------------------------------------------------------ statistics
     def fit_feature_statistics(self, dataloader: Iterable[Batch] | None = None) -> int:
@@ -248,12 +210,6 @@ class LGFDR(ReconModuleMixin, AnomalibModule):
         if out.gate is not None:
             self.log("train_srh_local_weight", out.gate.detach().mean(), on_step=False, on_epoch=True, batch_size=size)
         return {"loss": losses["loss"]}
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Clean features → fused reconstruction → ``pred_score`` and ``anomaly_map``."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
 
     # ------------------------------------------------------------------------------------------------ export
     def _require_statistics(self) -> None:

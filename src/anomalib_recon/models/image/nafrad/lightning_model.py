@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from anomalib.metrics import Evaluator
@@ -279,16 +278,6 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
         torch model flips RGB to BGR itself (``channel_order``)."""
         return "imagenet" if self.normalize_input else "none"
 
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation; epochs are left to the user (the paper trains 700)."""
-        return {"num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """One model per category, trained on normal images."""
-        return LearningType.ONE_CLASS
-
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam on ``R`` and ``S`` (lr 1e-4, weight decay 1e-8) with a per-epoch MultiStepLR."""
         params = list(self.model.reconstructor.parameters()) + list(self.model.segmentor.parameters())
@@ -351,12 +340,6 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
         for name in ("reconstruction", "focal", "l1"):
             self.log(f"train_{name}_loss", losses[name], on_step=False, on_epoch=True, batch_size=size)
         return {"loss": losses["loss"]}
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict maps and scores; the post-processor and evaluator consume the updated batch."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
 
     def follow_datamodule_category(self, category: str | None) -> None:
         """Take the rotation range of the datamodule's category when the model was given no ``category``.

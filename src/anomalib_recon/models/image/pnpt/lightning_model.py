@@ -18,20 +18,19 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import distributed as dist
 from torch import nn
 
 from anomalib_recon.components.checkpoint import restoring_from_checkpoint
+from anomalib_recon.components.guards import check_optimizer_settings, is_finite_number
 from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.normal_images import normal_image_batches, preprocess, training_dataset
-from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
+from anomalib_recon.components.preprocessing import sized_pre_processor
 
 from .loss import PNPTLoss
 from .torch_model import PNPTModel
@@ -43,10 +42,6 @@ __all__ = ["PNPT", "PROMPT_SELECTIONS", "WarmupCosine"]
 DEFAULT_IMAGE_SIZE = (256, 256)
 PROMPT_SELECTIONS = ("inferred", "oracle")
 """How validation/test pick each image's prompt: the nearest class key (no labels needed), or its true category."""
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class WarmupCosine:
@@ -177,20 +172,7 @@ class PNPT(ReconModuleMixin, AnomalibModule):
         self._category_fn: Callable[[str], str] | None = None
 
     # ------------------------------------------------------------------------------------------------ configuration
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to ``image_size`` (256×256) and normalise with ImageNet statistics; no augmentation."""
-        return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation (the prompt pool is fitted at the start of fit)."""
-        return {"num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """Trained on normal images only (of every class)."""
-        return LearningType.ONE_CLASS
+    default_image_size = DEFAULT_IMAGE_SIZE
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         """AdamW on everything but the backbone, with the warm-up + cosine schedule stepped every optimizer step.
@@ -404,17 +386,9 @@ def _datamodule_classes(datamodule: Any) -> list[str]:
 
 def _check_training_settings(lr: Any, betas: Any, weight_decay: Any, warmup_epochs: Any, final_lr: Any) -> None:
     """One clear error per bad optimisation setting (NaN refused)."""
-    if not _finite_number(lr) or lr <= 0:
-        msg = f"PNPT: lr must be a finite number > 0, got {lr!r}."
-        raise ValueError(msg)
-    if not _finite_number(weight_decay) or weight_decay < 0:
-        msg = f"PNPT: weight_decay must be a finite number >= 0, got {weight_decay!r}."
-        raise ValueError(msg)
-    if len(betas) != 2 or not all(_finite_number(b) and 0 <= b < 1 for b in betas):
-        msg = f"PNPT: betas must be two numbers in [0, 1), got {betas!r}."
-        raise ValueError(msg)
+    check_optimizer_settings("PNPT", lr, weight_decay, betas)
     if (
-        not _finite_number(warmup_epochs)
+        not is_finite_number(warmup_epochs)
         or warmup_epochs < 0
         or (warmup_epochs >= 1 and warmup_epochs != int(warmup_epochs))
     ):
@@ -423,6 +397,6 @@ def _check_training_settings(lr: Any, betas: Any, weight_decay: Any, warmup_epoc
             f"got {warmup_epochs!r}."
         )
         raise ValueError(msg)
-    if not _finite_number(final_lr) or not 0 <= final_lr <= lr:
+    if not is_finite_number(final_lr) or not 0 <= final_lr <= lr:
         msg = f"PNPT: final_lr must be a finite number in [0, lr={lr}], got {final_lr!r}."
         raise ValueError(msg)

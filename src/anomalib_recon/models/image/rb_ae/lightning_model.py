@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from anomalib.metrics import Evaluator
@@ -35,7 +34,7 @@ from torch import nn
 from torch.utils.data import default_collate
 from torchvision.transforms.v2 import Normalize
 
-from anomalib_recon.components.guards import NonFiniteError
+from anomalib_recon.components.guards import NonFiniteError, is_finite_number
 from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.normal_images import collect_normal_images, preprocess, training_dataset
 from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor, sized_pre_processor
@@ -54,10 +53,6 @@ TIE_TOLERANCE = 1e-5
 """Reference rule: distances to the mean descriptor within this fraction of the largest distance are a tie."""
 
 
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -65,12 +60,12 @@ def _distributed() -> bool:
 def check_settings(**settings: Any) -> None:
     """One ``ValueError`` at construction for a setting that would fail (or silently misbehave) in ``fit``."""
     rules = {
-        "lr": (lambda v: _finite_number(v) and v > 0, "a finite number > 0 (Adam; the paper's setting is 1e-4)"),
-        "weight_decay": (lambda v: _finite_number(v) and v >= 0, "a finite number >= 0"),
-        "focal_gamma": (lambda v: _finite_number(v) and v >= 0, "a finite number >= 0 (2)"),
-        "perception_loss_weight": (lambda v: _finite_number(v) and v >= 0, "a finite number >= 0 (0 = off)"),
-        "perception_margin": (lambda v: _finite_number(v) and -1 <= v < 1, "a cosine margin in [-1, 1) (0.5)"),
-        "anomaly_probability": (lambda v: _finite_number(v) and 0 < v <= 1, "in (0, 1] (0.5)"),
+        "lr": (lambda v: is_finite_number(v) and v > 0, "a finite number > 0 (Adam; the paper's setting is 1e-4)"),
+        "weight_decay": (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0"),
+        "focal_gamma": (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0 (2)"),
+        "perception_loss_weight": (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0 (0 = off)"),
+        "perception_margin": (lambda v: is_finite_number(v) and -1 <= v < 1, "a cosine margin in [-1, 1) (0.5)"),
+        "anomaly_probability": (lambda v: is_finite_number(v) and 0 < v <= 1, "in (0, 1] (0.5)"),
         "stats_max_images": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
         "reconstruction_epochs": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
         "segmentation_epochs": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
@@ -260,11 +255,6 @@ class RBAE(ReconModuleMixin, AnomalibModule):
         if self.reconstruction_steps is not None:
             return {"num_sanity_val_steps": 0}
         return {"max_epochs": self.reconstruction_epochs + self.segmentation_epochs, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """Trained on normal images (with synthetic defects)."""
-        return LearningType.ONE_CLASS
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """``[Adam(encoder, RBAM, decoder), Adam(MSFDM)]``, one per stage; the learning rate is set every step."""
@@ -506,11 +496,6 @@ class RBAE(ReconModuleMixin, AnomalibModule):
                 "the post-processor's thresholds are recomputed at every validation, the last one after the last step."
             )
             self._logged_stage1_validation = True
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Full inference path → ``pred_score`` and ``anomaly_map`` for the post-processor and metrics."""
-        del args, kwargs
-        return batch.update(**self.model(batch.image)._asdict())
 
     @property
     def parameter_counts(self) -> dict[str, int]:

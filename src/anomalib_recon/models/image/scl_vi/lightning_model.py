@@ -19,7 +19,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -152,16 +151,6 @@ class SCLVI(ReconModuleMixin, AnomalibModule):
     def input_normalization(self) -> str:
         """``"none"``: Resize only; the torch model subtracts its mean training image itself."""
         return "none"
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation (there is no memory bank before training); steps are left to the user."""
-        return {"num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """Trained on normal images only."""
-        return LearningType.ONE_CLASS
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam, constant learning rate (1e-4), on the trainable encoder and classifier parameters."""

@@ -13,22 +13,20 @@ cannot be copied through; the residual between the features and their prediction
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from anomalib_recon.components.guards import check_optimizer_settings, is_finite_number
 from anomalib_recon.components.module import ReconModuleMixin
-from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
+from anomalib_recon.components.preprocessing import sized_pre_processor
 from anomalib_recon.components.schedules import check_lr_schedule, multistep_lr
 
 from .loss import STMAELoss
@@ -39,10 +37,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["STMAE"]
 
 DEFAULT_IMAGE_SIZE = (256, 256)
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class STMAE(ReconModuleMixin, AnomalibModule):
@@ -125,16 +119,8 @@ class STMAE(ReconModuleMixin, AnomalibModule):
         super().__init__(
             sized_pre_processor(type(self), image_size, pre_processor), post_processor, evaluator, visualizer
         )
-        if not _finite_number(lr) or lr <= 0:
-            msg = f"STMAE: lr must be a finite number > 0, got {lr!r}."
-            raise ValueError(msg)
-        if not _finite_number(weight_decay) or weight_decay < 0:
-            msg = f"STMAE: weight_decay must be a finite number >= 0, got {weight_decay!r}."
-            raise ValueError(msg)
-        if len(betas) != 2 or not all(_finite_number(b) and 0 <= b < 1 for b in betas):
-            msg = f"STMAE: betas must be two numbers in [0, 1), got {betas!r}."
-            raise ValueError(msg)
-        if not _finite_number(direction_weight) or direction_weight < 0:
+        check_optimizer_settings("STMAE", lr, weight_decay, betas)
+        if not is_finite_number(direction_weight) or direction_weight < 0:
             msg = f"STMAE: direction_weight must be a finite number >= 0, got {direction_weight!r}."
             raise ValueError(msg)
         input_size = self.input_size
@@ -170,32 +156,13 @@ class STMAE(ReconModuleMixin, AnomalibModule):
         self.loss = STMAELoss(direction_weight=direction_weight)
 
     # ------------------------------------------------------------------------------------------------ configuration
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to ``image_size`` (256×256) and normalise with ImageNet statistics; no augmentation."""
-        return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation; epochs/steps are left to the user (400 epochs in the reference recipe)."""
-        return {"num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """Trained on normal images only."""
-        return LearningType.ONE_CLASS
+    default_image_size = DEFAULT_IMAGE_SIZE
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW on the trainable parts (the backbone is frozen), ×``lr_gamma`` at ``lr_milestones``."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         return multistep_lr(optimizer, self.lr_milestones, self.lr_gamma, self._trainer)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the pre-processor, then re-target the model to its input size (positions, test partitions)."""
-        super().on_load_checkpoint(checkpoint)
-        if self.input_size is not None:
-            self.model.set_image_size(tuple(self.input_size))
 
     # ------------------------------------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
@@ -208,12 +175,6 @@ class STMAE(ReconModuleMixin, AnomalibModule):
         for name in ("distance", "direction"):
             self.log(f"train_{name}", losses[name], on_step=False, on_epoch=True, batch_size=size)
         return {"loss": losses["loss"]}
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Fixed test partitions → ``pred_score`` (map maximum) and ``anomaly_map``."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
 
     @property
     def parameter_counts(self) -> dict[str, int]:
