@@ -13,6 +13,7 @@ from torch import distributed as dist
 from torch import multiprocessing as mp
 from torch import nn
 
+from anomalib_recon.components import normal_images
 from anomalib_recon.components.guards import InputImageError
 from anomalib_recon.components.normal_images import collect_normal_images, normal_image_batches
 
@@ -102,3 +103,15 @@ def test_under_ddp_every_rank_reads_its_share_and_gets_every_row(tmp_path):
     single = collect_normal_images(_Module(count=count), _Module(count=count).rows)
     for rank in ranks:
         torch.testing.assert_close(rank["rows"], single, atol=0, rtol=0)
+
+
+def test_has_training_data_follows_what_the_trainer_can_give() -> None:
+    """No trainer, a trainer without data, a datamodule's train_data, a train dataloader's dataset."""
+    images = torch.utils.data.TensorDataset(torch.rand(2, 3, 8, 8))
+    assert not normal_images.has_training_data(SimpleNamespace(_trainer=None))
+    assert not normal_images.has_training_data(SimpleNamespace(_trainer=SimpleNamespace(datamodule=None)))
+    with_datamodule = SimpleNamespace(datamodule=SimpleNamespace(train_data=images))
+    assert normal_images.has_training_data(SimpleNamespace(_trainer=with_datamodule))
+    loader = torch.utils.data.DataLoader(images)
+    with_loader = SimpleNamespace(datamodule=None, train_dataloader=loader)
+    assert normal_images.has_training_data(SimpleNamespace(_trainer=with_loader))

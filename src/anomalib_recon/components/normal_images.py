@@ -43,6 +43,16 @@ def training_dataset(module: Any) -> Dataset:
     return dataset
 
 
+def has_training_data(module: Any) -> bool:
+    """Whether the module's trainer can give normal training images (a datamodule's ``train_data`` or a train
+    dataloader): models that build banks lazily (at the first validation) ask before they try."""
+    try:
+        training_dataset(module)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
 def _world(module: Any) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

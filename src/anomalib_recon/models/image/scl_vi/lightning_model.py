@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_recon.components.module import ReconModuleMixin
-from anomalib_recon.components.normal_images import collect_normal_images, training_dataset
+from anomalib_recon.components.normal_images import collect_normal_images, has_training_data
 from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
 
 from .loss import SCLVILoss
@@ -194,14 +194,6 @@ class SCLVI(ReconModuleMixin, AnomalibModule):
         logger.info("SCLVI memory banks %s built in %.1f s.", sizes, self.bank_stats["bank_build_s"])
         return sizes
 
-    def _has_training_data(self) -> bool:
-        """Whether the trainer can give the normal training images (a datamodule or a train dataloader)."""
-        try:
-            training_dataset(self)
-        except (ValueError, RuntimeError):
-            return False
-        return True
-
     def _refresh_bank(self) -> None:
         """(Re)build the banks of a trained model when they are missing or older than its last training step.
 
@@ -209,7 +201,7 @@ class SCLVI(ReconModuleMixin, AnomalibModule):
         ``benchmarks/learning_curve.py``): testing a snapshot with a datamodule rebuilds its banks from its own
         weights. An untrained model (no mean image yet) is left alone: its forward raises the clear error.
         """
-        if bool(self.model.mean_ready) and not self.model.bank_is_current and self._has_training_data():
+        if bool(self.model.mean_ready) and not self.model.bank_is_current and has_training_data(self):
             self.build_memory_bank()
 
     # ------------------------------------------------------------------------------------------------ hooks
