@@ -254,6 +254,13 @@ def test_solve_errors_on_bad_arguments():
             neighbourhood_regression(support, query, eps=eps)
     with pytest.raises(ValueError, match=r"support .* and query .* disagree"):
         neighbourhood_regression(support, torch.rand(1, 4, 5))
+    # a ridge below float32 resolution rounds away: reflect-padded borders (repeated neighbours) gave NaN before
+    pooled = torch.rand(1, 12, 5, 4, generator=torch.Generator().manual_seed(0))
+    border_support, border_query = neighbourhood_support(pooled), pooled.flatten(2).transpose(1, 2)
+    with pytest.raises(ValueError, match=r"eps=1e-09 is below the torch.float32 machine epsilon.*float64"):
+        neighbourhood_regression(border_support, border_query, eps=1e-9)
+    assert torch.isfinite(neighbourhood_regression(border_support.double(), border_query.double(), eps=1e-9)).all()
+    assert torch.isfinite(neighbourhood_regression(border_support, border_query, eps=torch.finfo().eps)).all()
     with pytest.raises(ValueError, match=r"lam > 0 needs priors of shape \(B, K, C\) = \(1, K, 6\)"):
         neighbourhood_regression(support, query, None, 5.0)
     with pytest.raises(ValueError, match="lam > 0 needs priors"):
@@ -298,8 +305,8 @@ def test_each_layer_gets_its_own_border_cut_and_the_band_takes_the_interiors_min
     calls = []
     original = model.scale_map
 
-    def spy(feature: torch.Tensor, cut: tuple[int, int]) -> torch.Tensor:
-        out = original(feature, cut)
+    def spy(feature: torch.Tensor, cut: tuple[int, int], layer: int = 0) -> torch.Tensor:
+        out = original(feature, cut, layer)
         calls.append((tuple(feature.shape[-2:]), tuple(cut), out))
         return out
 
@@ -330,11 +337,11 @@ def test_scales_are_fused_by_their_product():
     model = _wiring_model(crop=0)
     rng = torch.Generator().manual_seed(3)
     fake = {8: 1.0 + torch.rand(1, 1, 8, 8, generator=rng), 4: 1.0 + torch.rand(1, 1, 4, 4, generator=rng)}
-    model.scale_map = lambda feature, cut: fake[feature.shape[-1]]
+    model.scale_map = lambda feature, cut, layer=0: fake[feature.shape[-1]]
     fused = model.anomaly_map(_features(model), (64, 64))
     layers = [model.blur(F.interpolate(fake[g], size=(64, 64), mode="bilinear", align_corners=False)) for g in (8, 4)]
     torch.testing.assert_close(fused, layers[0] * layers[1])
-    model.scale_map = lambda feature, cut: torch.full(
+    model.scale_map = lambda feature, cut, layer=0: torch.full(
         (1, 1, feature.shape[-2], feature.shape[-1]), 2.0 + (feature.shape[-1] == 4)
     )
     torch.testing.assert_close(model.anomaly_map(_features(model), (64, 64)), torch.full((1, 1, 64, 64), 6.0))
@@ -633,6 +640,7 @@ def test_resolve_layers_and_paper_defaults():
         ({"distance_chunk": 0}, "distance_chunk must be >= 1"),
         ({"eps": 0.0}, "eps must be a finite number > 0"),
         ({"eps": -1e-6}, "eps must be a finite number > 0"),
+        ({"eps": 1e-9}, "eps must be at least the float32 machine epsilon"),
         ({"backbone": "not_a_backbone"}, "Unknown timm backbone"),
     ],
 )

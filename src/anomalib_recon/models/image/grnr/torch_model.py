@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from anomalib.data import InferenceBatch
@@ -51,6 +52,7 @@ __all__ = [
     "fill_border",
     "grnr_residual",
     "mean_distance_to_others",
+    "nearest_bank_rows",
     "neighbourhood_regression",
     "neighbourhood_support",
     "resolve_layers",
@@ -64,6 +66,8 @@ REFERENCE_SIZE = 320
 """Input size at which the paper's border cut, blur σ and crop are given (they scale with the input)."""
 NUM_NEIGHBOURS = 8
 """The 3×3 window without its centre."""
+PRIOR_SOURCES = ("image", "normal")
+"""Where the global priors come from: the test image itself (the paper, zero-shot) or a bank of normal features."""
 SOLVE_DTYPES = (torch.float32, torch.float64)
 """Dtypes the regression accepts: its residuals are small differences of large feature norms."""
 
@@ -216,8 +220,10 @@ def neighbourhood_regression(
     Args:
         support: Neighbours ``S (B, N, 8, C)`` (:func:`neighbourhood_support`).
         query: Features ``q (B, N, C)``.
-        priors: The global priors ``μ_j`` of each image, ``(B, K, C)`` (:func:`select_global_priors`); their count
-            ``K`` is the ``K`` of the target. Needed when ``lam > 0``, ignored when ``lam == 0``.
+        priors: The global priors ``μ_j``: one set per image ``(B, K, C)`` (self filtering,
+            :func:`select_global_priors`) or one set per position ``(B, N, K, C)`` (the ``K`` nearest vectors of a
+            bank of normal features, :func:`nearest_bank_rows`); their count ``K`` is the ``K`` of the target.
+            Needed when ``lam > 0``, ignored when ``lam == 0``.
         lam: ``λ >= 0``.
         eps: ``ε > 0``, the ridge relative to ``trace(S Sᵀ)/8``.
     """
@@ -239,13 +245,31 @@ def neighbourhood_regression(
     if not (math.isfinite(eps) and eps > 0):
         msg = f"eps must be a finite number > 0 (the ridge that keeps the 8x8 systems invertible), got {eps!r}."
         raise ValueError(msg)
+    if eps < torch.finfo(query.dtype).eps:
+        msg = (
+            f"eps={eps!r} is below the {query.dtype} machine epsilon ({torch.finfo(query.dtype).eps:.3g}): on the "
+            "unit-diagonal 8x8 systems such a ridge rounds away, and repeated neighbours (reflect-padded borders, "
+            "flat regions) leave them singular, so the solve returns NaN. Use eps >= "
+            f"{torch.finfo(query.dtype).eps:.3g} (default 1e-6), or float64 inputs for a smaller ridge."
+        )
+        raise ValueError(msg)
     if not (math.isfinite(lam) and lam >= 0):
         msg = f"lam must be a finite number >= 0, got {lam!r}."
         raise ValueError(msg)
     k = NUM_NEIGHBOURS
     anchor = support[..., k - 1, :]  # (B, N, C)
     basis = torch.cat([anchor.unsqueeze(-2), support[..., : k - 1, :] - anchor.unsqueeze(-2)], dim=-2)
-    if lam > 0:
+    if lam > 0 and priors is not None and priors.dim() == 4:  # per-position priors (B, N, K, C)
+        if priors.shape[:2] != query.shape[:2] or priors.shape[-1] != query.shape[-1] or priors.shape[2] < 1:
+            b, n, c = query.shape
+            msg = f"per-position priors must have shape (B, N, K, C) = ({b}, {n}, K, {c}), got {tuple(priors.shape)}."
+            raise ValueError(msg)
+        weight = lam * priors.shape[2]  # λK
+        first = priors[:, :, 0]
+        # μ̄ − a as small differences (μ_j − μ_1 and μ_1 − a), as for per-image priors below
+        prior_offset = (priors - first.unsqueeze(2)).mean(dim=2) + (first - anchor)  # Σ_j μ_j / K − a
+        offset = ((query - anchor) + weight * prior_offset) / (1.0 + weight)  # t − a
+    elif lam > 0:
         if (
             priors is None
             or priors.dim() != 3
@@ -292,6 +316,67 @@ def grnr_residual(
     return residual.reshape(b, 1, h, w)
 
 
+SHORTLIST_EXTRA = 8
+"""Candidates per bank block beyond ``2K`` that :func:`nearest_bank_rows` re-ranks by direct differences."""
+
+
+def nearest_bank_rows(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    centre: torch.Tensor | None = None,
+    chunk_size: int = 16384,
+    query_block: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest rows of ``bank (M, C)`` to each of ``queries (Q, C)`` (Euclidean), nearest first.
+
+    Returns the rows themselves ``(Q, k, C)`` and their squared distances ``(Q, k)``. The bank is scanned in blocks
+    of ``chunk_size`` rows, in eager mode and in exported graphs alike (the block loop unrolls at export), so no more
+    than ``Q × chunk_size`` distances exist at once; in eager mode the queries also go in blocks of ``query_block``.
+    In each block a shortlist of ``2k + 8`` candidates is ranked by the matrix-product form
+    ``‖b − c‖² − 2 (q − c)·(b − c)`` on features centred on ``centre`` (the bank mean by default; ``‖q − c‖²`` is
+    the same for every row and is left out), then re-ranked by the direct ``Σ (q − b)²``, which does not cancel:
+    float32 cancellation in the matrix product can only reorder rows within its rounding error, and such rows stay
+    in the shortlist. The running best ``k`` are merged across blocks by the direct distances, and each block's rows
+    are read from that block only (no bank-wide gather in an exported graph).
+    """
+    rows, dim = bank.shape
+    if queries.dim() != 2 or queries.shape[-1] != dim:
+        msg = f"nearest_bank_rows expects queries (Q, {dim}) for a bank (M, {dim}), got {tuple(queries.shape)}."
+        raise ValueError(msg)
+    if not 1 <= k <= rows:
+        msg = (
+            f"the bank of normal features has {rows} vectors, fewer than the {k} nearest asked for (num_global_priors"
+            "): use more normal images (normal_images, or a larger coreset_ratio) or fewer num_global_priors."
+        )
+        raise ValueError(msg)
+    if chunk_size < 1 or query_block < 1:
+        msg = f"chunk_size and query_block must be >= 1, got {chunk_size} and {query_block}."
+        raise ValueError(msg)
+    centre = bank.mean(dim=0) if centre is None else centre
+    blocks = [queries] if is_tracing() else list(queries.split(query_block))
+    centred_blocks = [block - centre for block in blocks]
+    best: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(blocks)  # (squared distances, rows)
+    for start in range(0, rows, chunk_size):
+        chunk = bank[start : start + chunk_size]
+        centred = chunk - centre
+        norms = (centred * centred).sum(-1)  # ‖b − c‖²
+        width = min(2 * k + SHORTLIST_EXTRA, chunk.shape[0])
+        for n, (block, centred_block) in enumerate(zip(blocks, centred_blocks, strict=True)):
+            approx = norms.unsqueeze(0) - 2.0 * (centred_block @ centred.transpose(0, 1))  # (Qb, rows of block)
+            index = approx.topk(width, dim=1, largest=False).indices
+            found = chunk[index]  # (Qb, width, C)
+            difference = block.unsqueeze(1) - found
+            exact = (difference * difference).sum(-1)  # (Qb, width): no cancellation
+            previous = best[n]
+            if previous is not None:
+                exact, found = torch.cat([previous[0], exact], dim=1), torch.cat([previous[1], found], dim=1)
+            keep = exact.topk(min(k, exact.shape[1]), dim=1, largest=False).indices  # sorted, nearest first
+            best[n] = (exact.gather(1, keep), found.gather(1, keep.unsqueeze(-1).expand(-1, -1, dim)))
+    distances = torch.cat([b[0] for b in best if b is not None])
+    return torch.cat([b[1] for b in best if b is not None]), distances
+
+
 def fill_border(residual: torch.Tensor, cut: tuple[int, int]) -> torch.Tensor:
     """Set a band of ``cut = (rows, cols)`` cells at the border of ``(B, 1, h, w)`` maps to the interior's minimum.
 
@@ -328,6 +413,12 @@ class GRNRModel(nn.Module):
         eps: Relative ridge ``ε > 0`` on the 8×8 systems (1e-6, **INFERRED**).
         distance_chunk: Rows of the per-image ``N × N`` distance matrix computed at once (exact; bounds memory
             at large inputs). ``None`` = all rows at once.
+        prior_source: Where each query's ``K`` global priors come from. ``"image"`` (the paper, zero-shot): self
+            filtering on the test image itself. ``"normal"``: the ``K`` nearest vectors of a per-layer bank of
+            pooled normal training features (:meth:`set_banks`), a set per position (**INFERRED** extension).
+        regression: ``False`` (only with ``"normal"``) replaces the regression residual by the distance to the
+            nearest bank vector (plain 1-NN on the same pooled features; the ablation).
+        knn_chunk_size: Bank rows per block of the nearest-neighbour search, in eager mode and in exported graphs.
     """
 
     def __init__(
@@ -344,10 +435,17 @@ class GRNRModel(nn.Module):
         crop: int = 32,
         eps: float = 1e-6,
         distance_chunk: int | None = 1024,
+        prior_source: str = "image",
+        regression: bool = True,
+        knn_chunk_size: int = 16384,
     ) -> None:
         super().__init__()
         layers = resolve_layers(backbone, layers)
         self._check_args(layers, pool_kernel, num_global_priors, lam, border_cut, blur_sigma, crop, eps, distance_chunk)
+        self._check_prior_args(prior_source, regression, knn_chunk_size)
+        self.prior_source = str(prior_source)
+        self.regression = bool(regression)
+        self.knn_chunk_size = int(knn_chunk_size)
         self.feature_extractor = FeatureExtractor(backbone, layers=layers, weights=weights)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.pool_kernel = int(pool_kernel)
@@ -360,6 +458,10 @@ class GRNRModel(nn.Module):
         self.sigma = float(blur_sigma) * min(self.image_size) / REFERENCE_SIZE
         check_blur_fits(self.sigma, None, self.image_size, "GRNR")
         self.blur = make_blur(self.sigma) if self.sigma > 0 else None
+        if self.prior_source == "normal":  # per-layer banks of pooled normal features; filled by set_banks
+            for layer, channels in enumerate(self.feature_extractor.out_dims):
+                self.register_buffer(f"normal_bank_{layer}", torch.empty(0, int(channels)))
+                self.register_buffer(f"bank_centre_{layer}", torch.zeros(int(channels)))
         self.check_image_size(self.image_size)
 
     @staticmethod
@@ -387,10 +489,148 @@ class GRNRModel(nn.Module):
             problems.append(f"blur_sigma and crop must be >= 0, got {sigma}, {crop}")
         if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
             problems.append(f"eps must be a finite number > 0 (the ridge of the 8x8 systems; 1e-6), got {eps!r}")
+        elif eps < torch.finfo(torch.float32).eps:
+            problems.append(
+                f"eps must be at least the float32 machine epsilon {torch.finfo(torch.float32).eps:.3g} (the model "
+                f"solves in float32, where a smaller ridge rounds away and repeated neighbours give NaN), got {eps!r}"
+            )
         if chunk is not None and chunk < 1:
             problems.append(f"distance_chunk must be >= 1 or None, got {chunk}")
         if problems:
             raise ValueError("; ".join(problems) + ".")
+
+    @staticmethod
+    def _check_prior_args(prior_source: str, regression: bool, knn_chunk_size: int) -> None:
+        problems = []
+        if prior_source not in PRIOR_SOURCES:
+            problems.append(
+                f"prior_source must be one of {PRIOR_SOURCES} (the test image itself: zero-shot, the paper; a bank of "
+                f"normal training features), got {prior_source!r}"
+            )
+        if not isinstance(regression, bool):
+            problems.append(f"regression must be True or False, got {regression!r}")
+        elif not regression and prior_source != "normal":
+            problems.append(
+                "regression=False (the distance to the nearest normal feature) needs a bank: prior_source='normal'"
+            )
+        if not (isinstance(knn_chunk_size, int) and knn_chunk_size >= 1):
+            problems.append(f"knn_chunk_size must be an integer >= 1, got {knn_chunk_size!r}")
+        if problems:
+            raise ValueError("; ".join(problems) + ".")
+
+    # -------------------------------------------------------------------------------------------- banks
+    def bank(self, layer: int) -> torch.Tensor:
+        """The bank of pooled normal features of layer ``layer`` (its index), ``(M, C)``."""
+        return getattr(self, f"normal_bank_{layer}")
+
+    def bank_centre(self, layer: int) -> torch.Tensor:
+        """The mean of the bank of layer ``layer``, ``(C,)``: the centre of the shortlist's matrix-product form."""
+        return getattr(self, f"bank_centre_{layer}")
+
+    @property
+    def has_banks(self) -> bool:
+        """Whether every layer has a non-empty bank (always ``True`` for ``prior_source="image"``, which needs none)."""
+        if self.prior_source != "normal":
+            return True
+        return all(self.bank(layer).shape[0] > 0 for layer in range(len(self.feature_extractor.layers)))
+
+    @property
+    def bank_neighbours(self) -> int:
+        """How many bank vectors each query needs: ``K`` for the regression (``λ > 0``), 1 otherwise."""
+        return self.num_global_priors if self.regression and self.lam > 0 else 1
+
+    def pooled_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The 3×3-average-pooled feature map of each layer, ``(B, C, h, w)``, checked finite."""
+        features = self.feature_extractor(images)
+        if not is_tracing():
+            for layer, feature in zip(self.feature_extractor.layers, features, strict=True):
+                check_finite(
+                    "GRNR",
+                    f"the backbone features of layer {layer!r}",
+                    feature,
+                    hint="The images are finite, so the backbone weights are not: check the weights file.",
+                )
+        return [F.avg_pool2d(f, self.pool_kernel, stride=1, padding=self.pool_kernel // 2) for f in features]
+
+    def bank_rows(self, images: torch.Tensor) -> torch.Tensor:
+        """One row per (pre-processed) image: its pooled features of every layer, position by position (row-major),
+        concatenated, ``(B, Σ_l h_l·w_l·C_l)``. :meth:`set_banks` cuts the rows of all normal images into the
+        per-layer banks (``h_l·w_l`` bank vectors per image and layer)."""
+        if tuple(images.shape[-2:]) != self.image_size:
+            msg = (
+                f"normal images are {images.shape[-2]}x{images.shape[-1]} after the pre-processor, but GRNR was built "
+                f"for {self.image_size[0]}x{self.image_size[1]}: give the pre-processor a Resize to image_size."
+            )
+            raise ValueError(msg)
+        b = images.shape[0]
+        return torch.cat([p.flatten(2).transpose(1, 2).reshape(b, -1) for p in self.pooled_features(images)], dim=1)
+
+    @torch.no_grad()
+    def set_banks(self, rows: torch.Tensor, coreset_ratio: float | None = None) -> list[int]:
+        """Cut :meth:`bank_rows` of the normal images ``(n, R)`` into the per-layer banks; returns the bank sizes.
+
+        With ``coreset_ratio`` each bank is reduced by anomalib's greedy k-center coreset (``KCenterGreedy``, as
+        Patchcore), from a fixed seed so that every process (DDP rank) and every rebuild selects the same rows.
+        Each bank's mean is stored as the centre of the nearest-neighbour shortlist.
+        """
+        if self.prior_source != "normal":
+            msg = "GRNR(prior_source='image') takes its priors from each test image and has no bank to set."
+            raise ValueError(msg)
+        grids = self.grid_sizes(self.image_size)
+        sizes = [h * w * int(c) for (h, w), c in zip(grids, self.feature_extractor.out_dims, strict=True)]
+        if rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] != sum(sizes):
+            msg = (
+                f"bank rows must be (n >= 1 images, {sum(sizes)} values: the pooled features of every layer at "
+                f"{self.image_size[0]}x{self.image_size[1]}), got {tuple(rows.shape)}."
+            )
+            raise ValueError(msg)
+        check_finite("GRNR", "the pooled features of the normal images", rows, hint="Check the backbone weights.")
+        needed = self.bank_neighbours
+        banks = []
+        parts = zip(rows.split(sizes, dim=1), self.feature_extractor.out_dims, strict=True)
+        for layer, (part, channels) in enumerate(parts):
+            bank = part.reshape(-1, int(channels)).float().contiguous()
+            if coreset_ratio is not None and coreset_ratio < 1:
+                from anomalib.models.components.sampling import KCenterGreedy
+
+                sampler = KCenterGreedy(embedding=bank, sampling_ratio=coreset_ratio)
+                # its random projection draws columns from numpy's global generator unless given one of its own
+                sampler.model.random_state = np.random.RandomState(0)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    bank = sampler.sample_coreset().contiguous()
+            if bank.shape[0] < needed:
+                name = self.feature_extractor.layers[layer]
+                msg = (
+                    f"the bank of layer {name!r} holds {bank.shape[0]} normal feature vectors ({rows.shape[0]} images"
+                    f"{f', coreset_ratio={coreset_ratio}' if coreset_ratio else ''}), fewer than the "
+                    f"num_global_priors={needed} priors each query takes from it. Use more normal images "
+                    "(normal_images), a larger coreset_ratio, or fewer num_global_priors."
+                )
+                raise ValueError(msg)
+            banks.append(bank)
+        for layer, bank in enumerate(banks):
+            device = self.bank(layer).device
+            setattr(self, f"normal_bank_{layer}", bank.to(device))
+            self.bank_centre(layer).copy_(bank.double().mean(dim=0).float())
+        return [int(b.shape[0]) for b in banks]
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        """Resize the bank buffers to the stored banks before loading (their size depends on the training set), and
+        refuse a non-finite bank (a corrupt checkpoint) naming it."""
+        if self.prior_source == "normal":
+            for layer in range(len(self.feature_extractor.layers)):
+                key = f"{prefix}normal_bank_{layer}"
+                stored = state_dict.get(key)
+                if isinstance(stored, torch.Tensor) and stored.dim() == 2:
+                    check_finite(
+                        "GRNR",
+                        f"the bank of normal features of layer {self.feature_extractor.layers[layer]!r} ({key})",
+                        stored,
+                        hint="The checkpoint is corrupt: fit the model again.",
+                    )
+                    setattr(self, f"normal_bank_{layer}", torch.empty_like(stored, device=self.bank(layer).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -------------------------------------------------------------------------------------------- sizes
     def grid_sizes(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
@@ -414,13 +654,19 @@ class GRNRModel(nn.Module):
     def check_image_size(self, image_size: tuple[int, int], grids: list[tuple[int, int]] | None = None) -> None:
         """One clear error when a layer's grid is too small for reflect padding, the border cut or ``K``."""
         grids = grids or self.grid_sizes(image_size)
+        self_priors = self.prior_source == "image"  # a bank's priors need no more cells than K per image
+        cells = self.num_global_priors if self_priors else 0
         for layer, (h, w), (ch, cw) in zip(self.feature_extractor.layers, grids, self.cuts(image_size), strict=True):
-            if min(h, w) < 2 or h <= 2 * ch or w <= 2 * cw or h * w <= self.num_global_priors:
+            if min(h, w) < 2 or h <= 2 * ch or w <= 2 * cw or h * w <= cells:
                 msg = (
                     f"Input {image_size[0]}x{image_size[1]} gives a {h}x{w} feature grid at layer {layer!r}: GRNR "
                     f"needs at least 2x2 cells, more than 2x the border cut ({ch}, {cw}) and more than "
                     f"num_global_priors={self.num_global_priors} cells. Use a larger image_size, fewer "
                     "num_global_priors, or earlier layers."
+                    if self_priors
+                    else f"Input {image_size[0]}x{image_size[1]} gives a {h}x{w} feature grid at layer {layer!r}: "
+                    f"GRNR needs at least 2x2 cells and more than 2x the border cut ({ch}, {cw}). Use a larger "
+                    "image_size or earlier layers."
                 )
                 raise ValueError(msg)
         band = self.crop_band(image_size)
@@ -429,18 +675,48 @@ class GRNRModel(nn.Module):
             raise ValueError(msg)
 
     # -------------------------------------------------------------------------------------------- forward
-    def scale_map(self, features: torch.Tensor, cut: tuple[int, int]) -> torch.Tensor:
-        """Residual map of one layer ``(B, C, h, w)`` → ``(B, 1, h, w)``: pooling, regression, border fill."""
+    def scale_map(self, features: torch.Tensor, cut: tuple[int, int], layer: int = 0) -> torch.Tensor:
+        """Residual map of one layer ``(B, C, h, w)`` → ``(B, 1, h, w)``: pooling, regression, border fill.
+
+        ``layer`` (the layer's index) selects the bank of ``prior_source="normal"``.
+        """
         pooled = F.avg_pool2d(features, self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
-        residual = grnr_residual(pooled, self.num_global_priors, self.lam, self.eps, self.distance_chunk)
+        if self.prior_source == "image":
+            residual = grnr_residual(pooled, self.num_global_priors, self.lam, self.eps, self.distance_chunk)
+        else:
+            residual = self.normal_residual(pooled, layer)
         return fill_border(residual, cut)
+
+    def normal_residual(self, pooled: torch.Tensor, layer: int) -> torch.Tensor:
+        """``prior_source="normal"``: per position, the regression with the ``K`` nearest bank vectors as its priors
+        (``λ = 0``: no priors), or with ``regression=False`` the distance to the nearest bank vector;
+        ``(B, C, h, w)`` → ``(B, 1, h, w)``."""
+        b, c, h, w = pooled.shape
+        query = pooled.flatten(2).transpose(1, 2)  # (B, N, C)
+        if not self.regression:
+            _, squared = nearest_bank_rows(
+                query.reshape(-1, c), self.bank(layer), 1, self.bank_centre(layer), self.knn_chunk_size
+            )
+            return squared[:, 0].sqrt().reshape(b, 1, h, w)
+        priors = None
+        if self.lam > 0:
+            found, _ = nearest_bank_rows(
+                query.reshape(-1, c),
+                self.bank(layer),
+                self.num_global_priors,
+                self.bank_centre(layer),
+                self.knn_chunk_size,
+            )
+            priors = found.reshape(b, h * w, self.num_global_priors, c)
+        residual = neighbourhood_regression(neighbourhood_support(pooled), query, priors, self.lam, self.eps)
+        return residual.reshape(b, 1, h, w)
 
     def anomaly_map(self, features: list[torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
         """Upsampled, blurred per-layer maps, their product, the central crop with the band replicated."""
         fused = None
-        for feature, cut in zip(features, self.cuts(image_size), strict=True):
+        for layer, (feature, cut) in enumerate(zip(features, self.cuts(image_size), strict=True)):
             layer_map = F.interpolate(
-                self.scale_map(feature, cut), size=image_size, mode="bilinear", align_corners=False
+                self.scale_map(feature, cut, layer), size=image_size, mode="bilinear", align_corners=False
             )
             if self.blur is not None:
                 layer_map = self.blur(layer_map)
@@ -472,6 +748,13 @@ class GRNRModel(nn.Module):
         if not is_tracing():
             self._check_precision(images)
             check_finite("GRNR", "the (normalised) images", images, hint="Check the input files.")
+            if not self.has_banks:
+                msg = (
+                    "GRNR(prior_source='normal') has no bank of normal features yet: fit it first (Engine.fit / "
+                    "anomalib train builds the banks from the normal training images in one pass, no gradient steps), "
+                    "load a checkpoint of a fitted model, or call GRNR.build_banks(dataloader) with normal images."
+                )
+                raise ValueError(msg)
         features = self.feature_extractor(images)
         if not is_tracing():
             for layer, feature in zip(self.feature_extractor.layers, features, strict=True):
