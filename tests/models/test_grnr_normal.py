@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from anomalib import LearningType
+from lightning.pytorch import Callback
 
 from anomalib_recon.components.checkpoint import CheckpointMismatchError
 from anomalib_recon.components.guards import NonFiniteError, UntrainedModelError
@@ -430,6 +431,43 @@ def test_a_one_class_fit_under_ddp_is_refused_with_what_to_do(tiny_category, tmp
     datamodule = folder_datamodule(tiny_category, batch_size=3)
     with pytest.raises(ProcessRaisedException, match=r"(?s)cannot wrap \(2 processes\).*devices=1.*normal_images"):
         fit_ddp(tiny(evaluator=False), datamodule, tmp_path, max_steps=1)
+
+
+class _SaveBanks(Callback):
+    """Each DDP rank saves its banks when validation ends (few-shot: anomalib's ``Engine.fit`` only validates)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        banks = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items() if "bank" in k}
+        torch.save(banks, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_few_shot_banks_under_ddp_hold_every_ranks_images_and_equal_the_single_process_build(tiny_category, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from tests.conftest import cpu_engine, folder_datamodule
+    from tests.ddp import assert_same_state, spawn_strategy
+
+    torch.manual_seed(0)
+    model = tiny(normal_images=8, evaluator=False)  # every one of the 8 training images: 4 per rank
+    datamodule = folder_datamodule(tiny_category, batch_size=3)
+    callbacks = [_SaveBanks(tmp_path)]
+    engine = cpu_engine(tmp_path / "run", max_steps=1, strategy=spawn_strategy(), devices=2, callbacks=callbacks)
+    engine.fit(model, datamodule=datamodule)
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert_same_state(states)
+    assert states[0]["model.normal_bank_0"].shape == (8 * 64, 40)  # every rank holds all 8 images' features
+    single = tiny(normal_images=8, evaluator=False)
+    single.load_state_dict({k: v for k, v in model.state_dict().items() if "bank" not in k}, strict=False)
+    datamodule.setup()
+    train = datamodule.train_data
+    single.build_banks(DataLoader(train, batch_size=5, shuffle=False, collate_fn=train.collate_fn))
+    for key, value in states[0].items():  # row by row in dataset order; batch composition moves float32 by ~5e-6
+        expected = single.state_dict()[key]
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=2e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
 class _Fitted:
