@@ -33,7 +33,7 @@ from torch import nn
 
 from anomalib_recon.components.guards import UntrainedModelError
 from anomalib_recon.components.module import ReconModuleMixin
-from anomalib_recon.components.normal_images import collect_normal_images, training_dataset
+from anomalib_recon.components.normal_images import collect_normal_images, has_training_data
 from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
 
 from .post_processor import UNCALIBRATED_MEANING, GRNRPostProcessor
@@ -255,20 +255,13 @@ class GRNR(ReconModuleMixin, AnomalibModule):
         )
         return sizes
 
-    def _has_training_data(self) -> bool:
-        try:
-            training_dataset(self)
-        except (ValueError, RuntimeError):
-            return False
-        return True
-
     def _ensure_banks(self, what: str) -> None:
         """Banks before scoring: built during a fit (e.g. a sanity check) or, few-shot, from the datamodule's
         training images at hand; otherwise one clear refusal (before the shared guard's generic one)."""
         if self.model.has_banks:
             return
         fitting = self.trainer.state.fn == TrainerFn.FITTING
-        if fitting or (self.normal_images is not None and self._has_training_data()):
+        if fitting or (self.normal_images is not None and has_training_data(self)):
             self.build_banks()
             return
         source = (
