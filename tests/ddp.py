@@ -30,8 +30,9 @@ class SaveRankState(Callback):
         self._save(trainer, pl_module)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        """Zero-/few-shot models: anomalib's ``Engine.fit`` only validates them (no ``on_fit_end``)."""
-        if trainer.state.fn == "fit" or getattr(pl_module, "requires_training", True):
+        """Zero-/few-shot models: anomalib's ``Engine.fit`` only validates them (no ``on_fit_end``); a few-shot model
+        needs training (its banks) and is still only validated, so the stage decides, not ``requires_training``."""
+        if trainer.state.fn == "fit":
             return
         self._save(trainer, pl_module)
 
