@@ -539,8 +539,9 @@ class GRNRModel(nn.Module):
         """How many bank vectors each query needs: ``K`` for the regression (``λ > 0``), 1 otherwise."""
         return self.num_global_priors if self.regression and self.lam > 0 else 1
 
-    def pooled_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The 3×3-average-pooled feature map of each layer, ``(B, C, h, w)``, checked finite."""
+    def backbone_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's map of each layer, checked finite (a non-finite feature of finite images means non-finite
+        backbone weights); the check is skipped while tracing."""
         features = self.feature_extractor(images)
         if not is_tracing():
             for layer, feature in zip(self.feature_extractor.layers, features, strict=True):
@@ -550,6 +551,11 @@ class GRNRModel(nn.Module):
                     feature,
                     hint="The images are finite, so the backbone weights are not: check the weights file.",
                 )
+        return features
+
+    def pooled_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The 3×3-average-pooled feature map of each layer, ``(B, C, h, w)``, checked finite."""
+        features = self.backbone_features(images)
         return [F.avg_pool2d(f, self.pool_kernel, stride=1, padding=self.pool_kernel // 2) for f in features]
 
     def bank_rows(self, images: torch.Tensor) -> torch.Tensor:
@@ -755,15 +761,8 @@ class GRNRModel(nn.Module):
                     "load a checkpoint of a fitted model, or call GRNR.build_banks(dataloader) with normal images."
                 )
                 raise ValueError(msg)
-        features = self.feature_extractor(images)
+        features = self.backbone_features(images)
         if not is_tracing():
-            for layer, feature in zip(self.feature_extractor.layers, features, strict=True):
-                check_finite(
-                    "GRNR",
-                    f"the backbone features of layer {layer!r}",
-                    feature,
-                    hint="The images are finite, so the backbone weights are not: check the weights file.",
-                )
             self.check_image_size(image_size, [tuple(f.shape[-2:]) for f in features])
         anomaly_map = self.anomaly_map(features, image_size)
         return InferenceBatch(pred_score=reduce_max(anomaly_map), anomaly_map=anomaly_map)
