@@ -319,9 +319,3 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
         """EMA update of the mean teacher after the optimizer step."""
         del outputs, batch, batch_idx
         self.model.update_teacher()
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict maps and scores; the post-processor and evaluator consume the updated batch."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())

@@ -326,12 +326,6 @@ class GRNR(ReconModuleMixin, AnomalibModule):
         del batch, args, kwargs
         return None
 
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """``pred_score`` and ``anomaly_map`` for the post-processor (normalisation, thresholds) and metrics."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
-
     # ------------------------------------------------------------------------------------------------ zero-shot use
     def val_dataloader(self) -> EVAL_DATALOADERS:
         """No validation images: an empty validation, so nothing is calibrated (and Lightning does not fail).

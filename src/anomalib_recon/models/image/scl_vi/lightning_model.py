@@ -249,9 +249,3 @@ class SCLVI(ReconModuleMixin, AnomalibModule):
             if name != "loss":
                 self.log(f"train_{name}", value, on_step=False, on_epoch=True, batch_size=size)
         return {"loss": losses["loss"]}
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Affinity-kNN maps at both scales, product, max -> ``pred_score`` and ``anomaly_map``."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
