@@ -162,6 +162,27 @@ def test_export_sizes_are_checked_before_exporting(tmp_path, size):
     assert not list(tmp_path.iterdir())
 
 
+def test_export_records_no_gradients(tmp_path, monkeypatch):
+    """anomalib's probe forward and the export trace run without autograd (OpenVINO's export goes through
+    ``to_onnx`` too): with it, a memory-bank model kept every distance block alive and SCLVI's export at the
+    paper's bank ran out of memory."""
+    model = Toy()
+    model._recon_trained = True
+    grad_enabled: list[bool] = []
+    forward = _ToyModel.forward
+
+    def spy(self, images):
+        grad_enabled.append(torch.is_grad_enabled())
+        return forward(self, images)
+
+    monkeypatch.setattr(_ToyModel, "forward", spy)
+    assert torch.is_grad_enabled()
+    path = model.to_onnx(tmp_path, input_size=(16, 16))
+    assert path.exists()
+    assert grad_enabled and not any(grad_enabled)  # the probe and the trace
+    assert torch.is_grad_enabled()  # and the caller's mode is restored
+
+
 def test_a_skipped_final_validation_is_warned_about(data, tmp_path, caplog):
     model = Toy()
     engine = cpu_engine(tmp_path, max_steps=6, check_val_every_n_epoch=2)  # last step ends epoch 3: no validation

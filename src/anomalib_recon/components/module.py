@@ -312,9 +312,16 @@ class ReconModuleMixin:
             as_image_size(input_size, name="input_size")
 
     def to_onnx(self, export_root: Any, model_file_name: str = "model", input_size: Any = None, **kwargs: Any) -> Any:
-        """anomalib's ONNX export, after checking ``input_size`` (positive ``(height, width)``)."""
+        """anomalib's ONNX export, after checking ``input_size`` (positive ``(height, width)``), without autograd.
+
+        anomalib runs an eager probe forward before exporting; with gradients on, that forward keeps every
+        intermediate its output depends on for a backward that never comes. For a memory-bank search that is the
+        whole query x bank distance matrix, block after block (SCLVI at the paper's bank: an estimated ~40 GB
+        instead of ~3 GB). An exported graph is for inference: no gradient is recorded anywhere in the export.
+        """
         self._check_export_size(input_size)
-        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)  # type: ignore[misc]
+        with torch.no_grad():
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)  # type: ignore[misc]
 
     def to_openvino(
         self, export_root: Any, model_file_name: str = "model", input_size: Any = None, **kwargs: Any
