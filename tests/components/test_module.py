@@ -183,6 +183,39 @@ def test_export_records_no_gradients(tmp_path, monkeypatch):
     assert torch.is_grad_enabled()  # and the caller's mode is restored
 
 
+def _fit_warnings(model, data, tmp_path, caplog) -> list[str]:
+    """Messages of the warnings a 2-step fit raises (filters as the caller had them)."""
+    import warnings
+
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, "anomalib_recon"):
+        warnings.simplefilter("always")
+        cpu_engine(tmp_path, max_steps=2).fit(model, datamodule=data)
+    assert warnings.filters == before  # nothing of ours stays installed
+    return [str(w.message) for w in caught]
+
+
+def test_a_frozen_part_is_named_instead_of_lightnings_eval_mode_warning(data, tmp_path, caplog):
+    model = Toy()
+    model.model.frozen = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).eval().requires_grad_(False)
+    messages = _fit_warnings(model, data, tmp_path, caplog)
+    assert not [m for m in messages if "in eval mode" in m]
+    assert "Toy: frozen, kept in eval mode while training: model.frozen." in caplog.text
+
+
+@pytest.mark.parametrize("part", ["trainable", "dropout"])
+def test_an_eval_mode_part_that_trains_keeps_the_warning(data, tmp_path, caplog, part):
+    """A trainable layer, or one without parameters (a Dropout), left in eval mode is likely a mistake."""
+    model = Toy()
+    model.model.frozen = nn.Sequential(nn.Linear(2, 2)).eval().requires_grad_(False)
+    model.model.other = (nn.Linear(2, 2) if part == "trainable" else nn.Dropout(0.5)).eval()
+    messages = _fit_warnings(model, data, tmp_path, caplog)
+    assert [
+        m for m in messages if "3 module(s) in eval mode at the start of training" in m
+    ]  # frozen, its Linear, other
+    assert "frozen, kept in eval mode" not in caplog.text
+
+
 def test_a_skipped_final_validation_is_warned_about(data, tmp_path, caplog):
     model = Toy()
     engine = cpu_engine(tmp_path, max_steps=6, check_val_every_n_epoch=2)  # last step ends epoch 3: no validation

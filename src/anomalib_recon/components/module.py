@@ -13,7 +13,10 @@ A model gets, by construction:
 * **a final validation after ``max_steps``**: when the step budget ends mid-epoch, training stops through
   ``trainer.should_stop``, so Lightning validates the final weights and the post-processor's thresholds and
   normalisation come from them, not from the last epoch boundary;
-* **export sizes checked** before anomalib's ONNX/OpenVINO export;
+* **export sizes checked** before anomalib's ONNX/OpenVINO export, and no autograd recorded while exporting;
+* **frozen parts named, not warned about**: a frozen backbone stays in eval mode on purpose; Lightning's
+  "module(s) in eval mode at the start of training" warning is replaced by one INFO line naming them, and stays a
+  warning for any eval-mode module that still trains (:func:`frozen_eval_modules`);
 * **only the metrics the data can give**: without masks, pixel metrics are skipped with one INFO line instead of
   torchmetrics' "compute called before update" warnings (:mod:`~anomalib_recon.components.evaluation`).
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -60,6 +64,35 @@ class ModelGuard(Callback):
 
     def __init__(self) -> None:
         self._last_validation_step: int | None = None
+        self._eval_mode_quiet: warnings.catch_warnings | None = None
+
+    # ---------------------------------------------------------------------------------------------- frozen parts
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Name the frozen eval-mode parts once, instead of Lightning's warning, when they are all that is in eval
+        mode (the filter lives until ``on_train_start``, right after Lightning's check)."""
+        del trainer
+        frozen = frozen_eval_modules(pl_module)
+        if not frozen:
+            return
+        logger.info("%s: frozen, kept in eval mode while training: %s.", type(pl_module).__name__, ", ".join(frozen))
+        self._eval_mode_quiet = warnings.catch_warnings()
+        self._eval_mode_quiet.__enter__()
+        warnings.filterwarnings("ignore", message=_EVAL_MODE_WARNING)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Lightning has checked the modes: the warning filters are restored for whatever comes next."""
+        del trainer, pl_module
+        self._restore_warnings()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A fit that fails before training starts restores the warning filters too."""
+        del trainer, pl_module, exception
+        self._restore_warnings()
+
+    def _restore_warnings(self) -> None:
+        if self._eval_mode_quiet is not None:
+            self._eval_mode_quiet.__exit__(None, None, None)
+            self._eval_mode_quiet = None
 
     # ---------------------------------------------------------------------------------------------- inputs
     @staticmethod
@@ -378,6 +411,26 @@ class ReconModuleMixin:
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
         self._recon_trained = True
         return result
+
+
+_EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"  # Lightning's fit loop
+
+
+def frozen_eval_modules(module: torch.nn.Module) -> list[str]:
+    """The outermost eval-mode submodules of a module in train mode, when each holds parameters and none of them
+    trains (a frozen backbone); ``[]`` when anything else is in eval mode (a trainable part, or one without
+    parameters such as a Dropout, left in eval by mistake), so that Lightning's warning stays."""
+    if not module.training:
+        return []
+    outermost = []
+    for name, child in module.named_modules():
+        if child.training or any(name.startswith(f"{top}.") for top in outermost):
+            continue
+        params = list(child.parameters())
+        if not params or any(p.requires_grad for p in params):
+            return []
+        outermost.append(name)
+    return outermost
 
 
 def _nonfinite_weights(module: Any) -> list[str]:
