@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,13 +23,12 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 import harness  # noqa: E402
+import stages  # noqa: E402
 
 
-def _rss_mb() -> float:
-    """Current resident memory (MB) from /proc (Linux)."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
+def spec_label(spec: str) -> dict:
+    """A child's ``--stage`` is ``[backbone, image_size, distance_chunk]`` as JSON; its error row carries them."""
+    return dict(zip(("backbone", "image_size", "distance_chunk"), json.loads(spec), strict=True))
 
 
 def run_one(backbone: str, size: int, batch: int, chunk: int | None, threads: int, reps: int) -> dict:
@@ -46,7 +42,7 @@ def run_one(backbone: str, size: int, batch: int, chunk: int | None, threads: in
     model = GRNR(backbone=backbone, weights=None, image_size=size, distance_chunk=chunk, visualizer=False).eval()
     images = torch.randn(batch, 3, size, size)
     grids = model.model.grid_sizes((size, size))
-    base = _rss_mb()
+    base = stages.rss_mb()
     with torch.no_grad():
         model.model(images)  # warm-up (allocator, kernels)
         start = time.perf_counter()
@@ -59,7 +55,7 @@ def run_one(backbone: str, size: int, batch: int, chunk: int | None, threads: in
             model.model.feature_extractor(images)
         backbone_s = (time.perf_counter() - start) / reps
     del feats
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = stages.peak_rss_mb()
     n_max = max(h * w for h, w in grids)
     return {
         "backbone": backbone,
@@ -111,36 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--name", default="memory_cpu")
     p.add_argument("--results-dir", default=str(harness.RESULTS))
-    p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    stages.add_stage_argument(p)
     args = p.parse_args(argv)
-    if args.single:
-        backbone, size, chunk = json.loads(args.single)
-        print("RESULT " + json.dumps(run_one(backbone, size, args.batch, chunk, args.threads, args.reps)), flush=True)
-        return 0
-    raw = argv if argv is not None else sys.argv[1:]
-    header = {
-        "name": f"grnr_{args.name}",
-        "command": "python benchmarks/grnr_memory.py " + " ".join(shlex.quote(a) for a in raw),
-        "machine": harness.machine_info(),
-    }
-    rows = []
-    for backbone in args.backbones:
-        for size in args.sizes:
-            for chunk in args.chunks:
-                value = None if chunk.lower() == "none" else int(chunk)
-                spec = json.dumps([backbone, size, value])
-                print(f"=== {spec} ===", flush=True)
-                proc = subprocess.run(
-                    [sys.executable, __file__, *raw, "--single", spec], capture_output=True, text=True, check=False
-                )
-                found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                if found:
-                    rows.append(json.loads(found[-1][len("RESULT ") :]))
-                else:
-                    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                    rows.append({"backbone": backbone, "image_size": size, "distance_chunk": value, "error": tail})
-                table = harness.write_results(Path(args.results_dir), header, rows, render=to_markdown)
-    print(table)
+    if args.stage:
+        backbone, size, chunk = json.loads(args.stage)
+        return stages.emit_result(run_one(backbone, size, args.batch, chunk, args.threads, args.reps))
+    raw = list(sys.argv[1:] if argv is None else argv)
+    header = {"name": f"grnr_{args.name}", "command": stages.command(__file__, raw), "machine": harness.machine_info()}
+    specs = [
+        json.dumps([backbone, size, None if chunk.lower() == "none" else int(chunk)])
+        for backbone in args.backbones
+        for size in args.sizes
+        for chunk in args.chunks
+    ]
+    stages.record(__file__, raw, specs, header, Path(args.results_dir), to_markdown, label=spec_label)
     return 0
 
 

@@ -20,21 +20,14 @@ no post-processor).
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from harness import RESULTS, machine_info, markdown_table, result_preamble, write_results  # noqa: E402
-from lgfdr_export_memory import peak_mb, rss_mb  # noqa: E402
-
-PATHS = ("torch", "onnx", "openvino")
+import stages  # noqa: E402
+from harness import RESULTS, machine_info, markdown_table, result_preamble  # noqa: E402
 
 
 def build(args: argparse.Namespace):
@@ -67,54 +60,15 @@ def build(args: argparse.Namespace):
 
 def run_path(args: argparse.Namespace) -> dict:
     """Build the model and run one path; returns its row."""
-    import numpy as np
     import torch
 
     model = build(args)
     size = args.image_size
     batch = torch.rand(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(1))
-    build_rss = rss_mb()
+    build_rss = stages.rss_mb()
     state_mb = sum(t.numel() * t.element_size() for t in model.model.state_dict().values()) / 2**20
-    start = time.perf_counter()
-    with torch.no_grad():
-        expected = model(batch)
-    row = {"path": args.single, "build_rss_mb": round(build_rss, 1), "state_dict_mb": round(state_mb, 1)}
-    if args.single == "torch":
-        with torch.no_grad():
-            for _ in range(2):
-                model(batch)
-        row["seconds"] = round((time.perf_counter() - start) / 3, 2)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            if args.single == "onnx":
-                import onnxruntime as ort
-
-                path = model.to_onnx(tmp, input_size=(size, size), opset_version=18)
-                row["export_s"] = round(time.perf_counter() - start, 1)
-                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-                names = [o.name for o in session.get_outputs()]
-                start = time.perf_counter()
-                outputs = dict(
-                    zip(names, session.run(None, {session.get_inputs()[0].name: batch.numpy()}), strict=True)
-                )
-            else:
-                import openvino as ov
-
-                path = model.to_openvino(tmp, input_size=(size, size), onnx_kwargs={"opset_version": 18})
-                row["export_s"] = round(time.perf_counter() - start, 1)
-                compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-                start = time.perf_counter()
-                result = compiled(batch.numpy())
-                outputs = {out.get_any_name(): result[out] for out in compiled.outputs}
-            row["seconds"] = round(time.perf_counter() - start, 2)
-            score = next(v for k, v in outputs.items() if "score" in k)
-            amap = next(v for k, v in outputs.items() if "map" in k)
-            row["max_score_diff"] = float(np.abs(score.reshape(-1) - expected.pred_score.numpy().reshape(-1)).max())
-            row["max_map_diff"] = float(np.abs(amap.reshape(-1) - expected.anomaly_map.numpy().reshape(-1)).max())
-    row["peak_rss_mb"] = round(peak_mb(), 1)
-    row["score_range"] = [float(expected.pred_score.min()), float(expected.pred_score.max())]
-    return row
+    row = {"build_rss_mb": round(build_rss, 1), "state_dict_mb": round(state_mb, 1)}
+    return stages.measure_export_path(model, batch, args.stage, row, opset_version=18)
 
 
 def render(rows: list[dict], header: dict) -> str:
@@ -126,9 +80,7 @@ def render(rows: list[dict], header: dict) -> str:
         "",
         f"PNPT, backbone {header['backbone']} (random weights), {header['image_size']} px, {header['classes']} classes "
         f"in the prompt pool, batch {header['batch_size']}, {header['threads']} torch thread(s); each path in its own "
-        "process. build_rss_mb: resident memory after building the model and filling its pool; peak_rss_mb: the "
-        "process's peak; seconds: one inference (torch: mean of 3); diffs: exported outputs vs torch on the same batch "
-        "(raw score and map, no post-processor).",
+        "process. build_rss_mb: resident memory after building the model and filling its pool; " + stages.EXPORT_NOTE,
         "",
         *markdown_table(cols, rows),
     ]
@@ -143,34 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    p.add_argument("--paths", nargs="+", choices=stages.EXPORT_PATHS, default=list(stages.EXPORT_PATHS))
     p.add_argument("--name", default="pnpt_export_memory")
     p.add_argument("--results-dir", default=str(RESULTS))
-    p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    stages.add_stage_argument(p, stages.EXPORT_PATHS)
     args = p.parse_args(argv)
-    if args.single:
-        print("RESULT " + json.dumps(run_path(args)), flush=True)
-        return 0
+    if args.stage:
+        return stages.emit_result(run_path(args))
     raw = list(sys.argv[1:] if argv is None else argv)
     header = {
         "name": args.name,
-        "command": "python benchmarks/pnpt_export_memory.py " + " ".join(shlex.quote(a) for a in raw),
+        "command": stages.command(__file__, raw),
         "machine": machine_info(),
         **{k: getattr(args, k) for k in ("backbone", "image_size", "classes", "batch_size", "threads")},
     }
-    rows = []
-    for path in args.paths:
-        proc = subprocess.run(
-            [sys.executable, __file__, *raw, "--single", path], capture_output=True, text=True, check=False
-        )
-        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if found:
-            rows.append(json.loads(found[-1][len("RESULT ") :]))
-        else:
-            rows.append({"path": path, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]})
-        print(rows[-1], flush=True)
-        write_results(Path(args.results_dir), header, rows, render=render)
-    print(render(rows, header))
+    stages.record(__file__, raw, args.paths, header, Path(args.results_dir), render, label=lambda path: {"path": path})
     return 0
 
 

@@ -20,10 +20,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,14 +29,9 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import harness  # noqa: E402
+import stages  # noqa: E402
 
 BACKENDS = ("torch", "onnx", "openvino")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
 
 
 def run_one(backend: str, backbone: str, size: int, batch: int, threads: int) -> dict:
@@ -59,7 +50,7 @@ def run_one(backend: str, backbone: str, size: int, batch: int, threads: int) ->
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = model(images)
-    base = _rss_mb()
+    base = stages.rss_mb()
     start = time.perf_counter()
     row: dict = {"backend": backend, "backbone": backbone, "size": size, "batch": batch}
     if backend == "torch":
@@ -90,7 +81,7 @@ def run_one(backend: str, backbone: str, size: int, batch: int, threads: int) ->
                 maps.append(np.asarray(result.anomaly_map).reshape(1, size, size))
             got = (np.concatenate(scores), np.stack(maps))
     row["seconds"] = round(time.perf_counter() - start, 1)
-    row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    row["peak_rss_mb"] = round(stages.peak_rss_mb(), 1)
     row["model_rss_mb"] = round(base, 1)
     row["added_mb"] = round(row["peak_rss_mb"] - base, 1)
     row["max_abs_diff_score"] = float(np.abs(got[0].reshape(-1) - expected.pred_score.numpy().reshape(-1)).max())
@@ -123,26 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--name", default="memory_256")
-    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    stages.add_stage_argument(parser, BACKENDS)
     args = parser.parse_args(argv)
-    if args.single:
-        row = run_one(args.single, args.backbone, args.size, args.batch, args.threads)
-        print("RESULT " + json.dumps(row))
-        return 0
-    rows = []
-    for backend in args.backends:
-        child = [sys.executable, __file__, "--single", backend, "--backbone", args.backbone, "--size", str(args.size)]
-        child += ["--batch", str(args.batch), "--threads", str(args.threads)]
-        done = subprocess.run(child, capture_output=True, text=True, check=False)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        rows.append(json.loads(lines[-1][7:]) if lines else {"backend": backend, "error": done.stderr[-500:]})
-        print(rows[-1])
-    header = {
-        "name": f"rb_ae_{args.name}",
-        "command": shlex.join(["python", "benchmarks/rb_ae_memory.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": harness.machine_info(),
-    }
-    print(harness.write_results(harness.RESULTS, header, rows, render=to_markdown))
+    if args.stage:
+        return stages.emit_result(run_one(args.stage, args.backbone, args.size, args.batch, args.threads))
+    raw = list(sys.argv[1:] if argv is None else argv)
+    header = {"name": f"rb_ae_{args.name}", "command": stages.command(__file__, raw), "machine": harness.machine_info()}
+    stages.record(__file__, raw, args.backends, header, harness.RESULTS, to_markdown, label=lambda b: {"backend": b})
     return 0
 
 

@@ -19,11 +19,6 @@ which writes ``benchmarks/results/<name>.json`` / ``.md`` with the command and m
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +27,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# benchmarks/ is not a package; this file also runs as a script and as its own child processes, where the tests
+# package (and so tests/benchmarks/conftest.py's load_script) is not importable
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import harness  # noqa: E402
+import stages  # noqa: E402
+
 MODES = ("build", "torch", "onnx", "openvino")
 SMALL = {
     "embed_dim": 32,
@@ -41,10 +43,6 @@ SMALL = {
     "decoder_depth": 1,
     "decoder_num_heads": 2,
 }
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_mode(mode: str, backbone: str, size: int, batch: int, small: bool, work: str) -> dict:
@@ -63,7 +61,7 @@ def run_mode(mode: str, backbone: str, size: int, batch: int, small: bool, work:
     ).eval()
     model._recon_trained = True  # random weights: memory and time do not depend on training
     images = torch.rand(batch, 3, size, size)
-    built = _peak_mb()
+    built = stages.peak_rss_mb()
     start = time.perf_counter()
     if mode == "torch":
         with torch.no_grad():
@@ -82,26 +80,23 @@ def run_mode(mode: str, backbone: str, size: int, batch: int, small: bool, work:
         np.asarray(compiled(images.numpy())[compiled.outputs[0]])
     return {
         "path": mode,
-        "peak_rss_mb": round(_peak_mb(), 1),
+        "peak_rss_mb": round(stages.peak_rss_mb(), 1),
         "built_rss_mb": round(built, 1),
         "seconds": round(time.perf_counter() - start, 1),
     }
 
 
 def measure(backbone: str, size: int, batch: int, small: bool, threads: int = 1) -> list[dict]:
-    """Every path in its own subprocess; one row each."""
-    rows = []
+    """Every path in its own subprocess (``benchmarks/stages.py``); one row each. Raises if a path gave no row
+    (its stderr tail is echoed)."""
     with tempfile.TemporaryDirectory() as work:
-        for mode in MODES:
-            argv = [sys.executable, __file__, "--child", mode, "--backbone", backbone, "--image-size", str(size)]
-            argv += ["--batch", str(batch), "--work", work, *(["--small"] if small else [])]
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-            done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
-            if done.returncode != 0 or not lines:
-                msg = f"{mode} failed (exit {done.returncode}): {done.stderr[-2000:]}"
-                raise RuntimeError(msg)
-            rows.append(json.loads(lines[-1][4:]))
+        argv = ["--backbone", backbone, "--image-size", str(size), "--batch", str(batch), "--work", work]
+        env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+        argv += ["--small"] if small else []
+        rows = stages.run_stages(__file__, argv, MODES, label=lambda mode: {"path": mode}, env=env)
+    failed = [row for row in rows if "error" in row]
+    if failed:
+        raise RuntimeError(f"paths without a result: {failed}")
     return rows
 
 
@@ -129,22 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="tiny ViT widths instead of the paper's")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=None)
-    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    stages.add_stage_argument(p, MODES)
     args = p.parse_args(argv)
-    if args.child:
-        row = run_mode(args.child, args.backbone, args.image_size, args.batch, args.small, args.work)
-        print("ROW " + json.dumps(row), flush=True)
-        return 0
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import harness
-
+    if args.stage:
+        return stages.emit_result(
+            run_mode(args.stage, args.backbone, args.image_size, args.batch, args.small, args.work)
+        )
     rows = measure(args.backbone, args.image_size, args.batch, args.small, args.threads)
     name = args.name or f"st_mae_export_memory_{args.image_size}"
     header = {
         "name": name,
-        "command": "python tests/models/test_st_mae_memory.py "
-        + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": stages.command(__file__, argv or sys.argv[1:]),
         "machine": harness.machine_info(),
         "backbone": args.backbone,
         "image_size": args.image_size,
