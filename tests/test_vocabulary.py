@@ -98,3 +98,29 @@ def test_pre_processor_does_exactly_what_the_model_declares(name):
     if model.input_normalization == "imagenet":
         expected = normalize(expected, list(IMAGENET_MEAN), list(IMAGENET_STD))
     torch.testing.assert_close(model.pre_processor.transform(images), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_torch_model_is_built_for_the_resize_else_image_size(name, monkeypatch):
+    """One recipe for the size (``ReconModuleMixin.model_input_size``): the pre-processor's Resize when there is one;
+    without one (``pre_processor=False``), ``image_size``, never silently the model's default."""
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Resize
+
+    kwargs, size, _ = CONTRACT_KWARGS[name]
+    cls = getattr(models, name)
+    kwargs = {**kwargs, "weights": None} if "weights" in _params(cls) else dict(kwargs)
+    lightning_module = importlib.import_module(cls.__module__)
+    (torch_cls,) = _torch_models(cls)
+    built: list[tuple[int, int]] = []
+
+    class Spy(torch_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kw):
+            built.append(tuple(kw["image_size"]))
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(lightning_module, torch_cls.__name__, Spy)
+    other = size * 2
+    cls(**{**kwargs, "image_size": other, "pre_processor": False})
+    cls(**{**kwargs, "image_size": other, "pre_processor": PreProcessor(transform=Resize((size, size)))})
+    assert built == [(other, other), (size, size)]

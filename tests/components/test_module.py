@@ -162,6 +162,23 @@ def test_export_sizes_are_checked_before_exporting(tmp_path, size):
     assert not list(tmp_path.iterdir())
 
 
+def test_model_input_size_is_the_resize_else_image_size_else_the_default(monkeypatch, caplog):
+    from anomalib.pre_processing import PreProcessor
+
+    model = Toy()  # anomalib's default pre-processor: Resize(256)
+    assert model.model_input_size(64) == (256, 256)
+    model.pre_processor = PreProcessor()  # no Resize
+    assert model.model_input_size(64) == (64, 64)
+    assert model.model_input_size((48, 32)) == (48, 32)
+    assert "no Resize" not in caplog.text  # the user said the size
+    monkeypatch.setattr(Toy, "default_image_size", (96, 80))
+    with caplog.at_level(logging.WARNING, logger="anomalib_recon.components.module"):
+        assert model.model_input_size(None) == (96, 80)
+    assert "Toy: no Resize in the pre-processor and no image_size; building for (96, 80) inputs." in caplog.text
+    with pytest.raises(ValueError, match="image_size must be a positive int"):
+        model.model_input_size(0)
+
+
 def test_export_records_no_gradients(tmp_path, monkeypatch):
     """anomalib's probe forward and the export trace run without autograd (OpenVINO's export goes through
     ``to_onnx`` too): with it, a memory-bank model kept every distance block alive and SCLVI's export at the

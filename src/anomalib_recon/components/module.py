@@ -287,6 +287,20 @@ class ReconModuleMixin:
         augmentation."""
         return resize_pre_processor(image_size or cls.default_image_size)
 
+    def model_input_size(self, image_size: int | tuple[int, int] | None) -> tuple[int, int]:
+        """The ``(H, W)`` the torch model is built for: the pre-processor's Resize (``self.input_size``, where the
+        size lives); without one (``pre_processor=False`` or a custom pre-processor), ``image_size``; without either,
+        the model's ``default_image_size``, with a warning (the model then expects inputs already at that size)."""
+        size = self.input_size  # type: ignore[attr-defined]
+        if size is None and image_size is None:
+            size = self.default_image_size
+            logger.warning(
+                "%s: no Resize in the pre-processor and no image_size; building for %s inputs.",
+                type(self).__name__,
+                size,
+            )
+        return as_image_size(size if size is not None else image_size)
+
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         """No sanity validation: a model's statistics, banks or thresholds do not exist before training."""

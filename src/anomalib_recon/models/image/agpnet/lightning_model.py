@@ -27,7 +27,7 @@ from torch import nn
 from anomalib_recon.components.anomaly_map import check_blur_fits
 from anomalib_recon.components.few_shot import dihedral_augment, restrict_to_few_shot
 from anomalib_recon.components.module import ReconModuleMixin
-from anomalib_recon.components.preprocessing import as_image_size, sized_pre_processor
+from anomalib_recon.components.preprocessing import sized_pre_processor
 from anomalib_recon.components.schedules import check_lr_schedule, multistep_lr, training_horizon
 
 from .loss import AGPNetLoss
@@ -198,13 +198,9 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
         self.few_shot_seed = int(few_shot_seed)
         self._warned_no_horizon = False
 
-        # The input size comes from the pre-processor (its Resize), as in every model; image_size only builds the
-        # default pre-processor. A user's own pre-processor of another size must not leave the decoder's position
-        # embedding at image_size's grid. Without a Resize the model is built for image_size.
-        input_size = self.input_size
-        if input_size is None:
-            input_size = as_image_size(image_size if image_size is not None else DEFAULT_IMAGE_SIZE)
-        size = (int(input_size[0]), int(input_size[1]))
+        # The input size comes from the pre-processor (its Resize), as in every model: a user's own pre-processor of
+        # another size must not leave the decoder's position embedding at image_size's grid.
+        size = self.model_input_size(image_size)
         # the map is blurred at the input size: a blur larger than the input is refused here, not at the first forward
         check_blur_fits(blur_sigma, None, size, "AGPNet")
         self.model = AGPNetModel(

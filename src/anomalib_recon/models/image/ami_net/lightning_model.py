@@ -131,10 +131,7 @@ class AMINet(ReconModuleMixin, AnomalibModule):
             msg = f"few_shot_k must be a positive number of normal images or None, got {few_shot_k}."
             raise ValueError(msg)
         check_optimizer_settings("AMINet", lr, weight_decay, betas)
-        input_size = self.input_size
-        if input_size is None:
-            logger.warning("AMINet: no Resize in the pre-processor; building for %s inputs.", DEFAULT_IMAGE_SIZE)
-            input_size = DEFAULT_IMAGE_SIZE
+        input_size = self.model_input_size(image_size)
         self.lr = float(lr)
         self.betas = (float(betas[0]), float(betas[1]))
         self.weight_decay = float(weight_decay)
@@ -148,7 +145,7 @@ class AMINet(ReconModuleMixin, AnomalibModule):
             backbone=backbone,
             layers=layers,
             weights=weights,
-            image_size=(int(input_size[0]), int(input_size[1])),
+            image_size=input_size,
             patch_size=patch_size,
             embed_dim=embed_dim,
             depth=depth,

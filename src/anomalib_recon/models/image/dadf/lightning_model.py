@@ -160,11 +160,8 @@ class DADF(ReconModuleMixin, AnomalibModule):
             "use_memory": use_memory,
             "flow_input": flow_input,
         }
-        input_size = self.input_size
-        if input_size is None:
-            logger.warning("DADF: no Resize in the pre-processor; building for %s inputs.", DEFAULT_IMAGE_SIZE)
-            input_size = DEFAULT_IMAGE_SIZE
-        self.model = DADFModel(image_size=(int(input_size[0]), int(input_size[1])), **self._model_args)
+        input_size = self.model_input_size(image_size)
+        self.model = DADFModel(image_size=input_size, **self._model_args)
         self.reconstruction_loss = DADFReconstructionLoss()
         self.flow_loss = DADFFlowLoss()
         self._logged_stage1_validation = False

@@ -145,10 +145,7 @@ class GLCF(ReconModuleMixin, AnomalibModule):
         if stats_split not in STATS_SPLITS:
             msg = f"stats_split must be one of {STATS_SPLITS}, got {stats_split!r}."
             raise ValueError(msg)
-        input_size = self.input_size
-        if input_size is None:
-            logger.warning("GLCF: no Resize in the pre-processor; building for %s inputs.", DEFAULT_IMAGE_SIZE)
-            input_size = DEFAULT_IMAGE_SIZE
+        input_size = self.model_input_size(image_size)
         self.lr = float(lr)
         self.betas = (float(betas[0]), float(betas[1]))
         self.weight_decay = float(weight_decay)
@@ -163,7 +160,7 @@ class GLCF(ReconModuleMixin, AnomalibModule):
             backbone=backbone,
             layers=layers,
             weights=weights,
-            image_size=(int(input_size[0]), int(input_size[1])),
+            image_size=input_size,
             embed_dim=embed_dim,
             depth=depth,
             num_heads=num_heads,

@@ -25,7 +25,6 @@ from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import EVAL_DATALOADERS, STEP_OUTPUT
@@ -34,7 +33,7 @@ from torch import nn
 from anomalib_recon.components.guards import UntrainedModelError
 from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.normal_images import collect_normal_images, has_training_data
-from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
+from anomalib_recon.components.preprocessing import sized_pre_processor
 
 from .post_processor import UNCALIBRATED_MEANING, GRNRPostProcessor
 from .torch_model import REFERENCE_SIZE, GRNRModel
@@ -144,15 +143,12 @@ class GRNR(ReconModuleMixin, AnomalibModule):
         self.coreset_ratio = None if coreset_ratio is None else float(coreset_ratio)
         self.bank_stats: dict[str, float] = {}
         self._bank_fit_pending = False
-        input_size = self.input_size
-        if input_size is None:
-            logger.warning("GRNR: no Resize in the pre-processor; building for %s inputs.", DEFAULT_IMAGE_SIZE)
-            input_size = DEFAULT_IMAGE_SIZE
+        input_size = self.model_input_size(image_size)
         self.model = GRNRModel(
             backbone=backbone,
             layers=layers,
             weights=weights,
-            image_size=(int(input_size[0]), int(input_size[1])),
+            image_size=input_size,
             pool_kernel=pool_kernel,
             num_global_priors=num_global_priors,
             lam=lam,
@@ -191,10 +187,7 @@ class GRNR(ReconModuleMixin, AnomalibModule):
         return tuple(f"normal_bank_{layer}" for layer in range(len(self.model.feature_extractor.layers)))
 
     # ------------------------------------------------------------------------------------------------ configuration
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to ``image_size`` (320×320, the paper) and normalise with ImageNet statistics."""
-        return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE)
+    default_image_size = DEFAULT_IMAGE_SIZE  # 320 x 320, the paper; the mixin's Resize + ImageNet pre-processor
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:

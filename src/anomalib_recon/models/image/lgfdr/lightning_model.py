@@ -142,15 +142,12 @@ class LGFDR(ReconModuleMixin, AnomalibModule):
         self.lr_gamma = float(lr_gamma)
         self.stats_max_images = int(stats_max_images)
 
-        input_size = self.input_size
-        if input_size is None:
-            logger.warning("LGFDR: no Resize in the pre-processor; building for %s inputs.", DEFAULT_IMAGE_SIZE)
-            input_size = DEFAULT_IMAGE_SIZE
+        input_size = self.model_input_size(image_size)
         self.model = LGFDRModel(
             backbone=backbone,
             layers=layers,
             weights=weights,
-            image_size=(int(input_size[0]), int(input_size[1])),
+            image_size=input_size,
             local_embed_dim=local_embed_dim,
             local_depth=local_depth,
             local_num_heads=local_num_heads,

@@ -32,7 +32,6 @@ from anomalib_recon.components.normal_images import collect_normal_images
 from anomalib_recon.components.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    as_image_size,
     resize_pre_processor,
     sized_pre_processor,
 )
@@ -228,14 +227,12 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
 
         # The input size comes from the pre-processor (its Resize); image_size only builds the default one. Without
         # a Resize (pre_processor=False or a custom one) the model is built for image_size.
-        input_size = self.input_size
-        if input_size is None:
-            input_size = as_image_size(image_size if image_size is not None else DEFAULT_IMAGE_SIZE)
+        input_size = self.model_input_size(image_size)
         self.model = NAFRADModel(
             backbone=resolve_backbone(backbone, category),
             layers=layers,
             weights=weights,
-            image_size=(int(input_size[0]), int(input_size[1])),  # a ValueError naming image_size and the sizes
+            image_size=input_size,  # a ValueError naming image_size and the sizes
             include_image_in_features=include_image_in_features,
             channel_order=channel_order,
             use_neighborhood_attention=use_neighborhood_attention,
@@ -265,6 +262,8 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
         self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     # ------------------------------------------------------------------------------------------------ configuration
+    default_image_size = DEFAULT_IMAGE_SIZE
+
     @classmethod
     def configure_pre_processor(
         cls, image_size: tuple[int, int] | None = None, normalize_input: bool = False

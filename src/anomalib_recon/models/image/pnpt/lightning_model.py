@@ -163,11 +163,8 @@ class PNPT(ReconModuleMixin, AnomalibModule):
             "map_streams": map_streams,
             "blur_sigma": blur_sigma,
         }
-        input_size = self.input_size
-        if input_size is None:
-            logger.warning("PNPT: no Resize in the pre-processor; building for %s inputs.", DEFAULT_IMAGE_SIZE)
-            input_size = DEFAULT_IMAGE_SIZE
-        self.model = PNPTModel(image_size=(int(input_size[0]), int(input_size[1])), **self._model_args)
+        input_size = self.model_input_size(image_size)
+        self.model = PNPTModel(image_size=input_size, **self._model_args)
         self.loss = PNPTLoss()
         self._category_fn: Callable[[str], str] | None = None
 

@@ -37,7 +37,7 @@ from torchvision.transforms.v2 import Normalize
 from anomalib_recon.components.guards import NonFiniteError, is_finite_number
 from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.normal_images import collect_normal_images, preprocess, training_dataset
-from anomalib_recon.components.preprocessing import as_image_size, resize_pre_processor, sized_pre_processor
+from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
 from anomalib_recon.components.schedules import check_lr_schedule
 
 from .loss import RBAEReconstructionLoss, RBAESegmentationLoss
@@ -210,14 +210,12 @@ class RBAE(ReconModuleMixin, AnomalibModule):
         self.reconstruction_steps = None if reconstruction_steps is None else int(reconstruction_steps)
         self.automatic_optimization = False
 
-        input_size = self.input_size
-        if input_size is None:
-            input_size = as_image_size(image_size if image_size is not None else DEFAULT_IMAGE_SIZE)
+        input_size = self.model_input_size(image_size)
         self.model = RBAEModel(
             backbone=backbone,
             layers=layers,
             weights=weights,
-            image_size=(int(input_size[0]), int(input_size[1])),
+            image_size=input_size,
             use_rbam=use_rbam,
             seg_channels=seg_channels,
             score_kernel_size=score_kernel_size,
@@ -235,11 +233,13 @@ class RBAE(ReconModuleMixin, AnomalibModule):
         self._logged_stage1_validation = False
 
     # ------------------------------------------------------------------------------------------------ configuration
+    default_image_size = DEFAULT_IMAGE_SIZE
+
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
         """Resize to ``image_size`` (256×256), no normalisation: the synthetic defects are drawn on [0, 1] images and
         the model applies the ImageNet normalisation itself before its encoder."""
-        return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE, normalize=False)
+        return resize_pre_processor(image_size or cls.default_image_size, normalize=False)
 
     @property
     def input_normalization(self) -> str:

@@ -120,14 +120,11 @@ class SCLVI(ReconModuleMixin, AnomalibModule):
         if coreset_ratio is not None and not 0 < coreset_ratio <= 1:
             msg = f"coreset_ratio must be in (0, 1] or None, got {coreset_ratio}."
             raise ValueError(msg)
-        input_size = self.input_size
-        if input_size is None:
-            logger.warning("SCLVI: no Resize in the pre-processor; building for %s inputs.", DEFAULT_IMAGE_SIZE)
-            input_size = DEFAULT_IMAGE_SIZE
+        input_size = self.model_input_size(image_size)
         self.lr = float(lr)
         self.coreset_ratio = coreset_ratio
         self.model = SCLVIModel(
-            image_size=(int(input_size[0]), int(input_size[1])),
+            image_size=input_size,
             feature_dim=feature_dim,
             width=width,
             scales=tuple(scales),
@@ -142,10 +139,12 @@ class SCLVI(ReconModuleMixin, AnomalibModule):
         self.bank_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------------ configuration
+    default_image_size = DEFAULT_IMAGE_SIZE
+
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
         """Resize to ``image_size`` (256x256) without normalisation: the model subtracts its mean training image."""
-        return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE, normalize=False)
+        return resize_pre_processor(image_size or cls.default_image_size, normalize=False)
 
     @property
     def input_normalization(self) -> str:

@@ -123,10 +123,7 @@ class STMAE(ReconModuleMixin, AnomalibModule):
         if not is_finite_number(direction_weight) or direction_weight < 0:
             msg = f"STMAE: direction_weight must be a finite number >= 0, got {direction_weight!r}."
             raise ValueError(msg)
-        input_size = self.input_size
-        if input_size is None:
-            logger.warning("STMAE: no Resize in the pre-processor; building for %s inputs.", DEFAULT_IMAGE_SIZE)
-            input_size = DEFAULT_IMAGE_SIZE
+        input_size = self.model_input_size(image_size)
         self.lr = float(lr)
         self.betas = (float(betas[0]), float(betas[1]))
         self.weight_decay = float(weight_decay)
@@ -137,7 +134,7 @@ class STMAE(ReconModuleMixin, AnomalibModule):
             backbone=backbone,
             layers=layers,
             weights=weights,
-            image_size=(int(input_size[0]), int(input_size[1])),
+            image_size=input_size,
             post_pool=post_pool,
             fusion_stride=fusion_stride,
             patch_size=patch_size,
