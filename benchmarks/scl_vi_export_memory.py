@@ -24,16 +24,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
+import stages
 
 
 def windows(image_size: int) -> dict[int, int]:
@@ -42,11 +39,6 @@ def windows(image_size: int) -> dict[int, int]:
 
     strides = resolve_strides((image_size, image_size), PAPER_SCALES, None)
     return {k: ((image_size - k) // strides[k][0] + 1) ** 2 for k in PAPER_SCALES}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def paper_model(args: argparse.Namespace):
@@ -81,13 +73,14 @@ def test_images(count: int, size: int):
 def stage_export(args: argparse.Namespace) -> dict:
     """Export to OpenVINO IR; peak memory, time and file sizes."""
     model = paper_model(args)
-    before = peak_rss_mb()
+    before = round(stages.peak_rss_mb(), 1)
     start = time.perf_counter()
     size = (args.image_size, args.image_size)
     xml = model.to_openvino(Path(args.work_dir), input_size=size, onnx_kwargs={"opset_version": 18})
     seconds = time.perf_counter() - start
     files = {p.name: round(p.stat().st_size / 2**20, 1) for p in Path(xml).parent.iterdir()}
-    return {"stage": "export", "seconds": round(seconds, 1), "rss_before_mb": before, "peak_rss_mb": peak_rss_mb()} | {
+    peak = round(stages.peak_rss_mb(), 1)
+    return {"stage": "export", "seconds": round(seconds, 1), "rss_before_mb": before, "peak_rss_mb": peak} | {
         "files_mb": files
     }
 
@@ -101,11 +94,11 @@ def stage_openvino(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     images = test_images(args.images, args.image_size)
     xml = Path(args.work_dir) / "weights" / "openvino" / "model.xml"
-    before = peak_rss_mb()
+    before = round(stages.peak_rss_mb(), 1)
     start = time.perf_counter()
     inferencer = OpenVINOInferencer(path=xml, device="CPU", config={"INFERENCE_NUM_THREADS": args.threads})
     compile_s = time.perf_counter() - start
-    compiled_rss = peak_rss_mb()
+    compiled_rss = round(stages.peak_rss_mb(), 1)
     times, scores = [], []
     for image in images:
         start = time.perf_counter()
@@ -118,7 +111,7 @@ def stage_openvino(args: argparse.Namespace) -> dict:
         "seconds_per_image": [round(t, 1) for t in times],
         "rss_before_mb": before,
         "rss_after_compile_mb": compiled_rss,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": round(stages.peak_rss_mb(), 1),
         "pred_score": scores,
     }
 
@@ -130,7 +123,7 @@ def stage_torch(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model = paper_model(args)
     images = test_images(args.images, args.image_size)
-    before = peak_rss_mb()
+    before = round(stages.peak_rss_mb(), 1)
     times, scores = [], []
     with torch.no_grad():
         for image in images:
@@ -142,7 +135,7 @@ def stage_torch(args: argparse.Namespace) -> dict:
         "stage": "torch",
         "seconds_per_image": [round(t, 1) for t in times],
         "rss_before_mb": before,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": round(stages.peak_rss_mb(), 1),
         "pred_score": scores,
     }
 
@@ -160,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=2, help="test images per inference stage (batch 1)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
-    p.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # a child process
+    stages.add_stage_argument(p, STAGES)  # a child process
     p.add_argument("--work-dir", default="/tmp/scl_vi_export_memory")
     p.add_argument("--name", default="export_memory_256")
     p.add_argument("--results-dir", default=str(harness.RESULTS))
@@ -170,64 +163,42 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        print("RESULT " + json.dumps(STAGES[args.stage](args)), flush=True)
-        return 0
+        return stages.emit_result(STAGES[args.stage](args))
 
-    argv = argv if argv is not None else sys.argv[1:]
-    rows = []
-    for stage in args.stages:
-        child = [sys.executable, __file__, *argv, "--stage", stage]
-        out = subprocess.run(child, capture_output=True, text=True, check=False)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        row = json.loads(lines[-1][7:]) if lines else {"stage": stage, "error": out.stderr.strip().splitlines()[-1:]}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-
+    argv = list(argv if argv is not None else sys.argv[1:])
     per_image = windows(args.image_size)
     banks = {f"bank_rows_{k}": args.train_images * w for k, w in per_image.items()}
     bank_mb = round(sum(banks.values()) * 64 * 4 / 2**20, 1)
     header = {
         "name": f"scl_vi_{args.name}",
-        "command": "python benchmarks/scl_vi_export_memory.py " + " ".join(shlex.quote(a) for a in argv),
-        "machine": harness.machine_info() | {"memory_gb": _memory_gb()},
+        "command": stages.command(__file__, argv),
+        "machine": harness.machine_info() | {"memory_gb": stages.memory_gb()},
         "image_size": args.image_size,
         "train_images": args.train_images,
         **banks,
         "banks_mb": bank_mb,
         "knn_chunk_size": args.chunk,
         "width": args.width,
-        "rows": rows,
     }
-    results = Path(args.results_dir)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"{header['name']}.json").write_text(json.dumps(header, indent=2))
     per_block_mb = round(per_image[32] * args.chunk * 4 / 2**20)
-    lines = [
-        *harness.result_preamble(header),
-        "",
-        f"SCL-VI at {args.image_size} px with the paper's strides and encoder width {args.width}; random banks of "
-        f"the paper's size for {args.train_images} training images: {banks['bank_rows_64']:,} + "
-        f"{banks['bank_rows_32']:,} rows (D = 64, {bank_mb} MB). kNN blocks of {args.chunk:,} bank rows: "
-        f"{per_image[32]} x {args.chunk:,} distances = {per_block_mb} MB per image per block (unblocked: "
-        f"{per_image[32] * banks['bank_rows_32'] * 4 / 2**30:.1f} GB). Each stage in its own process; peak RSS = "
-        f"ru_maxrss; {args.threads} threads; test images at batch 1.",
-        "",
-    ]
-    lines += ["- " + ", ".join(f"{key}: {value}" for key, value in row.items()) for row in rows]
-    (results / f"{header['name']}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+
+    def render(rows: list[dict], header: dict) -> str:
+        lines = [
+            *harness.result_preamble(header),
+            "",
+            f"SCL-VI at {args.image_size} px with the paper's strides and encoder width {args.width}; random banks "
+            f"of the paper's size for {args.train_images} training images: {banks['bank_rows_64']:,} + "
+            f"{banks['bank_rows_32']:,} rows (D = 64, {bank_mb} MB). kNN blocks of {args.chunk:,} bank rows: "
+            f"{per_image[32]} x {args.chunk:,} distances = {per_block_mb} MB per image per block (unblocked: "
+            f"{per_image[32] * banks['bank_rows_32'] * 4 / 2**30:.1f} GB). Each stage in its own process; peak RSS = "
+            f"ru_maxrss; {args.threads} threads; test images at batch 1.",
+            "",
+        ]
+        lines += ["- " + ", ".join(f"{key}: {value}" for key, value in row.items()) for row in rows]
+        return "\n".join(lines) + "\n"
+
+    stages.record(__file__, argv, args.stages, header, Path(args.results_dir), render)
     return 0
-
-
-def _memory_gb() -> float | None:
-    """Total memory of the machine (GB), from /proc/meminfo."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
 
 
 if __name__ == "__main__":
