@@ -12,10 +12,11 @@ from lightning.pytorch.callbacks import Callback
 from timm.models.vision_transformer import Block
 from torch.nn import functional as F
 
+from anomalib_recon.components.dual_attention import DualAttentionBlock
 from anomalib_recon.components.patch_embed import patchify
 from anomalib_recon.models.image.dadf import DADF
 from anomalib_recon.models.image.dadf.loss import DADFFlowLoss, DADFReconstructionLoss
-from anomalib_recon.models.image.dadf.torch_model import DualAttentionBlock, create_flow, resolve_layers
+from anomalib_recon.models.image.dadf.torch_model import create_flow, resolve_layers
 from tests.conftest import cpu_engine, folder_datamodule
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -14,7 +14,7 @@ from anomalib.data import ImageBatch, InferenceBatch
 from PIL import Image
 from torch.nn import functional as F
 
-from anomalib_recon.models.image.dadf.torch_model import DualAttentionBlock
+from anomalib_recon.components.dual_attention import DualAttentionBlock
 from anomalib_recon.models.image.pnpt import PNPT
 from anomalib_recon.models.image.pnpt.anomaly_map import cosine_residual, residual_map
 from anomalib_recon.models.image.pnpt.lightning_model import WarmupCosine

@@ -3,6 +3,7 @@
 from .aggregation import FeatureAggregator, layer_norm_channels, map_to_tokens, tokens_to_map
 from .anomaly_map import AnomalyMapGenerator, check_blur_fits, make_blur, reduce_max, reduce_max_avgpool, reduce_std
 from .checkpoint import CheckpointMismatchError, restoring_from_checkpoint
+from .dual_attention import DualAttention, DualAttentionBlock
 from .evaluation import SkipUnavailableMetrics
 from .feature_extractor import BackboneInfo, FeatureExtractor, layers_at_strides, probe_backbone
 from .few_shot import dihedral_augment, few_shot_subset, restrict_to_few_shot
@@ -28,6 +29,8 @@ __all__ = [
     "AnomalyMapGenerator",
     "BackboneInfo",
     "CheckpointMismatchError",
+    "DualAttention",
+    "DualAttentionBlock",
     "FeatureAggregator",
     "FeatureExtractor",
     "InputImageError",

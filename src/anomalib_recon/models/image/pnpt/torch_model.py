@@ -36,13 +36,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from anomalib_recon.components.anomaly_map import check_blur_fits, make_blur, reduce_max
+from anomalib_recon.components.dual_attention import DualAttentionBlock
 from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
 from anomalib_recon.components.guards import check_finite
 from anomalib_recon.components.initialization import init_mae_weights
 from anomalib_recon.components.patch_embed import MultiScalePatchEmbed, TokenToFeatureHead
 from anomalib_recon.components.position import SinCosPositionEmbedding2D
 from anomalib_recon.components.tracing import is_tracing
-from anomalib_recon.models.image.dadf.torch_model import DualAttentionBlock
 
 from .anomaly_map import MAP_STREAMS, cosine_residual, residual_map
 
