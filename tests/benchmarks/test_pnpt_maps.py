@@ -9,6 +9,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from tests.benchmarks.conftest import load_script
+from tests.test_registration import TINY_KWARGS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -18,18 +19,7 @@ def _setup(folder_dataset, **kwargs):
 
     harness = load_script("harness")
     torch.manual_seed(0)
-    model = PNPT(
-        backbone="tf_efficientnet_lite0",
-        weights=None,
-        image_size=64,
-        embed_dim_per_scale=16,
-        depth=1,
-        decoder_depth=1,
-        num_heads=2,
-        evaluator=False,
-        visualizer=False,
-        **kwargs,
-    ).eval()
+    model = PNPT(**TINY_KWARGS["PNPT"], evaluator=False, visualizer=False, **kwargs).eval()
     args = argparse.Namespace(dataset="folder", data_root=str(folder_dataset), batch_size=4, workers=0, seed=0)
     return model, harness.build_datamodule(args)
 
