@@ -7,8 +7,13 @@ anomalib exports it; a static graph per batch size when ``--onnx-batch static`` 
 the OpenVINO model is converted from that ONNX file with ``openvino.convert_model``, which is what
 ``to_openvino`` does (FP32, no compression). Models are built by the benchmark harness
 (``harness.build_model``: shared backbone and image size) and are not trained: heads keep their initial
-weights and memory banks (Padim, Patchcore) are fitted on ``--fit-images`` random images. Speed does not
-depend on training, but Patchcore's time grows with its memory bank size, which is reported.
+weights and memory banks (Padim, Patchcore, GRNR with ``prior_source="normal"``) are fitted on ``--fit-images``
+random images. Speed does not depend on training, but a memory bank's search time grows with its size, which is
+reported with the fit's wall time (``fit_s``: feature pass and fit) and the fitted state's size (``fitted_mb``: the
+model's buffers outside its backbone, i.e. Padim's Gaussians, Patchcore's coreset, GRNR's banks).
+
+A ``--models`` entry ``LABEL=MODEL`` measures ``MODEL`` under its own label (rows, ``--model-args``), so one run
+can compare settings of one model: ``GRNR GRNR-normal=GRNR --model-args '{"GRNR-normal": {"prior_source": "normal"}}'``.
 
 Latency is per batch after ``--warmup`` calls: median and 90th percentile over at least ``--min-iters`` calls
 and ``--min-time`` seconds; images/s is total images over total time. Results go to
@@ -85,11 +90,12 @@ def measure(call: Callable[[], object], args: argparse.Namespace) -> dict:
     return time_calls(call, args.warmup, args.min_iters, args.min_time, args.max_iters)
 
 
-def model_args_for(name: str, args: argparse.Namespace) -> dict:
-    """Per-model init args: ``--model-args`` plus random backbone weights when ``--weights random``."""
+def model_args_for(label: str, name: str, args: argparse.Namespace) -> dict:
+    """Init args of the entry ``label`` (model ``name``): ``--model-args`` plus random backbone weights when
+    ``--weights random``."""
     import anomalib.models as am
 
-    extra = dict(args.model_args.get(name, {}))
+    extra = dict(args.model_args.get(label, {}))
     if args.weights == "random":
         params = inspect.signature(getattr(am, name).__init__).parameters
         if "weights" in params:  # ours
@@ -99,27 +105,58 @@ def model_args_for(name: str, args: argparse.Namespace) -> dict:
     return extra
 
 
-def build(name: str, args: argparse.Namespace, harness):
+def split_label(entry: str) -> tuple[str, str]:
+    """``LABEL=MODEL`` -> (label, model); a plain ``MODEL`` is its own label."""
+    label, _, model = entry.partition("=")
+    return (label, model) if model else (entry, entry)
+
+
+def random_batches(args: argparse.Namespace):
+    """``--fit-images`` random raw images in ``[0, 1]``, batches of 8, seeded by ``--seed``."""
+    import torch
+
+    generator = torch.Generator().manual_seed(args.seed)
+    for start in range(0, args.fit_images, 8):
+        count = min(8, args.fit_images - start)
+        yield torch.rand(count, 3, args.image_size, args.image_size, generator=generator)
+
+
+def fitted_megabytes(model) -> float:
+    """Size of the torch model's buffers outside its backbone (``feature_extractor``): what fitting stored."""
+    total = sum(
+        buffer.numel() * buffer.element_size()
+        for name, buffer in model.named_buffers()
+        if not name.startswith("feature_extractor.")
+    )
+    return round(total / 2**20, 2)
+
+
+def build(entry: str, args: argparse.Namespace, harness):
     """The model as the harness builds it, in eval mode, with any memory bank fitted on random images."""
     import torch
     from anomalib.models.components import MemoryBankMixin
 
+    label, name = split_label(entry)
     ns = argparse.Namespace(
-        backbone=args.backbone, image_size=args.image_size, model_args={name: model_args_for(name, args)}
+        backbone=args.backbone, image_size=args.image_size, model_args={name: model_args_for(label, name, args)}
     )
     module = harness.build_model(name, ns)
     info: dict = {"params_m": round(sum(p.numel() for p in module.model.parameters()) / 1e6, 2)}
-    if isinstance(module, MemoryBankMixin):
-        generator = torch.Generator().manual_seed(args.seed)
-        module.model.train()
-        with torch.no_grad():
-            for start in range(0, args.fit_images, 8):
-                count = min(8, args.fit_images - start)
-                images = torch.rand(count, 3, args.image_size, args.image_size, generator=generator)
-                module.model(module.pre_processor(images) if module.pre_processor else images)
-        module.fit()
-        module._is_fitted = torch.tensor([True])  # what anomalib's fit hooks set after fit()
+    banks = getattr(getattr(module, "model", None), "prior_source", None) == "normal"  # GRNR's bank priors
+    if isinstance(module, MemoryBankMixin) or banks:
+        start = time.perf_counter()
+        if banks:
+            module.build_banks(random_batches(args))
+        else:
+            module.model.train()
+            with torch.no_grad():
+                for images in random_batches(args):
+                    module.model(module.pre_processor(images) if module.pre_processor else images)
+            module.fit()
+            module._is_fitted = torch.tensor([True])  # what anomalib's fit hooks set after fit()
         info["fitted_on_random_images"] = args.fit_images
+        info["fit_s"] = round(time.perf_counter() - start, 2)
+        info["fitted_mb"] = fitted_megabytes(module.model)
         bank = getattr(module.model, "memory_bank", None)
         if isinstance(bank, torch.Tensor) and bank.ndim == 2:
             info["memory_bank"] = list(bank.shape)
@@ -305,10 +342,11 @@ def finish(row: dict) -> dict:
     return row
 
 
-def run_model(name: str, args: argparse.Namespace, harness, cuda: bool) -> tuple[list[dict], dict]:
-    """All rows of one model; any failure becomes a row."""
+def run_model(entry: str, args: argparse.Namespace, harness, cuda: bool) -> tuple[list[dict], dict]:
+    """All rows of one ``--models`` entry (named by its label); any failure becomes a row."""
+    name = split_label(entry)[0]
     try:
-        module, info = build(name, args, harness)
+        module, info = build(entry, args, harness)
     except Exception as error:  # a model that cannot be built is one row
         return [finish({"model": name, "backend": "build", "error": describe(error)})], {}
     rows = []
@@ -362,7 +400,7 @@ def to_markdown(rows: list[dict], header: dict) -> str:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["NAFRAD", "Padim"])
+    p.add_argument("--models", nargs="+", default=["NAFRAD", "Padim"], help="MODEL or LABEL=MODEL entries")
     p.add_argument("--backbone", default="tf_efficientnet_lite0")
     p.add_argument(
         "--weights",
@@ -436,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"=== [{index}/{len(args.models)}] {model} ===", flush=True)
         model_rows, info = run_model(model, args, harness, cuda)
         rows += model_rows
-        header["models"][model] = info
+        header["models"][split_label(model)[0]] = info
         # Written after every model, so an interrupted run keeps what it finished.
         header["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
         (results / f"throughput_{name}.json").write_text(json.dumps({**header, "rows": rows}, indent=2))

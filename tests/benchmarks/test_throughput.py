@@ -67,6 +67,7 @@ def test_throughput_end_to_end_tiny(throughput: ModuleType, tmp_path: Path) -> N
             assert row["max_score_err"] >= 0 and row["max_map_err"] >= 0, row
     assert {row["graph"] for row in padim if row["backend"] != "torch-cpu"} == {"dynamic batch"}
     assert data["models"]["Padim"]["fitted_on_random_images"] == 4  # a memory-bank model is fitted before timing
+    assert data["models"]["Padim"]["fitted_mb"] > 0 and data["models"]["Padim"]["fit_s"] > 0
 
     (missing,) = [row for row in data["rows"] if row["model"] == "NoSuchModel"]
     assert missing["backend"] == "build" and "NoSuchModel" in missing["error"]
@@ -75,3 +76,20 @@ def test_throughput_end_to_end_tiny(throughput: ModuleType, tmp_path: Path) -> N
     assert data["command"] in table
     assert "CUDA is not available" in table or data["machine"]["cuda"]
     assert sum(line.startswith("| Padim |") for line in table.splitlines()) == len(backends)
+
+
+def test_labelled_entry_fits_grnr_banks_and_reports_their_size(throughput: ModuleType) -> None:
+    """``LABEL=MODEL`` takes the label's ``--model-args``; GRNR's bank priors are built from ``--fit-images``
+    random images before timing, and ``fitted_mb`` is exactly the banks' size (the backbone's buffers excluded)."""
+    model_args = {"GRNR-normal": {"prior_source": "normal"}, "GRNR": {"prior_source": "image", "num_global_priors": 4}}
+    argv = ["--models", "GRNR-normal=GRNR", "--image-size", "64", "--weights", "random", "--fit-images", "5"]
+    args = throughput.parse([*argv, "--model-args", json.dumps(model_args)])
+    module, info = throughput.build(args.models[0], args, throughput.load_harness())
+    assert module.model.prior_source == "normal" and module.bank_stats["bank_images"] == 5
+    banks = [module.model.bank(i) for i in range(len(module.model.feature_extractor.layers))]
+    assert info["fitted_on_random_images"] == 5 and info["fit_s"] > 0
+    assert info["fitted_mb"] == round(sum(b.numel() * b.element_size() for b in banks) / 2**20, 2) > 0
+    assert throughput.split_label("GRNR") == ("GRNR", "GRNR")
+
+    zero_shot, info = throughput.build("GRNR", args, throughput.load_harness())  # the plain entry's own args
+    assert zero_shot.model.prior_source == "image" and "fit_s" not in info
