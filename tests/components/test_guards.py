@@ -12,8 +12,10 @@ from anomalib_recon.components import guards
 from anomalib_recon.components.guards import (
     InputImageError,
     NonFiniteError,
+    check_features,
     check_finite,
     check_images,
+    check_model_input,
     check_optimizer_settings,
     is_finite_number,
     nonfinite_parameters,
@@ -65,10 +67,39 @@ def test_checks_are_skipped_while_tracing(monkeypatch):
 
 
 def test_check_finite_raises_a_value_error_with_the_hint():
-    with pytest.raises(NonFiniteError, match=r"Toy: the map contains NaN or inf\. Retrain\.") as info:
+    with pytest.raises(NonFiniteError, match=r"Toy: NaN or inf in the map\. Retrain\.") as info:
         check_finite("Toy", "the map", torch.ones(2), torch.tensor([1.0, float("inf")]), hint="Retrain.")
     assert isinstance(info.value, ValueError) and isinstance(info.value, FloatingPointError)
     check_finite("Toy", "the map", torch.ones(2), None, torch.tensor([1, 2]))  # ints and None are ignored
+
+
+@pytest.mark.parametrize(
+    ("images", "match"),
+    [
+        (torch.zeros(3, 8, 8), r"Toy expects images as an RGB batch \(B, 3, H, W\), got \(3, 8, 8\); repeat grayscale"),
+        (torch.zeros(2, 1, 8, 8), r"got \(2, 1, 8, 8\)"),
+        ([1, 2], r"got list"),
+        (torch.zeros(2, 3, 8, 6), r"Toy is built for 8x8 inputs \(its tokens\), got 8x6\. Resize the images"),
+    ],
+)
+def test_model_input_is_an_rgb_batch_of_the_built_size(images, match):
+    with pytest.raises(InputImageError, match=match):
+        check_model_input("Toy", images, (8, 8), "its tokens")
+
+
+def test_model_input_size_is_checked_only_eagerly_and_only_when_fixed(monkeypatch):
+    check_model_input("Toy", torch.zeros(2, 3, 8, 6))  # no image_size: any size
+    monkeypatch.setattr(guards, "is_tracing", lambda: True)
+    check_model_input("Toy", torch.zeros(2, 3, 8, 6), (8, 8))  # a traced graph keeps its dynamic sizes
+    with pytest.raises(InputImageError, match="RGB batch"):  # the channel count is static: always checked
+        check_model_input("Toy", torch.zeros(2, 1, 8, 8), (8, 8))
+
+
+def test_check_features_names_the_backbone_and_what_to_check():
+    good, bad = torch.zeros(1, 4, 2, 2), torch.tensor([[float("nan")]])
+    check_features("Toy", good, good)
+    with pytest.raises(NonFiniteError, match=r"^Toy: NaN or inf in the teacher features\. Check the input"):
+        check_features("Toy", good, bad, what="the teacher features")
 
 
 def test_nonfinite_parameters_names_them():

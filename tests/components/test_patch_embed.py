@@ -9,6 +9,7 @@ from anomalib_recon.components.patch_embed import (
     MultiScalePatchEmbed,
     PatchEmbed,
     TokenToFeatureHead,
+    one_grid_patch_sizes,
     patchify,
     unpatchify,
 )
@@ -95,3 +96,15 @@ def test_token_to_feature_head():
     torch.testing.assert_close(patchify(fmap, 2), head.project(tokens), rtol=0, atol=0)
     with pytest.raises(ValueError, match="does not match"):
         head(tokens, grid_size=(2, 2))
+
+
+def test_one_grid_patch_sizes_puts_every_scale_on_the_deepest_grid() -> None:
+    sizes = [(32, 24), (16, 12), (8, 6)]
+    assert one_grid_patch_sizes(sizes, (128, 96)) == ([4, 2, 1], (8, 6))
+    assert one_grid_patch_sizes(sizes, (128, 96), (8, 4, 2)) == ([8, 4, 2], (4, 3))  # the user's, checked
+    with pytest.raises(ValueError, match=r"image_size 120x96 gives feature maps 30x24, 15x12, 8x6, which patch"):
+        one_grid_patch_sizes([(30, 24), (15, 12), (8, 6)], (120, 96))
+    with pytest.raises(ValueError, match=r"patch sizes \[4, 4, 1\] do not cut into one token grid"):
+        one_grid_patch_sizes(sizes, (128, 96), (4, 4, 1))
+    with pytest.raises(ValueError, match=r"patch_sizes must be 3 positive ints \(one per scale\), got \[4, 2\]"):
+        one_grid_patch_sizes(sizes, (128, 96), (4, 2))

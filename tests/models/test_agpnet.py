@@ -759,7 +759,7 @@ def test_nan_or_inf_input_is_one_clear_error(tiny_model, bad, training):
     images[1, 0, 5, 7] = bad
     tiny_model.train(training)
     try:
-        with pytest.raises(ValueError, match="NaN or inf; check the input images"):
+        with pytest.raises(ValueError, match=r"NaN or inf in the backbone features\. Check the input images"):
             tiny_model(images)
     finally:
         tiny_model.train()

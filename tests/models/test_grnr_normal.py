@@ -250,7 +250,7 @@ def test_a_bank_smaller_than_k_is_one_clear_error():
         model.model.set_banks(rows[:, :-1])
     bad = rows.clone()
     bad[0, 3] = float("nan")
-    with pytest.raises(NonFiniteError, match="pooled features of the normal images contains NaN"):
+    with pytest.raises(NonFiniteError, match="NaN or inf in the pooled features of the normal images"):
         model.model.set_banks(bad)
 
 

@@ -4,8 +4,10 @@
   tensor, finite, with values in [0, 1] as anomalib's readers give them. uint8 tensors, 1- or 4-channel images,
   0-255 values (a forgotten ``/ 255``) and already-normalised images (a normalising augmentation) each get one
   error that says what to do, before any pre-processing or backbone sees them.
+* :func:`check_model_input`: what a torch model's ``forward`` receives (pre-processed): an RGB batch
+  ``(B, 3, H, W)``, of the size the model was built for where its parameters fix one.
 * :func:`check_finite`: a model's own outputs (loss, features, map, score); NaN or inf is a
-  :class:`NonFiniteError`, never a metric.
+  :class:`NonFiniteError`, never a metric (:func:`check_features`: the same for a backbone's features).
 * :func:`nonfinite_parameters`: names of non-finite parameters and buffers, for the message that tells a corrupt
   checkpoint from a diverged fit.
 
@@ -98,6 +100,36 @@ def check_images(images: object, model_name: str) -> None:
     raise InputImageError(msg)
 
 
+def check_model_input(
+    model_name: str,
+    images: object,
+    image_size: tuple[int, int] | None = None,
+    fixed_by: str = "",
+    what: str = "images",
+) -> None:
+    """Raise one :class:`InputImageError` unless ``images`` is an RGB batch ``(B, 3, H, W)`` (and, given
+    ``image_size``, of that size: checked eagerly only, skipped while tracing).
+
+    Args:
+        model_name: Named in the message.
+        images: What the torch model received (after the pre-processor).
+        image_size: ``(H, W)`` the model is built for, where its parameters fix one (memory tokens, prompts, ...).
+        fixed_by: What fixes the size, for the message ("its memory tokens have one grid").
+        what: What the tensor is, for the message ("images", "augmented_images").
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        msg = f"{model_name} expects {what} as an RGB batch (B, 3, H, W), got {shape}; repeat grayscale to 3 channels."
+        raise InputImageError(msg)
+    if image_size is not None and not is_tracing() and tuple(images.shape[-2:]) != tuple(image_size):
+        why = f" ({fixed_by})" if fixed_by else ""
+        msg = (
+            f"{model_name} is built for {image_size[0]}x{image_size[1]} inputs{why}, got {images.shape[-2]}x"
+            f"{images.shape[-1]}. Resize the images or build the model with that image_size."
+        )
+        raise InputImageError(msg)
+
+
 def check_finite(model_name: str, what: str, *tensors: torch.Tensor, hint: str = "") -> None:
     """Raise :class:`NonFiniteError` when a floating tensor holds NaN or inf (skipped while tracing).
 
@@ -111,8 +143,15 @@ def check_finite(model_name: str, what: str, *tensors: torch.Tensor, hint: str =
         return
     for tensor in tensors:
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            msg = f"{model_name}: {what} contains NaN or inf." + (f" {hint}" if hint else "")
+            msg = f"{model_name}: NaN or inf in {what}." + (f" {hint}" if hint else "")
             raise NonFiniteError(msg)
+
+
+def check_features(model_name: str, *features: torch.Tensor, what: str = "the backbone features") -> None:
+    """:func:`check_finite` for a frozen backbone's output: NaN or inf there comes from the images or the weights."""
+    check_finite(
+        model_name, what, *features, hint="Check the input images (normalised, finite) and the backbone weights."
+    )
 
 
 def nonfinite_parameters(module: nn.Module, limit: int = 3) -> list[str]:

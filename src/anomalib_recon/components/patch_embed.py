@@ -3,7 +3,8 @@
 * :class:`PatchEmbed`: one ``Conv2d(C, D, kernel=p, stride=p)`` → ``(B, L, D)`` tokens (AMI-Net: two of them,
   1792 → 768 with p = 4; ST-MAE adds a LayerNorm).
 * :class:`MultiScalePatchEmbed`: one such conv per scale, patch sizes chosen so that every scale lands on the
-  same token grid, fused by sum (GLCF) or concatenation (DADF, PNPT).
+  same token grid, fused by sum (GLCF) or concatenation (DADF, PNPT); :func:`one_grid_patch_sizes` chooses them
+  (or checks the user's) from the feature-map sizes, with one error naming the input size.
 * :func:`patchify` / :func:`unpatchify`: ``(B, C, h·p, w·p)`` ↔ ``(B, h·w, p·p·C)``; the default ``"pqc"`` layout
   is MAE's ``nchpwq -> nhwpqc`` (AMI-Net's ``n h w p q c``).
 * :class:`TokenToFeatureHead`: ``Linear(D, p·p·C)`` + :func:`unpatchify` (AMI-Net's inpainting head).
@@ -135,6 +136,44 @@ class PatchEmbed(nn.Module):
             raise ValueError(msg)
         self.grid_size(int(feature_map.shape[-2]), int(feature_map.shape[-1]))
         return self.norm(self.proj(feature_map).flatten(2).transpose(1, 2))
+
+
+def one_grid_patch_sizes(
+    feature_sizes: Sequence[tuple[int, int]], image_size: tuple[int, int], patch_sizes: Sequence[int] | None = None
+) -> tuple[list[int], tuple[int, int]]:
+    """Per-scale patch sizes that cut every feature map into one token grid, and that grid ``(h, w)``.
+
+    Args:
+        feature_sizes: ``(H_s, W_s)`` of each scale's map, shallow to deep.
+        image_size: The input size that gave them (named in the error).
+        patch_sizes: ``None``: each map's size over the deepest map's (``(4, 2, 1)`` at strides 4, 8, 16); else
+            one positive int per scale, checked.
+
+    Raises:
+        ValueError: Patch sizes that are not one per scale and positive, or that give more than one grid (an input
+            size the strides do not divide: the message names the maps and asks for a multiple of 16).
+    """
+    sizes = [(int(a), int(b)) for a, b in feature_sizes]
+    if patch_sizes is None:
+        deep_h, deep_w = sizes[-1]
+        patch_sizes = [a // deep_h for a, _ in sizes]
+        ok = all(a == p * deep_h and b == p * deep_w for (a, b), p in zip(sizes, patch_sizes, strict=True))
+    else:
+        patch_sizes = [int(p) for p in patch_sizes]
+        if len(patch_sizes) != len(sizes) or min(patch_sizes) < 1:
+            msg = f"patch_sizes must be {len(sizes)} positive ints (one per scale), got {patch_sizes}."
+            raise ValueError(msg)
+        grids = {(a // p, b // p) for (a, b), p in zip(sizes, patch_sizes, strict=True)}
+        ok = len(grids) == 1 and all(a % p == 0 and b % p == 0 for (a, b), p in zip(sizes, patch_sizes, strict=True))
+    if not ok:
+        described = ", ".join(f"{a}x{b}" for a, b in sizes)
+        msg = (
+            f"image_size {image_size[0]}x{image_size[1]} gives feature maps {described}, which patch sizes "
+            f"{patch_sizes} do not cut into one token grid. Use an input size that is a multiple of 16 (e.g. 64, "
+            "128, 256)."
+        )
+        raise ValueError(msg)
+    return list(patch_sizes), (sizes[0][0] // patch_sizes[0], sizes[0][1] // patch_sizes[0])
 
 
 class MultiScalePatchEmbed(nn.Module):

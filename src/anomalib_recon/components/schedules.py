@@ -7,11 +7,14 @@ Every model with a step schedule takes the same two arguments:
   resolved against ``max_epochs``, or against ``max_steps`` when training is bounded by steps only
   (``max_epochs=-1``), so that a CPU budget in steps keeps the paper's shape. Empty: a constant learning rate.
 * ``lr_gamma``: the factor, in (0, 1].
+
+Two-stage models (DADF, RB-AE) also share :func:`plan_two_stages`: where stage 2 starts within the trainer's budget.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -69,3 +72,47 @@ def multistep_lr(
         points = [max(round(m * total), 1) for m in milestones]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=points, gamma=float(lr_gamma))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": unit}}
+
+
+def plan_two_stages(
+    owner: str,
+    trainer: Any,
+    switch_step: Callable[[float], float],
+    reconstruction_steps: int | None,
+    reconstruction_epochs: int,
+    stage2: str,
+    suggestion: str,
+) -> tuple[float, float, float]:
+    """``(batches per epoch, first step of stage 2, steps in all)`` of a two-stage model, refusing a budget that ends
+    before stage 2 starts (the stage that gives the anomaly map would stay untrained).
+
+    Args:
+        owner: Model name for the message.
+        trainer: The Lightning trainer: its budget is the smaller of ``max_steps`` and ``max_epochs`` x batches per
+            epoch (``inf`` when neither bounds training).
+        switch_step: The model's rule: batches per epoch -> first optimizer step of stage 2.
+        reconstruction_steps: Stage-1 length in optimizer steps, or ``None`` (then ``reconstruction_epochs``).
+        reconstruction_epochs: Stage-1 length in epochs (named in the message).
+        stage2: What stage 2 trains, for the message ("the flows").
+        suggestion: A ``reconstruction_steps`` to suggest, as a fraction of ``max_steps`` ("5/6").
+    """
+    batches = float(trainer.num_training_batches)
+    budgets = []
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        budgets.append(float(trainer.max_steps))
+    if trainer.max_epochs is not None and trainer.max_epochs > 0 and math.isfinite(batches):
+        budgets.append(trainer.max_epochs * batches)
+    switch = float(switch_step(batches))
+    total = min(budgets) if budgets else math.inf
+    if math.isfinite(switch) and total <= switch:
+        how = (
+            f"reconstruction_steps={reconstruction_steps}"
+            if reconstruction_steps is not None
+            else f"reconstruction_epochs={reconstruction_epochs} × {int(batches)} batches"
+        )
+        msg = (
+            f"{owner}: training ends after {int(total)} steps, before stage 2 ({stage2}) starts at step {int(switch)} "
+            f"({how}). Set reconstruction_steps below max_steps (e.g. {suggestion} of it) or raise the budget."
+        )
+        raise ValueError(msg)
+    return batches, switch, total

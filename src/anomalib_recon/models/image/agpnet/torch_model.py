@@ -42,7 +42,7 @@ from anomalib_recon.components.feature_extractor import (
     attention_weights,
     probe_backbone,
 )
-from anomalib_recon.components.tracing import is_tracing
+from anomalib_recon.components.guards import check_features, check_model_input
 
 from .ema import EMATeacher
 from .perturbation import image_region_noise, min_max_normalize, top_fraction_mask, weighted_noise
@@ -314,9 +314,7 @@ class AGPNetModel(nn.Module):
     # ------------------------------------------------------------------------------------------------ features
     def extract(self, images: torch.Tensor, record_prior: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Encoder features aggregated into the target ``(B, C, h, w)``, and the raw per-layer maps."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            msg = f"AGPNet expects an RGB batch (B, 3, H, W), got {tuple(images.shape)}."
-            raise ValueError(msg)
+        check_model_input("AGPNet", images)
         if images.shape[-2] % self.stride or images.shape[-1] % self.stride:
             msg = (
                 f"Input size {tuple(images.shape[-2:])} is not a multiple of the encoder stride {self.stride}; "
@@ -329,12 +327,7 @@ class AGPNetModel(nn.Module):
         finally:
             self.encoder.return_attention = False
         target = self.aggregator(features)
-        if not is_tracing() and not bool(torch.isfinite(target).all()):
-            msg = (
-                "AGPNet: the backbone features contain NaN or inf; check the input images (normalised, finite) "
-                "and the backbone weights."
-            )
-            raise ValueError(msg)
+        check_features("AGPNet", target)
         return target, features
 
     def reconstruct(self, target: torch.Tensor) -> torch.Tensor:

@@ -29,10 +29,10 @@ from torch import nn
 from anomalib_recon.components.aggregation import FeatureAggregator
 from anomalib_recon.components.anomaly_map import AnomalyMapGenerator, check_blur_fits, reduce_std
 from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
+from anomalib_recon.components.guards import check_features, check_model_input
 from anomalib_recon.components.initialization import init_mae_weights
 from anomalib_recon.components.patch_embed import PatchEmbed, TokenToFeatureHead, patchify
 from anomalib_recon.components.position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
-from anomalib_recon.components.tracing import is_tracing as _tracing
 
 from .loss import norm_cosine_distance
 from .perturbation import norm_scaled_jitter, random_token_mask, token_mask
@@ -314,18 +314,11 @@ class AMINetModel(nn.Module):
     # ------------------------------------------------------------------------------------------------ pieces
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen target features ``F`` ``(B, C, H/s, W/s)`` with shape and finiteness checks."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            msg = f"AMI-Net expects an RGB batch (B, 3, H, W), got {tuple(images.shape)}."
-            raise ValueError(msg)
+        check_model_input("AMI-Net", images)
         features = self.aggregator(self.feature_extractor(images))
         feature_size = (int(features.shape[-2]), int(features.shape[-1]))
         self._token_grid(feature_size, (int(images.shape[-2]), int(images.shape[-1])))
-        if not _tracing() and not bool(torch.isfinite(features).all()):
-            msg = (
-                "AMI-Net: the backbone features contain NaN or inf; check the input images (normalised, finite) "
-                "and the backbone weights."
-            )
-            raise ValueError(msg)
+        check_features("AMI-Net", features)
         return features
 
     def grid_of(self, features: torch.Tensor) -> tuple[int, int]:

@@ -12,7 +12,6 @@ per-scale normalizing flows with Adam. The switch is by epoch (the paper: 200 + 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from anomalib_recon.components.checkpoint import restoring_from_checkpoint
 from anomalib_recon.components.guards import check_optimizer_settings
 from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.preprocessing import sized_pre_processor
+from anomalib_recon.components.schedules import plan_two_stages
 
 from .loss import DADFFlowLoss, DADFReconstructionLoss
 from .torch_model import DADFModel, permutation_matrices_to_indices
@@ -248,25 +248,15 @@ class DADF(ReconModuleMixin, AnomalibModule):
 
     def on_train_start(self) -> None:
         """Refuse a budget that ends before stage 2 (the flows, which give the map, would stay untrained)."""
-        trainer = self.trainer
-        batches = float(trainer.num_training_batches)
-        budgets = []
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            budgets.append(float(trainer.max_steps))
-        if trainer.max_epochs is not None and trainer.max_epochs > 0 and math.isfinite(batches):
-            budgets.append(trainer.max_epochs * batches)
-        switch = self._switch_step(batches)
-        if budgets and math.isfinite(switch) and min(budgets) <= switch:
-            how = (
-                f"reconstruction_steps={self.reconstruction_steps}"
-                if self.reconstruction_steps is not None
-                else f"reconstruction_epochs={self.reconstruction_epochs} × {int(batches)} batches"
-            )
-            msg = (
-                f"DADF: training ends after {int(min(budgets))} steps, before stage 2 (the flows) starts at step "
-                f"{int(switch)} ({how}). Set reconstruction_steps below max_steps (e.g. 5/6 of it) or raise the budget."
-            )
-            raise ValueError(msg)
+        _, switch, _ = plan_two_stages(
+            "DADF",
+            self.trainer,
+            self._switch_step,
+            self.reconstruction_steps,
+            self.reconstruction_epochs,
+            stage2="the flows",
+            suggestion="5/6",
+        )
         logger.info("DADF: stage 1 (reconstruction) until step %s, then stage 2 (flows).", int(switch))
 
     # ------------------------------------------------------------------------------------------------ steps

@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from anomalib_recon.components.anomaly_map import check_blur_fits, make_blur, reduce_max, reduce_std
 from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
+from anomalib_recon.components.guards import check_features, check_model_input
 from anomalib_recon.components.initialization import init_mae_weights
 from anomalib_recon.components.patch_embed import MultiScalePatchEmbed
 from anomalib_recon.components.position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
@@ -463,19 +464,12 @@ class GLCFModel(nn.Module):
     # ------------------------------------------------------------------------------------------------ forward
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The four teacher maps with input checks (RGB, size, finiteness)."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            msg = f"GLCF expects an RGB batch (B, 3, H, W), got {tuple(images.shape)}."
-            raise ValueError(msg)
+        check_model_input("GLCF", images)
         features = self.teacher(images)  # with gradients and batch-norm in train mode when ``train_teacher``
         if not is_tracing():
             size = (int(images.shape[-2]), int(images.shape[-1]))
             self._check_shapes([(int(f.shape[-2]), int(f.shape[-1])) for f in features], size)
-            if not bool(torch.isfinite(features[-1]).all()) or not bool(torch.isfinite(features[0]).all()):
-                msg = (
-                    "GLCF: the teacher features contain NaN or inf; check the input images (normalised, finite) and "
-                    "the backbone weights."
-                )
-                raise ValueError(msg)
+            check_features("GLCF", features[0], features[-1], what="the teacher features")
         return features
 
     def run(self, images: torch.Tensor) -> GLCFOutput:

@@ -39,11 +39,12 @@ from torch import nn
 from anomalib_recon.components.aggregation import FeatureAggregator
 from anomalib_recon.components.anomaly_map import AnomalyMapGenerator, check_blur_fits, reduce_max_avgpool
 from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
+from anomalib_recon.components.guards import check_features, check_model_input
 from anomalib_recon.components.initialization import init_mae_weights
 from anomalib_recon.components.neighborhood_attention import NeighborhoodAttention2D
 from anomalib_recon.components.patch_embed import PatchEmbed, TokenToFeatureHead
 from anomalib_recon.components.position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
-from anomalib_recon.components.tracing import is_tracing as _tracing
+from anomalib_recon.components.tracing import is_tracing
 
 __all__ = [
     "SRH_MODES",
@@ -556,19 +557,11 @@ class LGFDRModel(nn.Module):
     # ------------------------------------------------------------------------------------------------ pieces
     def raw_features(self, images: torch.Tensor) -> torch.Tensor:
         """Aggregated frozen features ``(B, C, H/s, W/s)`` before standardisation, with input and NaN checks."""
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            msg = f"LGFDR expects images of shape (B, 3, H, W) (RGB), got {shape}; repeat grayscale to 3 channels."
-            raise ValueError(msg)
-        if not _tracing():
+        check_model_input("LGFDR", images)
+        if not is_tracing():
             self.check_image_size((int(images.shape[-2]), int(images.shape[-1])))
         features = self.feature_aggregator(self.feature_extractor(images))
-        if not _tracing() and not bool(torch.isfinite(features).all()):
-            msg = (
-                "LGFDR: the backbone features contain NaN or inf. Check the input images (NaN pixels?) and the "
-                "backbone weights."
-            )
-            raise ValueError(msg)
+        check_features("LGFDR", features)
         return features
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -576,7 +569,7 @@ class LGFDRModel(nn.Module):
         features = self.raw_features(images)
         if not self.standardize_features:
             return features
-        if not _tracing() and not self.feature_statistics_fitted:
+        if not is_tracing() and not self.feature_statistics_fitted:
             msg = (
                 "LGFDR: the feature statistics are not fitted (standardize_features=True). Train through Engine.fit "
                 "(they are measured when training starts), load a trained checkpoint, or call "

@@ -28,8 +28,8 @@ from torch.nn import functional as F
 from anomalib_recon.components.aggregation import FeatureAggregator
 from anomalib_recon.components.anomaly_map import reduce_max_avgpool
 from anomalib_recon.components.feature_extractor import FeatureExtractor
+from anomalib_recon.components.guards import check_features, check_model_input
 from anomalib_recon.components.neighborhood_attention import NeighborhoodAttention2D
-from anomalib_recon.components.tracing import is_tracing as _tracing
 
 RESNET18 = "resnet18.tv_in1k"
 SWIN_L = "swin_large_patch4_window7_224.ms_in22k_ft_in1k"
@@ -488,10 +488,7 @@ class NAFRADModel(nn.Module):
         return self.set_feature_statistics(torch.cat(rows) if rows else torch.zeros(0, 2 * self.in_channels + 1))
 
     def _check_images(self, images: torch.Tensor, name: str = "images") -> None:
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            msg = f"NAFRAD expects {name} of shape (B, 3, H, W) (RGB), got {shape}; repeat grayscale to 3 channels."
-            raise ValueError(msg)
+        check_model_input("NAFRAD", images, what=name)
         h, w = images.shape[-2:]
         div = self.image_size_divisor
         if h % div or w % div:
@@ -511,12 +508,7 @@ class NAFRADModel(nn.Module):
         if self.channel_order == "bgr":
             images = images.flip(1)
         features = self.feature_aggregator(self.feature_extractor(images), image=images)
-        if not _tracing() and not bool(torch.isfinite(features).all()):
-            msg = (
-                "NAFRAD: backbone features contain NaN or inf. Check the input images (NaN pixels?) and the "
-                "backbone weights."
-            )
-            raise ValueError(msg)
+        check_features("NAFRAD", features)
         if standardize and self.standardize_features:
             features = (features - self.feature_mean) / self.feature_std
         return features

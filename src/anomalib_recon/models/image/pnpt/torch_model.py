@@ -38,9 +38,9 @@ from torch.nn import functional as F
 from anomalib_recon.components.anomaly_map import check_blur_fits, make_blur, reduce_max
 from anomalib_recon.components.dual_attention import DualAttentionBlock
 from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
-from anomalib_recon.components.guards import check_finite
+from anomalib_recon.components.guards import check_features, check_finite, check_model_input
 from anomalib_recon.components.initialization import init_mae_weights
-from anomalib_recon.components.patch_embed import MultiScalePatchEmbed, TokenToFeatureHead
+from anomalib_recon.components.patch_embed import MultiScalePatchEmbed, TokenToFeatureHead, one_grid_patch_sizes
 from anomalib_recon.components.position import SinCosPositionEmbedding2D
 from anomalib_recon.components.tracing import is_tracing
 
@@ -350,11 +350,7 @@ class PNPTModel(nn.Module):
         self.feature_extractor = FeatureExtractor(backbone, layers=layers, weights=weights)
         self.channels = [int(c) for c in self.feature_extractor.out_dims]
         self.feature_sizes = self._probe_sizes(self.image_size)
-        self.patch_sizes = self._patch_sizes(patch_sizes)
-        self.grid_size = (
-            self.feature_sizes[0][0] // self.patch_sizes[0],
-            self.feature_sizes[0][1] // self.patch_sizes[0],
-        )
+        self.patch_sizes, self.grid_size = one_grid_patch_sizes(self.feature_sizes, self.image_size, patch_sizes)
         self.num_tokens = self.grid_size[0] * self.grid_size[1]
 
         self.patch_embed = MultiScalePatchEmbed(self.channels, self.patch_sizes, embed_dim_per_scale, fuse="concat")
@@ -393,32 +389,6 @@ class PNPTModel(nn.Module):
             maps = self.feature_extractor(torch.zeros(1, 3, *image_size))
         return [(int(f.shape[-2]), int(f.shape[-1])) for f in maps]
 
-    def _patch_sizes(self, patch_sizes: Sequence[int] | None) -> list[int]:
-        """Patch sizes that put every scale on one grid, with one clear error naming the input size."""
-        sizes = self.feature_sizes
-        h, w = self.image_size
-        if patch_sizes is None:
-            deep_h, deep_w = sizes[-1]
-            patch_sizes = [a // deep_h for a, _ in sizes]
-            ok = all(a == p * deep_h and b == p * deep_w for (a, b), p in zip(sizes, patch_sizes, strict=True))
-        else:
-            patch_sizes = [int(p) for p in patch_sizes]
-            if len(patch_sizes) != 3 or min(patch_sizes) < 1:
-                msg = f"patch_sizes must be three positive ints (one per scale), got {patch_sizes}."
-                raise ValueError(msg)
-            grids = {(a // p, b // p) for (a, b), p in zip(sizes, patch_sizes, strict=True)}
-            ok = len(grids) == 1 and all(
-                a % p == 0 and b % p == 0 for (a, b), p in zip(sizes, patch_sizes, strict=True)
-            )
-        if not ok:
-            described = ", ".join(f"{a}x{b}" for a, b in sizes)
-            msg = (
-                f"image_size {h}x{w} gives feature maps {described}, which patch sizes {patch_sizes} do not cut into "
-                "one token grid. Use an input size that is a multiple of 16 (e.g. 64, 128, 256)."
-            )
-            raise ValueError(msg)
-        return list(patch_sizes)
-
     # ------------------------------------------------------------------------------------------------ classes
     @property
     def class_names(self) -> list[str]:
@@ -438,23 +408,10 @@ class PNPTModel(nn.Module):
     # ------------------------------------------------------------------------------------------------ pieces
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Frozen backbone maps ``f_s`` with size and finiteness checks (skipped while tracing)."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            msg = f"PNPT expects an RGB batch (B, 3, H, W), got {tuple(images.shape)}."
-            raise ValueError(msg)
-        if not is_tracing():
-            if tuple(images.shape[-2:]) != self.image_size:
-                msg = (
-                    f"PNPT is built for {self.image_size[0]}x{self.image_size[1]} inputs (its prompts and priors have "
-                    f"one fixed token grid), got {images.shape[-2]}x{images.shape[-1]}. Resize the images or build "
-                    "the model with that image_size."
-                )
-                raise ValueError(msg)
-            if not bool(torch.isfinite(images).all()):
-                msg = "PNPT: the input images contain NaN or inf; check the images and the pre-processing."
-                raise ValueError(msg)
+        check_model_input("PNPT", images, self.image_size, "its prompts and priors have one fixed token grid")
+        check_finite("PNPT", "the input batch", images, hint="Check the images and the pre-processing.")
         features = self.feature_extractor(images)
-        if not is_tracing():
-            check_finite("PNPT", "the backbone features", *features, hint="Check the backbone weights (weights=...).")
+        check_features("PNPT", *features)
         return features
 
     @staticmethod

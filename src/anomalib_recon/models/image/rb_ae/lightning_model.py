@@ -38,7 +38,7 @@ from anomalib_recon.components.guards import NonFiniteError, is_finite_number
 from anomalib_recon.components.module import ReconModuleMixin
 from anomalib_recon.components.normal_images import collect_normal_images, preprocess, training_dataset
 from anomalib_recon.components.preprocessing import resize_pre_processor, sized_pre_processor
-from anomalib_recon.components.schedules import check_lr_schedule
+from anomalib_recon.components.schedules import check_lr_schedule, plan_two_stages
 
 from .loss import RBAEReconstructionLoss, RBAESegmentationLoss
 from .torch_model import DEFAULT_BACKBONE, REFERENCE_FROM_FILE, RBAEModel
@@ -279,27 +279,15 @@ class RBAE(ReconModuleMixin, AnomalibModule):
 
     def _plan_stages(self) -> None:
         """Steps of each stage from the trainer's budget; refuse a budget that ends before stage 2 starts."""
-        trainer = self.trainer
-        batches = float(trainer.num_training_batches)
-        budgets = []
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            budgets.append(float(trainer.max_steps))
-        if trainer.max_epochs is not None and trainer.max_epochs > 0 and math.isfinite(batches):
-            budgets.append(trainer.max_epochs * batches)
-        switch = self._switch_step(batches)
-        total = min(budgets) if budgets else math.inf
-        if math.isfinite(switch) and total <= switch:
-            how = (
-                f"reconstruction_steps={self.reconstruction_steps}"
-                if self.reconstruction_steps is not None
-                else f"reconstruction_epochs={self.reconstruction_epochs} × {int(batches)} batches"
-            )
-            msg = (
-                f"RBAE: training ends after {int(total)} steps, before stage 2 (the segmentation module, which gives "
-                f"the anomaly map) starts at step {int(switch)} ({how}). Set reconstruction_steps below max_steps "
-                "(e.g. 2/3 of it) or raise the budget."
-            )
-            raise ValueError(msg)
+        batches, switch, total = plan_two_stages(
+            "RBAE",
+            self.trainer,
+            self._switch_step,
+            self.reconstruction_steps,
+            self.reconstruction_epochs,
+            stage2="the segmentation module, which gives the anomaly map",
+            suggestion="2/3",
+        )
         self._batches_per_epoch = batches if math.isfinite(batches) and batches > 0 else 1.0
         self._stage_steps = {STAGES[0]: switch, STAGES[1]: total - switch}
         logger.info(

@@ -35,8 +35,8 @@ from torch.nn import functional as F
 
 from anomalib_recon.components.anomaly_map import reduce_max_avgpool
 from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides, probe_backbone
+from anomalib_recon.components.guards import check_finite, check_model_input
 from anomalib_recon.components.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-from anomalib_recon.components.tracing import is_tracing
 
 DEFAULT_BACKBONE = "resnet18.tv_in1k"
 ENCODER_STRIDES = (4, 8, 16, 32)
@@ -414,10 +414,7 @@ class RBAEModel(nn.Module):
         return self.msfdm(features, reconstruction_features, augmented.shape[-2:])
 
     def _check_images(self, images: torch.Tensor, name: str = "images") -> None:
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            msg = f"RB-AE expects {name} of shape (B, 3, H, W) (RGB), got {shape}; repeat grayscale to 3 channels."
-            raise ValueError(msg)
+        check_model_input("RB-AE", images, what=name)
         h, w = images.shape[-2:]
         if min(int(h), int(w)) < MIN_IMAGE_SIDE:
             msg = (
@@ -425,9 +422,7 @@ class RBAEModel(nn.Module):
                 f"input / 32), got {int(h)}x{int(w)}; resize in the pre-processor (image_size)."
             )
             raise ValueError(msg)
-        if not is_tracing() and not bool(torch.isfinite(images).all()):
-            msg = f"RB-AE: the {name} contain NaN or inf."
-            raise ValueError(msg)
+        check_finite("RB-AE", f"the {name} batch", images, hint="Check the images and the pre-processing.")
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Inference: ``InferenceBatch(pred_score (B,), anomaly_map (B, 1, H, W))`` for [0, 1] images."""

@@ -38,10 +38,10 @@ from torch.nn import functional as F
 from anomalib_recon.components.aggregation import FeatureAggregator
 from anomalib_recon.components.anomaly_map import check_blur_fits, reduce_max
 from anomalib_recon.components.feature_extractor import FeatureExtractor, probe_backbone
+from anomalib_recon.components.guards import check_features, check_model_input
 from anomalib_recon.components.initialization import init_mae_weights
 from anomalib_recon.components.patch_embed import PatchEmbed, TokenToFeatureHead, patchify
 from anomalib_recon.components.position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
-from anomalib_recon.components.tracing import is_tracing
 
 from .anomaly_map import STMAEAnomalyMap
 from .partition import check_even, fixed_partitions, gather_tokens, inverse_permutation, random_partition, restore_order
@@ -303,9 +303,7 @@ class STMAEModel(nn.Module):
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         """Fused frozen features ``Ψ`` ``(B, C, H/s, W/s)``, with shape and finiteness checks."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            msg = f"ST-MAE expects an RGB batch (B, 3, H, W), got {tuple(images.shape)}."
-            raise ValueError(msg)
+        check_model_input("ST-MAE", images)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         feature_size = self.feature_grid(size)
         check_even((feature_size[0] // self.patch_size) * (feature_size[1] // self.patch_size))
@@ -313,12 +311,7 @@ class STMAEModel(nn.Module):
         if feature_size != self.feature_size:
             aggregator = FeatureAggregator(out_size=feature_size, mode="concat", align_corners=True)
         features = aggregator(self._stage_maps(images))
-        if not is_tracing() and not bool(torch.isfinite(features).all()):
-            msg = (
-                "ST-MAE: the backbone features contain NaN or inf; check the input images (normalised, finite) and "
-                "the backbone weights."
-            )
-            raise ValueError(msg)
+        check_features("ST-MAE", features)
         return features
 
     def grid_of(self, features: torch.Tensor) -> tuple[int, int]:
