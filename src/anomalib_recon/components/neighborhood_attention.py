@@ -38,12 +38,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
 from .tracing import is_tracing
 
 __all__ = [
     "NA_BACKEND_ENV_VAR",
+    "NABlock",
     "NeighborhoodAttention2D",
     "available_backends",
     "na_backend",
@@ -764,3 +766,50 @@ def _reset_caches() -> None:
     _block_mask_cache.clear()
     _natten_probe.clear()
     _natten_failures.clear()
+
+
+class NABlock(nn.Module):
+    """Pre-norm neighbourhood self-attention block on channels-last maps ``(B, H, W, D)`` (NAFRAD's NSA block, the
+    blocks of LGFDR's local tower).
+
+    ``x = x + DropPath(NA(LN(x)))``; ``x = x + DropPath(MLP(LN(x)))``, the MLP of width ``mlp_ratio · D`` with GELU;
+    attention by :class:`NeighborhoodAttention2D` (any backend, the pure path exports).
+
+    Args:
+        dim: Channels ``D``.
+        num_heads: Attention heads.
+        kernel_size: Neighbourhood side (odd).
+        mlp_ratio: MLP expansion (NAFRAD 2, LGFDR 4).
+        drop_path: Stochastic-depth rate of both residual branches (0: none).
+        relative_position_bias: Learned bias per head and relative offset.
+        na_backend: ``"auto"``, ``"natten"``, ``"flex"`` or ``"pure"`` (see :class:`NeighborhoodAttention2D`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int = 7,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        relative_position_bias: bool = True,
+        na_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = NeighborhoodAttention2D(
+            dim,
+            num_heads,
+            kernel_size,
+            qkv_bias=True,
+            relative_position_bias=relative_position_bias,
+            backend=na_backend,
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, D) -> (B, H, W, D)``."""
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

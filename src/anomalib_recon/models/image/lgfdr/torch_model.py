@@ -32,7 +32,6 @@ from typing import NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
-from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -41,7 +40,7 @@ from anomalib_recon.components.anomaly_map import AnomalyMapGenerator, check_blu
 from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
 from anomalib_recon.components.guards import check_features, check_model_input
 from anomalib_recon.components.initialization import init_mae_weights
-from anomalib_recon.components.neighborhood_attention import NeighborhoodAttention2D
+from anomalib_recon.components.neighborhood_attention import NABlock
 from anomalib_recon.components.patch_embed import PatchEmbed, TokenToFeatureHead
 from anomalib_recon.components.position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
 from anomalib_recon.components.tracing import is_tracing
@@ -55,7 +54,6 @@ __all__ = [
     "LGFDRModel",
     "LGFDRTrainOutput",
     "LocalTower",
-    "NABlock",
     "SelectiveReconstructionHead",
     "resolve_backbone",
     "resolve_layers",
@@ -99,42 +97,6 @@ def resolve_layers(backbone: str, layers: Sequence[int | str] | None = None) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------- towers
-class NABlock(nn.Module):
-    """Pre-norm neighbourhood self-attention block on channels-last maps ``(B, H, W, D)``.
-
-    ``x = x + NA(LN(x))``; ``x = x + MLP(LN(x))``. The same block as NAFRAD's ``NSABlock`` (which adds stochastic
-    depth); both use :class:`~anomalib_recon.components.neighborhood_attention.NeighborhoodAttention2D`, so the
-    natten / flex / pure backends and the exportable pure path come with it.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        kernel_size: int = 7,
-        mlp_ratio: float = 4.0,
-        relative_position_bias: bool = True,
-        na_backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = NeighborhoodAttention2D(
-            dim,
-            num_heads,
-            kernel_size,
-            qkv_bias=True,
-            relative_position_bias=relative_position_bias,
-            backend=na_backend,
-        )
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, D) -> (B, H, W, D)``."""
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 class LocalTower(nn.Module):
     """Local tower: ``depth`` :class:`NABlock` s on the full feature grid, LayerNorm, ``Linear(D, C)`` → ``R_l``.
 

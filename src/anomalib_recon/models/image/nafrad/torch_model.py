@@ -21,7 +21,6 @@ from typing import NamedTuple
 import torch
 from anomalib.data import InferenceBatch
 from anomalib.models.image.draem.torch_model import DiscriminativeSubNetwork
-from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.nn import functional as F
 
@@ -29,7 +28,7 @@ from anomalib_recon.components.aggregation import FeatureAggregator
 from anomalib_recon.components.anomaly_map import reduce_max_avgpool
 from anomalib_recon.components.feature_extractor import FeatureExtractor
 from anomalib_recon.components.guards import check_features, check_model_input
-from anomalib_recon.components.neighborhood_attention import NeighborhoodAttention2D
+from anomalib_recon.components.neighborhood_attention import NABlock
 
 RESNET18 = "resnet18.tv_in1k"
 SWIN_L = "swin_large_patch4_window7_224.ms_in22k_ft_in1k"
@@ -107,44 +106,9 @@ def deconv(in_channels: int, out_channels: int, kernel_size: int = 3, stride: in
     )
 
 
-class NSABlock(nn.Module):
-    """Pre-norm neighborhood self-attention block on channels-last maps ``(B, H, W, C)``.
-
-    ``x = x + DropPath(NA(LN(x)))``; ``x = x + DropPath(MLP(LN(x)))`` with an MLP of ratio 2.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        kernel_size: int = 7,
-        mlp_ratio: float = 2.0,
-        drop_path: float = 0.0,
-        relative_position_bias: bool = True,
-        na_backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = NeighborhoodAttention2D(
-            dim,
-            num_heads,
-            kernel_size,
-            qkv_bias=True,
-            relative_position_bias=relative_position_bias,
-            backend=na_backend,
-        )
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply attention and MLP sub-blocks to ``(B, H, W, C)``."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
 class ResidualNABlock(nn.Module):
-    """RNA block: ``depth`` NSABlocks on the NHWC view of an NCHW map, plus a long residual from the block input."""
+    """RNA block: ``depth`` NSA blocks (:class:`~anomalib_recon.components.neighborhood_attention.NABlock`) on the
+    NHWC view of an NCHW map, plus a long residual from the block input."""
 
     def __init__(
         self,
@@ -162,7 +126,7 @@ class ResidualNABlock(nn.Module):
             msg = f"ResidualNABlock: {len(drop_path)} drop-path rates given for depth {depth}."
             raise ValueError(msg)
         self.blocks = nn.ModuleList(
-            NSABlock(dim, num_heads, kernel_size, mlp_ratio, rate, relative_position_bias, na_backend)
+            NABlock(dim, num_heads, kernel_size, mlp_ratio, rate, relative_position_bias, na_backend)
             for rate in drop_path
         )
 
@@ -188,7 +152,7 @@ class NAAutoencoder(nn.Module):
         depths: RNA depths of the encoder stages ``g_a1, g_a3, g_a5, g_a7, h_a1, h_a3``; the decoder uses them reversed.
         kernel_size: NA kernel of the ``g_*`` stages (7).
         hyper_kernel_size: NA kernel of the ``h_*`` stages (3 = ``7 // 2``).
-        mlp_ratio: MLP expansion of every NSABlock (2).
+        mlp_ratio: MLP expansion of every NSA block (2).
         drop_path_rate: Stochastic depth grows linearly from 0 to this over the 16 encoder blocks; the decoder reuses
             the same schedule sliced by its reversed depths.
         use_neighborhood_attention: ``False`` removes every RNA block (the paper's "w/o NA" ablation): only the
