@@ -28,9 +28,9 @@ from torch import nn
 
 from anomalib_recon.components.guards import check_optimizer_settings
 from anomalib_recon.components.module import ReconModuleMixin
-from anomalib_recon.components.normal_images import collect_normal_images
 from anomalib_recon.components.preprocessing import sized_pre_processor
 from anomalib_recon.components.schedules import check_lr_schedule, multistep_lr
+from anomalib_recon.components.standardization import measure_feature_statistics
 
 from .loss import LGFDRLoss
 from .torch_model import SWIN_L, LGFDRModel
@@ -178,16 +178,10 @@ class LGFDR(ReconModuleMixin, AnomalibModule):
 
     # ------------------------------------------------------------------------------------------------ statistics
     def fit_feature_statistics(self, dataloader: Iterable[Batch] | None = None) -> int:
-        """Each feature channel's mean/std over at most ``stats_max_images`` normal images; returns the image count.
-
-        ``dataloader=None``: the first training images in dataset order, under DDP from every rank's share
-        (:func:`~anomalib_recon.components.normal_images.collect_normal_images`), so every rank stores the statistics
-        one process computes. A given dataloader of raw normal images is used as it is (on this process).
-        """
-        moments = collect_normal_images(self, self.model.feature_moments, self.stats_max_images, dataloader)
-        count = self.model.set_feature_statistics(moments)
-        logger.info("LGFDR: feature statistics measured on %d training images.", count)
-        return count
+        """Per-channel feature mean/std of at most ``stats_max_images`` normal images (``standardize_features``):
+        :func:`~anomalib_recon.components.standardization.measure_feature_statistics`. Runs once at fit start: a
+        model restored from a checkpoint keeps its statistics."""
+        return measure_feature_statistics(self, self.stats_max_images, dataloader)
 
     def on_train_start(self) -> None:
         """Measure the feature statistics once (a model restored from a checkpoint keeps its own)."""

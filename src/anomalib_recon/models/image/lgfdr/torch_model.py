@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -43,6 +43,7 @@ from anomalib_recon.components.initialization import init_mae_weights
 from anomalib_recon.components.neighborhood_attention import NABlock
 from anomalib_recon.components.patch_embed import PatchEmbed, TokenToFeatureHead
 from anomalib_recon.components.position import SinCosPositionEmbedding2D, get_2d_sincos_pos_embed
+from anomalib_recon.components.standardization import FeatureStandardization
 from anomalib_recon.components.tracing import is_tracing
 
 __all__ = [
@@ -260,7 +261,7 @@ def _positive_int(name: str, value: object, low: int = 1) -> int:
     return value
 
 
-class LGFDRModel(nn.Module):
+class LGFDRModel(FeatureStandardization, nn.Module):
     """LGFDR: frozen backbone → standardised features → noisy stem → local (NA) and global (ViT) towers → SRH.
 
     Args:
@@ -287,6 +288,8 @@ class LGFDRModel(nn.Module):
         score_kernel_size: Average-pool kernel of the image score; ``None`` = input side / 8 (32 at 256 px).
         na_backend: Neighbourhood-attention backend (``"auto"``, ``"natten"``, ``"flex"``, ``"pure"``).
     """
+
+    model_name = "LGFDR"
 
     def __init__(
         self,
@@ -386,11 +389,7 @@ class LGFDRModel(nn.Module):
             msg = f"LGFDR: score_kernel_size={self.score_kernel_size} is larger than image_size={size[0]}x{size[1]}."
             raise ValueError(msg)
 
-        if self.standardize_features:
-            # Identity until fit_feature_statistics runs; persistent, so checkpoints and exports carry them.
-            self.register_buffer("feature_mean", torch.zeros(1, c, 1, 1))
-            self.register_buffer("feature_std", torch.ones(1, c, 1, 1))
-            self.register_buffer("feature_stats_count", torch.zeros((), dtype=torch.long))
+        self.register_feature_statistics()
 
     # ------------------------------------------------------------------------------------------------ construction
     @staticmethod
@@ -474,48 +473,6 @@ class LGFDRModel(nn.Module):
             )
             self.global_tower.set_grid(grid)
 
-    # ------------------------------------------------------------------------------------------------ statistics
-    @property
-    def feature_statistics_fitted(self) -> bool:
-        """Whether :meth:`set_feature_statistics` has run (always ``True`` without ``standardize_features``)."""
-        return not self.standardize_features or int(self.feature_stats_count) > 0
-
-    @torch.no_grad()
-    def feature_moments(self, images: torch.Tensor) -> torch.Tensor:
-        """Per image: the channel sums and sums of squares of the raw features and their pixel count.
-
-        ``(B, 2C + 1)`` float64 rows, so that the statistics of many images reduce exactly (and under DDP every rank
-        reduces the same gathered rows): :meth:`set_feature_statistics`.
-        """
-        features = self.raw_features(images).double()
-        pixels = features.new_full((features.shape[0], 1), features.shape[2] * features.shape[3])
-        return torch.cat([features.sum(dim=(2, 3)), (features**2).sum(dim=(2, 3)), pixels], dim=1)
-
-    def set_feature_statistics(self, moments: torch.Tensor) -> int:
-        """Store each channel's mean and std from :meth:`feature_moments` rows (float64); returns the image count."""
-        if not self.standardize_features:
-            msg = "LGFDR: feature statistics need a model built with standardize_features=True."
-            raise RuntimeError(msg)
-        if moments.ndim != 2 or moments.shape[0] == 0:
-            msg = "LGFDR: feature statistics got no images; the training set is empty."
-            raise ValueError(msg)
-        total = moments.double().sum(dim=0).cpu()
-        c = self.in_channels
-        mean = total[:c] / total[-1]
-        std = (total[c : 2 * c] / total[-1] - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
-        if not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()):
-            msg = "LGFDR: the feature statistics are NaN or inf; check the training images and the backbone weights."
-            raise ValueError(msg)
-        self.feature_mean.copy_(mean.view(1, -1, 1, 1).to(self.feature_mean))
-        self.feature_std.copy_(std.view(1, -1, 1, 1).to(self.feature_std))
-        self.feature_stats_count.fill_(int(moments.shape[0]))
-        return int(moments.shape[0])
-
-    def fit_feature_statistics(self, batches: Iterable[torch.Tensor]) -> int:
-        """Each channel's mean and std of the raw features over ``batches`` of pre-processed normal images."""
-        rows = [self.feature_moments(batch) for batch in batches]
-        return self.set_feature_statistics(torch.cat(rows) if rows else torch.zeros(0, 2 * self.in_channels + 1))
-
     # ------------------------------------------------------------------------------------------------ pieces
     def raw_features(self, images: torch.Tensor) -> torch.Tensor:
         """Aggregated frozen features ``(B, C, H/s, W/s)`` before standardisation, with input and NaN checks."""
@@ -538,7 +495,7 @@ class LGFDRModel(nn.Module):
                 "LGFDR.fit_feature_statistics()."
             )
             raise RuntimeError(msg)
-        return (features - self.feature_mean) / self.feature_std
+        return self.standardize(features)
 
     def add_noise(self, features: torch.Tensor) -> torch.Tensor:
         """``F̃ = F + σ·ε`` in training (σ = ``feature_noise_std``); ``F`` itself in eval mode or when σ = 0."""

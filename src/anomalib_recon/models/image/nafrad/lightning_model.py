@@ -28,7 +28,6 @@ from torchvision.transforms.v2 import InterpolationMode, Normalize
 from torchvision.transforms.v2 import functional as TF
 
 from anomalib_recon.components.module import ReconModuleMixin
-from anomalib_recon.components.normal_images import collect_normal_images
 from anomalib_recon.components.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -36,6 +35,7 @@ from anomalib_recon.components.preprocessing import (
     sized_pre_processor,
 )
 from anomalib_recon.components.schedules import check_lr_schedule, multistep_lr
+from anomalib_recon.components.standardization import measure_feature_statistics
 
 from .loss import NAFRADLoss
 from .torch_model import NAFRADModel, resolve_backbone, rotation_range
@@ -285,17 +285,10 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
 
     # ------------------------------------------------------------------------------------------------ training
     def fit_feature_statistics(self, dataloader: Iterable[Batch] | None = None) -> int:
-        """Per-channel feature mean/std of at most ``stats_max_images`` normal images (``standardize_features``).
-
-        ``dataloader=None``: the first training images in dataset order, under DDP from every rank's share
-        (:func:`~anomalib_recon.components.normal_images.collect_normal_images`), so every rank stores the same
-        statistics; images are neither rotated nor augmented. A given dataloader of raw normal images is used as is.
-        Runs once at fit start: a model restored from a checkpoint keeps its statistics.
-        """
-        moments = collect_normal_images(self, self.model.feature_moments, self.stats_max_images, dataloader)
-        count = self.model.set_feature_statistics(moments)
-        logger.info("NAFRAD: feature statistics measured on %d training images.", count)
-        return count
+        """Per-channel feature mean/std of at most ``stats_max_images`` normal images (``standardize_features``):
+        :func:`~anomalib_recon.components.standardization.measure_feature_statistics`. Runs once at fit start: a
+        model restored from a checkpoint keeps its statistics."""
+        return measure_feature_statistics(self, self.stats_max_images, dataloader)
 
     def rotate(self, images: torch.Tensor) -> torch.Tensor:
         """Rotate each image with probability ``rotation_probability`` by an angle from ``rotation_degrees``.

@@ -15,7 +15,7 @@ The pipeline, as in the authors' code (GitHub Math-Computer/NAFRAD, commit 7cbcf
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -29,6 +29,7 @@ from anomalib_recon.components.anomaly_map import reduce_max_avgpool
 from anomalib_recon.components.feature_extractor import FeatureExtractor
 from anomalib_recon.components.guards import check_features, check_model_input
 from anomalib_recon.components.neighborhood_attention import NABlock
+from anomalib_recon.components.standardization import FeatureStandardization
 
 RESNET18 = "resnet18.tv_in1k"
 SWIN_L = "swin_large_patch4_window7_224.ms_in22k_ft_in1k"
@@ -278,7 +279,7 @@ class NAFRADTrainOutput(NamedTuple):
     prediction: torch.Tensor
 
 
-class NAFRADModel(nn.Module):
+class NAFRADModel(FeatureStandardization, nn.Module):
     """NAFRAD: frozen backbone + aggregator, NA autoencoder ``R`` and DRAEM segmentation U-Net ``S``.
 
     Args:
@@ -310,6 +311,8 @@ class NAFRADModel(nn.Module):
         ValueError: when ``image_size`` is not a multiple of :attr:`image_size_divisor` (the feature grid, input /
             feature stride, is halved six times by the autoencoder and doubled six times back).
     """
+
+    model_name = "NAFRAD"
 
     def __init__(
         self,
@@ -379,11 +382,7 @@ class NAFRADModel(nn.Module):
             in_channels=2 * self.in_channels, out_channels=1, base_width=seg_base_width
         )
         self.standardize_features = bool(standardize_features)
-        if self.standardize_features:
-            # Identity until fit_feature_statistics runs; persistent so checkpoints and exports carry them.
-            self.register_buffer("feature_mean", torch.zeros(1, self.in_channels, 1, 1))
-            self.register_buffer("feature_std", torch.ones(1, self.in_channels, 1, 1))
-            self.register_buffer("feature_stats_count", torch.zeros((), dtype=torch.long))
+        self.register_feature_statistics()
 
     @property
     def image_size_divisor(self) -> int:
@@ -414,43 +413,6 @@ class NAFRADModel(nn.Module):
             )
             raise ValueError(msg)
 
-    @property
-    def feature_statistics_fitted(self) -> bool:
-        """Whether :meth:`fit_feature_statistics` has run (always ``True`` without ``standardize_features``)."""
-        return not self.standardize_features or int(self.feature_stats_count) > 0
-
-    @torch.no_grad()
-    def feature_moments(self, images: torch.Tensor) -> torch.Tensor:
-        """Per image: the channel sums and sums of squares of the raw features ``F`` and their pixel count.
-
-        Returns ``(B, 2C + 1)`` float64 rows; :meth:`set_feature_statistics` reduces the rows of all images.
-        """
-        features = self.get_features(images, standardize=False).double()
-        pixels = features.new_full((features.shape[0], 1), features.shape[2] * features.shape[3])
-        return torch.cat([features.sum(dim=(2, 3)), (features**2).sum(dim=(2, 3)), pixels], dim=1)
-
-    def set_feature_statistics(self, moments: torch.Tensor) -> int:
-        """Store the per-channel mean and std of ``F`` from :meth:`feature_moments` rows; returns the image count."""
-        if not self.standardize_features:
-            msg = "feature statistics need a model built with standardize_features=True."
-            raise RuntimeError(msg)
-        if moments.shape[0] == 0:
-            msg = "feature statistics got no images; the training set is empty."
-            raise ValueError(msg)
-        total = moments.double().sum(dim=0).cpu()
-        channels = self.in_channels
-        mean = total[:channels] / total[-1]
-        std = (total[channels : 2 * channels] / total[-1] - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
-        self.feature_mean.copy_(mean.view(1, -1, 1, 1).to(self.feature_mean))
-        self.feature_std.copy_(std.view(1, -1, 1, 1).to(self.feature_std))
-        self.feature_stats_count.fill_(int(moments.shape[0]))
-        return int(moments.shape[0])
-
-    def fit_feature_statistics(self, batches: Iterable[torch.Tensor]) -> int:
-        """Per-channel mean and std of the raw features ``F`` over ``batches`` of pre-processed normal images."""
-        rows = [self.feature_moments(batch) for batch in batches]
-        return self.set_feature_statistics(torch.cat(rows) if rows else torch.zeros(0, 2 * self.in_channels + 1))
-
     def _check_images(self, images: torch.Tensor, name: str = "images") -> None:
         check_model_input("NAFRAD", images, what=name)
         h, w = images.shape[-2:]
@@ -463,19 +425,19 @@ class NAFRADModel(nn.Module):
             )
             raise ValueError(msg)
 
-    def get_features(self, images: torch.Tensor, standardize: bool = True) -> torch.Tensor:
-        """Aggregated target features ``F`` of an RGB batch ``(B, 3, H, W)`` -> ``(B, C, H/4, W/4)``.
-
-        With ``standardize_features`` (and ``standardize=True``) each channel is standardised with the stored
-        training statistics.
-        """
+    def raw_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Aggregated backbone features of an RGB batch ``(B, 3, H, W)`` -> ``(B, C, H/4, W/4)``, unstandardised."""
         if self.channel_order == "bgr":
             images = images.flip(1)
         features = self.feature_aggregator(self.feature_extractor(images), image=images)
         check_features("NAFRAD", features)
-        if standardize and self.standardize_features:
-            features = (features - self.feature_mean) / self.feature_std
         return features
+
+    def get_features(self, images: torch.Tensor, standardize: bool = True) -> torch.Tensor:
+        """Target features ``F``: :meth:`raw_features`, standardised per channel with the stored training statistics
+        (``standardize_features`` and ``standardize=True``)."""
+        features = self.raw_features(images)
+        return self.standardize(features) if standardize else features
 
     def segment(self, reconstruction: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """``P = sigmoid(S(cat[(F̂ − F)², F]))`` of shape ``(B, 1, h, w)``."""
