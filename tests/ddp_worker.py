@@ -44,6 +44,12 @@ def main(name: str, work: Path) -> None:
     results = engine.test(model, datamodule=datamodule)
     if engine.trainer.global_rank == 0:
         (work / "metrics.json").write_text(json.dumps({k: float(v) for k, v in results[0].items()}))
+    # Tear the process group down before the interpreter exits: left to the exit-time destructors, gloo's threads
+    # could still be running on a loaded machine and the process aborted ("terminate called without an active
+    # exception", SIGABRT) after a successful fit and test.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
