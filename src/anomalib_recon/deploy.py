@@ -55,11 +55,15 @@ def compile_openvino(
 
 
 class OpenVINOInferencer(_AnomalibOpenVINOInferencer):
-    """anomalib's ``OpenVINOInferencer`` that compiles at fp32 unless ``config`` names another precision.
+    """anomalib's ``OpenVINOInferencer`` that compiles at fp32 and writes no model cache unless ``config`` says so.
 
     Identical to ``anomalib.deploy.OpenVINOInferencer`` otherwise (same arguments, same ``predict``). Pass
     ``config={"INFERENCE_PRECISION_HINT": "bf16"}`` for bf16 on CPUs that support it (faster, with the score
     error each model README records).
+
+    anomalib's inferencer caches every compiled model in ``./openvino_cache`` of the working directory, a blob as
+    large as the model's constants (4 GB for GRNR with a full normal bank) that is never cleaned up. Here the cache is
+    off by default; ``config={"CACHE_DIR": "some/folder"}`` turns it on (faster recompiles of the same IR).
     """
 
     def __init__(
@@ -68,4 +72,11 @@ class OpenVINOInferencer(_AnomalibOpenVINOInferencer):
         device: str | None = "AUTO",
         config: dict | None = None,
     ) -> None:
-        super().__init__(path=path, device=device, config=openvino_config("f32", config))
+        config = {"CACHE_DIR": "", **(config or {})}
+        cache_folder = Path("openvino_cache")  # anomalib creates it whatever the config says
+        existed = cache_folder.exists()
+        try:
+            super().__init__(path=path, device=device, config=openvino_config("f32", config))
+        finally:
+            if not existed and cache_folder.is_dir() and not any(cache_folder.iterdir()):
+                cache_folder.rmdir()
