@@ -62,7 +62,7 @@ class OpenVINOInferencer(_AnomalibOpenVINOInferencer):
     error each model README records).
 
     anomalib's inferencer caches every compiled model in ``./openvino_cache`` of the working directory, a blob as
-    large as the model's constants (GBs for models with a large feature bank) that is never cleaned up. Here the cache is
+    large as the model's constants (GBs for a large feature bank), never cleaned up. Here the cache is
     off by default; ``config={"CACHE_DIR": "some/folder"}`` turns it on (faster recompiles of the same IR).
     """
 
