@@ -8,7 +8,10 @@ resizes a batch of mixed-size images to its largest member), and the model as th
 ``Engine.test``. Each defect class is scored against all good images with scikit-learn,
 for the model's own ``pred_score`` and for scores reduced from its raw maps (std, max, top-1 % mean, max of the
 5×5 average-pooled map). Pixel AUROC (where the dataset has masks) is computed on the maps with the
-pre-processed masks (nearest-resized if a map is smaller than the input).
+pre-processed masks (nearest-resized if a map is smaller than the input), in all and by defect size: the masks'
+connected components (8-connected) split at the quartiles of their area, each quarter's defect pixels scored against
+every normal pixel, with the mean map on those pixels over the mean on normal pixels ("does a model lose the large
+defects or the small ones?").
 
 Example (the checkpoint of a harness run with the same ``--image-size``/``--batch-size``/``--seed``)::
 
@@ -49,6 +52,48 @@ def image_scores(maps, pred_score) -> dict:
         "top1%": flat.topk(k, 1).values.mean(1),
         "max_avgpool5": pooled.max(1).values,
     }
+
+
+def pixel_auroc_by_size(maps, masks) -> list[dict]:
+    """Pixel AUROC and mean-map ratio of the defect pixels of each quarter of the defects by area, vs normal pixels.
+
+    ``maps`` and ``masks`` are ``(N, H, W)`` arrays; a defect is a connected component (8-connected) of a mask.
+    """
+    from scipy import ndimage
+    from sklearn.metrics import roc_auc_score
+
+    areas, ids = [], np.zeros(masks.shape, np.int64)
+    for i, mask in enumerate(masks):
+        labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        if count:
+            sizes = np.bincount(labelled.ravel())[1:]
+            ids[i] = np.where(labelled > 0, labelled + len(areas), 0)
+            areas += sizes.tolist()
+    if not areas:
+        return []
+    areas = np.asarray(areas)
+    edges = np.quantile(areas, [0.25, 0.5, 0.75])
+    quarter = np.concatenate([[0], np.searchsorted(edges, areas, side="left")])  # component id -> quarter 0..3
+    pixel_quarter = quarter[ids]
+    normal = maps[~masks]
+    rows = []
+    for q in range(4):
+        members = areas[quarter[1:] == q]
+        if not len(members):
+            continue
+        defect = maps[masks & (pixel_quarter == q)]
+        scores = np.concatenate([defect, normal])
+        truth = np.concatenate([np.ones(len(defect), bool), np.zeros(len(normal), bool)])
+        rows.append(
+            {
+                "defects by area": f"Q{q + 1}",
+                "n": len(members),
+                "area_px": f"{int(members.min())}-{int(members.max())}",
+                "pixel_AUROC": round(float(roc_auc_score(truth, scores)), 4),
+                "map_ratio": round(float(defect.mean() / normal.mean()), 3),
+            }
+        )
+    return rows
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -161,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         row = {"class": name, "n": int((~good & sel).sum())}
         row |= {k: round(float(roc_auc_score(labels[sel], v[sel])), 4) for k, v in reduced.items()}
         rows.append(row)
-    pixel = None
+    pixel, by_size = None, []
     if masks and len(masks) == len(scores):
-        flat = torch.cat(masks).flatten().numpy() > 0.5
-        if 0 < flat.sum() < flat.size:
-            pixel = float(roc_auc_score(flat, maps.flatten().numpy()))
+        gt = torch.cat(masks).numpy() > 0.5
+        if 0 < gt.sum() < gt.size:
+            pixel = float(roc_auc_score(gt.ravel(), maps.flatten().numpy()))
+            by_size = pixel_auroc_by_size(maps.numpy(), gt)
     command = "python benchmarks/per_class.py " + " ".join(shlex.quote(a) for a in argv or sys.argv[1:])
     cols = list(rows[0])
     pixel_text = f"Pixel AUROC on the maps: {pixel:.4f}." if pixel is not None else "No pixel masks: no pixel AUROC."
@@ -182,13 +228,23 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *harness.markdown_table(cols, rows),
     ]
+    if by_size:
+        lines += [
+            "",
+            "Pixel AUROC by defect size (connected components of the masks at the map's resolution, quarters by area;"
+            " each quarter's defect pixels vs every normal pixel; map_ratio = mean map on them / mean on normal):",
+            "",
+            *harness.markdown_table(list(by_size[0]), by_size),
+        ]
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
         header = {"command": command, "model": args.model, "ckpt": args.ckpt, "dataset": args.dataset}
         header |= {"image_size": args.image_size, "batch_size": args.batch_size, "seed": args.seed}
         Path(args.out + ".md").write_text(table)
-        Path(args.out + ".json").write_text(json.dumps({**header, "rows": rows, "pixel_AUROC": pixel}, indent=2))
+        Path(args.out + ".json").write_text(
+            json.dumps({**header, "rows": rows, "pixel_AUROC": pixel, "by_size": by_size}, indent=2)
+        )
     return 0
 
 

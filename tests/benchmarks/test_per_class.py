@@ -30,6 +30,26 @@ def test_image_scores_reduce_maps(per_class) -> None:
     assert scores["model"].tolist() == pytest.approx([0.1, 0.2])
 
 
+def test_pixel_auroc_by_size_splits_defects_by_area(per_class) -> None:
+    import numpy as np
+
+    masks = np.zeros((4, 16, 16), bool)
+    masks[0, 0, 0] = True  # 1 px
+    masks[1, 2:4, 2:4] = True  # 4 px
+    masks[2, 0:3, 0:3] = True  # 9 px
+    masks[3, 4:8, 4:8] = True  # 16 px
+    masks[3, 12, 12] = masks[3, 13, 13] = True  # one 2-px defect (diagonal: 8-connected)
+    maps = np.ones(masks.shape)
+    maps[masks] = 2.0  # every defect found...
+    maps[3, 4:8, 4:8] = 0.5  # ...but the largest, scored below every normal pixel
+    rows = per_class.pixel_auroc_by_size(maps, masks)
+    assert [row["n"] for row in rows] == [2, 1, 1, 1]  # areas 1, 2 | 4 | 9 | 16 at the quartiles 2, 4, 9
+    assert [row["area_px"] for row in rows] == ["1-2", "4-4", "9-9", "16-16"]
+    assert [row["pixel_AUROC"] for row in rows] == [1.0, 1.0, 1.0, 0.0]
+    assert [row["map_ratio"] for row in rows] == [2.0, 2.0, 2.0, 0.5]
+    assert per_class.pixel_auroc_by_size(maps, np.zeros_like(masks)) == []
+
+
 def mixed_size_dataset(root: Path) -> Path:
     """The tiny folder dataset with some test images (and their masks) at other sizes, as in Magnetic Tile."""
     write_folder_dataset(root)
@@ -78,5 +98,6 @@ def test_per_class_sees_exactly_the_harness_inputs(
     assert set(rows) == {"all", "defect"} and rows["defect"]["n"] == 4
     assert rows["all"]["model"] >= 0.9  # saturated blue squares on a grey texture
     assert 0.5 < result["pixel_AUROC"] <= 1.0
+    assert sum(row["n"] for row in result["by_size"]) >= 4  # each defect image holds at least one component
     assert result["dataset"] == "folder" and result["batch_size"] == 4
     assert "| defect | 4 |" in out.with_suffix(".md").read_text()
