@@ -127,6 +127,8 @@ class AGPNet(ReconModuleMixin, AnomalibModule):
         >>> Engine(max_epochs=100).fit(model, datamodule=datamodule)  # doctest: +SKIP
     """
 
+    # The argument list repeats the other models' on purpose: one name per concept is the CLI/YAML API, and
+    # jsonargparse documents each model from its explicit signature (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = "vit_small_patch16_224.dino",

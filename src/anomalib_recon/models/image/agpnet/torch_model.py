@@ -199,6 +199,8 @@ class AGPNetModel(nn.Module):
         mask_ratio: ρ(t), the fraction of pixels receiving image noise, set by the training loop.
     """
 
+    # Same argument names, order and defaults as the other models' torch models on purpose: the one vocabulary
+    # (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = "vit_small_patch16_224.dino",

@@ -162,6 +162,8 @@ class AMINetModel(nn.Module):
         blur_sigma: σ of the Gaussian smoothing of both maps (4; kernel ``2·⌊4σ+0.5⌋+1`` = 33).
     """
 
+    # Same argument names, order and defaults as the other models' torch models on purpose: the one vocabulary
+    # (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = "wide_resnet50_2.tv_in1k",

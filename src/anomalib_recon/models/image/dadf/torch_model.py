@@ -203,6 +203,8 @@ class DADFModel(nn.Module):
             transformer is built, a FastFlow with DADF's subnets; the ablation).
     """
 
+    # Same argument names, order and defaults as the other models' torch models on purpose: the one vocabulary
+    # (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = "wide_resnet50_2.tv_in1k",

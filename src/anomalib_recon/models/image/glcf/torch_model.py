@@ -297,6 +297,8 @@ class GLCFModel(nn.Module):
         blur_sigma: Optional Gaussian σ applied to every upsampled (branch, scale) map before standardisation.
     """
 
+    # Same argument names, order and defaults as the other models' torch models on purpose: the one vocabulary
+    # (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = "wide_resnet50_2.tv_in1k",

@@ -111,6 +111,8 @@ class GRNR(ReconModuleMixin, AnomalibModule):
         >>> Engine().fit(few_shot, datamodule=datamodule)  # banks from 8 normal images   # doctest: +SKIP
     """
 
+    # The argument list repeats the other models' on purpose: one name per concept is the CLI/YAML API, and
+    # jsonargparse documents each model from its explicit signature (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = "wide_resnet50_2.tv_in1k",

@@ -421,6 +421,8 @@ class GRNRModel(nn.Module):
         knn_chunk_size: Bank rows per block of the nearest-neighbour search, in eager mode and in exported graphs.
     """
 
+    # Same argument names, order and defaults as the other models' torch models on purpose: the one vocabulary
+    # (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = "wide_resnet50_2.tv_in1k",

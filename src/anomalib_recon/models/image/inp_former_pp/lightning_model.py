@@ -225,6 +225,8 @@ class InpFormerPP(ReconModuleMixin, AnomalibModule):
         >>> Engine(max_steps=300).fit(model, datamodule=datamodule)  # doctest: +SKIP
     """
 
+    # The argument list repeats the other models' on purpose: one name per concept is the CLI/YAML API, and
+    # jsonargparse documents each model from its explicit signature (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = "vit_base_patch14_reg4_dinov2",

@@ -193,6 +193,8 @@ class InpFormerPPModel(nn.Module):
         score_topk: Fraction of the highest pixels averaged into the image score (0.01).
     """
 
+    # Same argument names, order and defaults as the other models' torch models on purpose: the one vocabulary
+    # (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = "vit_base_patch14_reg4_dinov2",

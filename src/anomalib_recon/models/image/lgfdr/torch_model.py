@@ -291,6 +291,8 @@ class LGFDRModel(FeatureStandardization, nn.Module):
 
     model_name = "LGFDR"
 
+    # Same argument names, order and defaults as the other models' torch models on purpose: the one vocabulary
+    # (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = SWIN_L,

@@ -144,6 +144,8 @@ class NAFRAD(ReconModuleMixin, AnomalibModule):
         >>> Engine(max_epochs=700).fit(model, datamodule=datamodule)  # doctest: +SKIP
     """
 
+    # The argument list repeats the other models' on purpose: one name per concept is the CLI/YAML API, and
+    # jsonargparse documents each model from its explicit signature (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = "auto",

@@ -314,6 +314,8 @@ class NAFRADModel(FeatureStandardization, nn.Module):
 
     model_name = "NAFRAD"
 
+    # Same argument names, order and defaults as the other models' torch models on purpose: the one vocabulary
+    # (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = RESNET18,

@@ -319,6 +319,8 @@ class PNPTModel(nn.Module):
         class_names: Initial classes (re-sized from the data at fit, or from a state dict at load).
     """
 
+    # Same argument names, order and defaults as the other models' torch models on purpose: the one vocabulary
+    # (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = "wide_resnet50_2.tv_in1k",

@@ -140,6 +140,8 @@ class RBAE(ReconModuleMixin, AnomalibModule):
         >>> Engine(max_steps=300).fit(small, datamodule=datamodule)      # doctest: +SKIP
     """
 
+    # The argument list repeats the other models' on purpose: one name per concept is the CLI/YAML API, and
+    # jsonargparse documents each model from its explicit signature (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = DEFAULT_BACKBONE,

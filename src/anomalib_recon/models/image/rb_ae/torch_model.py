@@ -254,6 +254,8 @@ class RBAEModel(nn.Module):
     :data:`REFERENCE_UNSET` before training).
     """
 
+    # Same argument names, order and defaults as the other models' torch models on purpose: the one vocabulary
+    # (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = DEFAULT_BACKBONE,

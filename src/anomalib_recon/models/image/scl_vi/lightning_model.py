@@ -92,6 +92,8 @@ class SCLVI(ReconModuleMixin, AnomalibModule):
     # Memory banks change size with the training set: checkpoint loading re-sizes them instead of refusing them.
     resizable_buffers = ("memory_bank_64", "memory_bank_32")
 
+    # The argument list repeats the other models' on purpose: one name per concept is the CLI/YAML API, and
+    # jsonargparse documents each model from its explicit signature (components/README.md, "What stays repeated").
     def __init__(
         self,
         image_size: int | tuple[int, int] | None = None,

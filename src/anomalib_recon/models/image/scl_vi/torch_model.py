@@ -434,6 +434,8 @@ class SCLVIModel(nn.Module):
         noise_std: Photometric noise std on jigsaw patches (0.02).
     """
 
+    # Same argument names, order and defaults as the other models' torch models on purpose: the one vocabulary
+    # (components/README.md, "What stays repeated").
     def __init__(
         self,
         image_size: tuple[int, int] = (256, 256),

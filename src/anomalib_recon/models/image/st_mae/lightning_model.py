@@ -85,6 +85,8 @@ class STMAE(ReconModuleMixin, AnomalibModule):
         >>> Engine(max_epochs=400).fit(model, datamodule=datamodule)       # doctest: +SKIP
     """
 
+    # The argument list repeats the other models' on purpose: one name per concept is the CLI/YAML API, and
+    # jsonargparse documents each model from its explicit signature (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = "vgg19.tv_in1k",

@@ -140,6 +140,8 @@ class STMAEModel(nn.Module):
         blur_sigma: σ of the Gaussian smoothing of the upsampled map (4); ``None`` = no blur.
     """
 
+    # Same argument names, order and defaults as the other models' torch models on purpose: the one vocabulary
+    # (components/README.md, "What stays repeated").
     def __init__(
         self,
         backbone: str = "vgg19.tv_in1k",
