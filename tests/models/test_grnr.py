@@ -543,13 +543,37 @@ def test_uncalibrated_direct_call_and_calibrated_post_processing():
     assert isinstance(GRNR.configure_post_processor(), GRNRPostProcessor)
 
 
-def test_export_of_an_uncalibrated_model_warns(monkeypatch, caplog, tmp_path):
-    from anomalib_recon.components.module import ReconModuleMixin
-
-    monkeypatch.setattr(ReconModuleMixin, "to_onnx", lambda self, root, *a, **k: Path(root) / "model.onnx")
+@pytest.mark.export
+def test_uncalibrated_export_computes_and_names_what_a_direct_call_returns(caplog, monkeypatch, tmp_path):
+    """anomalib names the graph's outputs from an eager forward: an uncalibrated graph with anomalib's four outputs
+    under two names would call pred_label "anomaly_map". The graph holds the raw score and the relative map."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = tiny().eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(images)
+    assert expected.pred_label is None and float(expected.anomaly_map.amax()) == 1.0  # uncalibrated: relative map
     with caplog.at_level(logging.WARNING):
-        tiny().to_onnx(tmp_path, input_size=(64, 64))
-    assert "exporting an uncalibrated model" in caplog.text
+        path = model.to_onnx(tmp_path, input_size=(64, 64), opset_version=18)
+    assert "exporting an uncalibrated model" in caplog.text and "not a probability" in caplog.text
+    assert model.post_processor.calibrated_for_export is None  # reset after the export
+    session = ort.InferenceSession(str(path))
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["pred_score", "anomaly_map"]
+    out = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images.numpy()}), strict=True))
+    assert out["anomaly_map"].shape == (2, 1, 64, 64)
+    np.testing.assert_allclose(out["anomaly_map"], expected.anomaly_map.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(out["pred_score"], expected.pred_score.numpy(), rtol=1e-5, atol=1e-4)
+
+    # anomalib's OpenVINO inferencer reads outputs by name: it used to fail on the unnamed extras
+    pytest.importorskip("openvino")
+    from anomalib_recon.deploy import OpenVINOInferencer
+
+    monkeypatch.chdir(tmp_path)
+    result = OpenVINOInferencer(path=path, device="CPU").predict(images[:1].numpy()[0])
+    assert result.pred_label is None
+    np.testing.assert_allclose(np.asarray(result.anomaly_map).reshape(64, 64), out["anomaly_map"][0, 0], atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------- export

@@ -345,11 +345,24 @@ class GRNR(ReconModuleMixin, AnomalibModule):
             )
 
     def to_onnx(self, export_root: Any, model_file_name: str = "model", input_size: Any = None, **kwargs: Any) -> Any:
-        """ONNX export (also the first step of OpenVINO's); warns when the post-processor is not calibrated."""
-        if isinstance(self.post_processor, GRNRPostProcessor) and not self.post_processor.calibrated:
+        """ONNX export (also the first step of OpenVINO's) of what the model computes now, calibrated or not.
+
+        Uncalibrated, the graph outputs the raw ``pred_score`` and the relative ``anomaly_map`` (no labels), as a
+        direct call does, and a warning says so; anomalib names the graph's outputs from an eager forward, so the
+        graph must compute the same outputs for the names to fit.
+        """
+        post = self.post_processor
+        if not isinstance(post, GRNRPostProcessor):
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+        if not post.calibrated:
             logger.warning(
-                "GRNR: exporting an uncalibrated model: the graph's pred_score and anomaly_map are raw and its "
-                "pred_label/pred_mask compare raw values with 0.5 (meaningless). Calibrate first (Engine.validate or "
-                "Engine.test with images), then export."
+                "GRNR: exporting an uncalibrated model: the graph outputs %s. Calibrate first (Engine.validate or "
+                "Engine.test with images, or load a calibrated checkpoint), then export, for normalised scores, "
+                "labels and masks.",
+                UNCALIBRATED_MEANING,
             )
-        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+        post.calibrated_for_export = post.calibrated
+        try:
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+        finally:
+            post.calibrated_for_export = None

@@ -14,6 +14,10 @@ visualizer renders maps as if they were in [0, 1]. Until calibrated, this post-p
 
 Once a validation pass has run (``Engine.test``, ``Engine.predict`` with a datamodule, ``Engine.validate``) or a
 calibrated checkpoint is loaded, it is anomalib's ``PostProcessor`` unchanged.
+
+An exported graph carries what the model computes at export time: ``GRNR.to_onnx`` (and so ``to_openvino``) records
+whether the post-processor is calibrated before tracing (a graph cannot branch on its own buffers), so an
+uncalibrated export has exactly the two outputs above, named as anomalib names them from an eager forward.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ def relative_map(anomaly_map: torch.Tensor) -> torch.Tensor:
 class GRNRPostProcessor(PostProcessor):
     """anomalib's ``PostProcessor`` (same arguments and buffers) with honest uncalibrated outputs (module docstring)."""
 
+    #: Set by ``GRNR.to_onnx`` for the duration of an export: whether the traced graph is the calibrated one. ``None``
+    #: (a trace that did not come through ``to_onnx``) keeps anomalib's computation.
+    calibrated_for_export: bool | None = None
+
     @property
     def calibrated(self) -> bool:
         """Whether a validation pass (or a loaded checkpoint) set the normalisation statistics."""
@@ -60,8 +68,9 @@ class GRNRPostProcessor(PostProcessor):
             batch.anomaly_map = relative_map(batch.anomaly_map)
 
     def forward(self, predictions: InferenceBatch) -> InferenceBatch:
-        """The same for direct calls (``model(images)``); exported graphs always carry anomalib's computation."""
-        if is_tracing() or self.calibrated:
+        """The same for direct calls (``model(images)``) and for graphs exported through ``GRNR.to_onnx``."""
+        calibrated = (self.calibrated_for_export is not False) if is_tracing() else self.calibrated
+        if calibrated:
             return super().forward(predictions)
         anomaly_map = predictions.anomaly_map
         return InferenceBatch(
