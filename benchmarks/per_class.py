@@ -57,7 +57,11 @@ def image_scores(maps, pred_score) -> dict:
 def pixel_auroc_by_size(maps, masks) -> list[dict]:
     """Pixel AUROC and mean-map ratio of the defect pixels of each quarter of the defects by area, vs normal pixels.
 
-    ``maps`` and ``masks`` are ``(N, H, W)`` arrays; a defect is a connected component (8-connected) of a mask.
+    ``maps`` and ``masks`` are ``(N, H, W)`` arrays; a defect is a connected component (8-connected) of a mask. Each
+    row scores its defect pixels against every normal pixel (``pixel_AUROC``, ``map_ratio``: mean map on the defect
+    pixels / mean on the normal ones) and against the pixels of defect-free images only
+    (``AUROC_vs_good_images``): where the two part, the normal pixels *of defective images* (around the defects)
+    are what the map gets wrong. A last row, ``all``, scores every defect pixel.
     """
     from scipy import ndimage
     from sklearn.metrics import roc_auc_score
@@ -73,24 +77,32 @@ def pixel_auroc_by_size(maps, masks) -> list[dict]:
         return []
     areas = np.asarray(areas)
     edges = np.quantile(areas, [0.25, 0.5, 0.75])
-    quarter = np.concatenate([[0], np.searchsorted(edges, areas, side="left")])  # component id -> quarter 0..3
+    quarter = np.concatenate([[-1], np.searchsorted(edges, areas, side="left")])  # component id -> quarter 0..3
     pixel_quarter = quarter[ids]
     normal = maps[~masks]
+    good_images = ~masks.reshape(len(masks), -1).any(1)
+    good = maps[good_images].ravel()
+
+    def auroc(defect, negatives) -> float | None:
+        if not len(negatives):
+            return None
+        truth = np.concatenate([np.ones(len(defect), bool), np.zeros(len(negatives), bool)])
+        return round(float(roc_auc_score(truth, np.concatenate([defect, negatives]))), 4)
+
     rows = []
-    for q in range(4):
-        members = areas[quarter[1:] == q]
+    for q, name in ((0, "Q1"), (1, "Q2"), (2, "Q3"), (3, "Q4"), (None, "all")):
+        members = areas if q is None else areas[quarter[1:] == q]
         if not len(members):
             continue
-        defect = maps[masks & (pixel_quarter == q)]
-        scores = np.concatenate([defect, normal])
-        truth = np.concatenate([np.ones(len(defect), bool), np.zeros(len(normal), bool)])
+        defect = maps[masks] if q is None else maps[masks & (pixel_quarter == q)]
         rows.append(
             {
-                "defects by area": f"Q{q + 1}",
+                "defects by area": name,
                 "n": len(members),
                 "area_px": f"{int(members.min())}-{int(members.max())}",
-                "pixel_AUROC": round(float(roc_auc_score(truth, scores)), 4),
+                "pixel_AUROC": auroc(defect, normal),
                 "map_ratio": round(float(defect.mean() / normal.mean()), 3),
+                "AUROC_vs_good_images": auroc(defect, good),
             }
         )
     return rows
@@ -232,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += [
             "",
             "Pixel AUROC by defect size (connected components of the masks at the map's resolution, quarters by area;"
-            " each quarter's defect pixels vs every normal pixel; map_ratio = mean map on them / mean on normal):",
+            " each quarter's defect pixels vs every normal pixel; map_ratio = mean map on them / mean on normal;"
+            " AUROC_vs_good_images: vs the pixels of defect-free images only):",
             "",
             *harness.markdown_table(list(by_size[0]), by_size),
         ]

@@ -33,7 +33,7 @@ def test_image_scores_reduce_maps(per_class) -> None:
 def test_pixel_auroc_by_size_splits_defects_by_area(per_class) -> None:
     import numpy as np
 
-    masks = np.zeros((4, 16, 16), bool)
+    masks = np.zeros((5, 16, 16), bool)  # the fifth image is defect-free
     masks[0, 0, 0] = True  # 1 px
     masks[1, 2:4, 2:4] = True  # 4 px
     masks[2, 0:3, 0:3] = True  # 9 px
@@ -42,11 +42,21 @@ def test_pixel_auroc_by_size_splits_defects_by_area(per_class) -> None:
     maps = np.ones(masks.shape)
     maps[masks] = 2.0  # every defect found...
     maps[3, 4:8, 4:8] = 0.5  # ...but the largest, scored below every normal pixel
+    maps[1, 8:, 8:] = 3.0  # and a bright region next to a defect: normal pixels of a defective image
     rows = per_class.pixel_auroc_by_size(maps, masks)
-    assert [row["n"] for row in rows] == [2, 1, 1, 1]  # areas 1, 2 | 4 | 9 | 16 at the quartiles 2, 4, 9
-    assert [row["area_px"] for row in rows] == ["1-2", "4-4", "9-9", "16-16"]
-    assert [row["pixel_AUROC"] for row in rows] == [1.0, 1.0, 1.0, 0.0]
-    assert [row["map_ratio"] for row in rows] == [2.0, 2.0, 2.0, 0.5]
+    assert [row["defects by area"] for row in rows] == ["Q1", "Q2", "Q3", "Q4", "all"]
+    assert [row["n"] for row in rows] == [2, 1, 1, 1, 5]  # areas 1, 2 | 4 | 9 | 16 at the quartiles 2, 4, 9
+    assert [row["area_px"] for row in rows] == ["1-2", "4-4", "9-9", "16-16", "1-16"]
+    normal = ~masks
+    n_normal, n_bright = normal.sum(), 64
+    expected = 1 - n_bright / n_normal  # each defect pixel (2.0) is above every normal pixel but the 64 bright ones
+    assert [row["pixel_AUROC"] for row in rows[:3]] == [round(expected, 4)] * 3
+    assert rows[3]["pixel_AUROC"] == 0.0
+    assert rows[4]["pixel_AUROC"] == round(expected / 2, 4)  # half the defect pixels (16 of 32) are the large one
+    # against the defect-free image only, the bright normal region no longer counts
+    assert [row["AUROC_vs_good_images"] for row in rows] == [1.0, 1.0, 1.0, 0.0, 0.5]
+    ratio = 2.0 / maps[normal].mean()
+    assert rows[0]["map_ratio"] == round(ratio, 3) and rows[3]["map_ratio"] == round(0.5 / maps[normal].mean(), 3)
     assert per_class.pixel_auroc_by_size(maps, np.zeros_like(masks)) == []
 
 
