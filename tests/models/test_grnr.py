@@ -544,7 +544,7 @@ def test_uncalibrated_direct_call_and_calibrated_post_processing():
 
 
 @pytest.mark.export
-def test_uncalibrated_export_computes_and_names_what_a_direct_call_returns(caplog, monkeypatch, tmp_path):
+def test_uncalibrated_export_computes_and_names_what_a_direct_call_returns(caplog, tmp_path):
     """anomalib names the graph's outputs from an eager forward: an uncalibrated graph with anomalib's four outputs
     under two names would call pred_label "anomaly_map". The graph holds the raw score and the relative map."""
     ort = pytest.importorskip("onnxruntime")
@@ -570,7 +570,6 @@ def test_uncalibrated_export_computes_and_names_what_a_direct_call_returns(caplo
     pytest.importorskip("openvino")
     from anomalib_recon.deploy import OpenVINOInferencer
 
-    monkeypatch.chdir(tmp_path)
     result = OpenVINOInferencer(path=path, device="CPU").predict(images[:1].numpy()[0])
     assert result.pred_label is None
     np.testing.assert_allclose(np.asarray(result.anomaly_map).reshape(64, 64), out["anomaly_map"][0, 0], atol=1e-4)

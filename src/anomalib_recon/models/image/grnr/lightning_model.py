@@ -354,14 +354,15 @@ class GRNR(ReconModuleMixin, AnomalibModule):
         post = self.post_processor
         if not isinstance(post, GRNRPostProcessor):
             return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
-        if not post.calibrated:
+        calibrated = post.calibrated
+        if not calibrated:
             logger.warning(
                 "GRNR: exporting an uncalibrated model: the graph outputs %s. Calibrate first (Engine.validate or "
                 "Engine.test with images, or load a calibrated checkpoint), then export, for normalised scores, "
                 "labels and masks.",
                 UNCALIBRATED_MEANING,
             )
-        post.calibrated_for_export = post.calibrated
+        post.calibrated_for_export = calibrated
         try:
             return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
         finally:
