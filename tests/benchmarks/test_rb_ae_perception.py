@@ -1,0 +1,78 @@
+"""``benchmarks/rb_ae_perception.py``: RB-AE's map and encoder residuals on real and synthetic defects."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch.nn import functional as F
+
+from tests.benchmarks.conftest import load_script
+from tests.test_registration import TINY_KWARGS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(folder_dataset):
+    from anomalib_recon.models import RBAE
+
+    harness = load_script("harness")
+    torch.manual_seed(0)
+    model = RBAE(**TINY_KWARGS["RBAE"], evaluator=False, visualizer=False).eval()
+    model.model.set_reference(torch.rand(1, 3, 64, 64), 0)
+    args = argparse.Namespace(dataset="folder", data_root=str(folder_dataset), batch_size=4, workers=0, seed=0)
+    return model, harness.build_datamodule(args)
+
+
+def test_both_sets_are_scored_and_the_map_is_the_models_own(setup):
+    script = load_script("rb_ae_perception")
+    per_class = load_script("per_class")
+    model, datamodule = setup
+    sets = script.score_sets(model, datamodule, synthetic_images=4, synthetic_seed=0)
+    parts = {"map_AUROC", "enc_AUROC"} | {f"enc_s{k}_AUROC" for k in range(4)}
+    assert set(sets["real"]) == parts | {"image_AUROC"}
+    assert set(sets["synthetic"]) == parts | {"cos_defect", "cos_normal"}
+    assert all(0.0 <= v <= 1.0 for s in sets.values() for k, v in s.items() if k.endswith("AUROC"))
+    pixels, truth = [], []
+    with torch.no_grad():
+        for images, masks, _ in per_class.harness_test_batches(model, datamodule):
+            pixels.append(model.model(images).anomaly_map.flatten())
+            truth.append(masks.flatten() > 0.5)
+    expected = roc_auc_score(torch.cat(truth).numpy(), torch.cat(pixels).numpy())
+    assert sets["real"]["map_AUROC"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_synthetic_set_is_seeded_and_pastes_a_defect_only_inside_its_mask(setup):
+    script = load_script("rb_ae_perception")
+    _, datamodule = setup
+    clean, defective, masks = script.synthetic_set(datamodule, (64, 64), 3, seed=1)
+    again = script.synthetic_set(datamodule, (64, 64), 3, seed=1)
+    assert clean.shape == defective.shape == (3, 3, 64, 64) and masks.shape == (3, 1, 64, 64)
+    assert all(torch.equal(a, b) for a, b in zip((clean, defective, masks), again, strict=True))
+    assert bool((masks.flatten(1).sum(1) > 0).all()), "every image gets a defect"
+    changed = (defective - clean).abs().amax(1, keepdim=True) > 1e-6
+    assert not bool((changed & (masks == 0)).any()), "pixels outside the mask are the clean image's"
+
+
+def test_perceived_cosines_are_the_loss_groups_by_brute_force(setup):
+    script = load_script("rb_ae_perception")
+    model, datamodule = setup
+    net = model.model
+    clean, defective, masks = script.synthetic_set(datamodule, (64, 64), 4, seed=1)
+    got = script.perceived_cosines(net, clean, defective, masks)
+    with torch.no_grad():
+        pairs = list(zip(net.encode(defective), net.encode(clean), strict=True))
+    defect, normal = [], []
+    for d, c in pairs:  # per cell: cosine over channels; coverage = mean of the mask over the cell
+        cell = masks.shape[-1] // d.shape[-1]
+        coverage = masks.unfold(2, cell, cell).unfold(3, cell, cell).mean(dim=(-1, -2))
+        cos = F.cosine_similarity(d.double(), c.double(), dim=1).unsqueeze(1)
+        if bool((coverage >= 0.5).any()):
+            defect.append(cos[coverage >= 0.5].mean())
+        normal.append(cos[coverage == 0].mean())
+    assert defect, "the draw must give the loss's defective cells at some scale"
+    assert got["cos_defect"] == pytest.approx(float(torch.stack(defect).mean()), abs=1e-5)
+    assert got["cos_normal"] == pytest.approx(float(torch.stack(normal).mean()), abs=1e-5)
