@@ -153,6 +153,73 @@ def load_model(args: argparse.Namespace):
     return model.eval()
 
 
+def checkpoints_parser(description: str, model: str, name: str) -> argparse.ArgumentParser:
+    """The command line of the scripts that score several checkpoints of one model on a masked test split
+    (``pnpt_maps.py``, ``rb_ae_perception.py``): the checkpoints, the data settings as the harness's, the result."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--ckpts", nargs="+", required=True, help=f"{model} checkpoints (the harness's model.ckpt files)")
+    p.add_argument("--dataset", choices=["magnetic_tile", "folder"], default="magnetic_tile", help="needs masks")
+    p.add_argument("--data-root", default=None, help="magnetic_tile: optional; folder: an MVTec-style category")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="as the harness run (a folder's split)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--name", default=name)
+    p.add_argument("--results-dir", default=str(harness.RESULTS))
+    return p
+
+
+def study_label(ckpt: str) -> str:
+    """``seed1/class`` from the study runner's ``.../seed1/<variant>/<Model>/...`` layout, else the file path."""
+    parts = Path(ckpt).parts
+    seeds = [i for i, part in enumerate(parts) if part.startswith("seed")]
+    return "/".join(parts[seeds[-1] : seeds[-1] + 2]) if seeds else ckpt
+
+
+def load_checkpoints(model: str, args: argparse.Namespace):
+    """``(label, model)`` per checkpoint of ``args.ckpts`` (:func:`checkpoints_parser`), offline, ``args.threads``."""
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    for ckpt in args.ckpts:
+        load_args = argparse.Namespace(
+            model=model, ckpt=ckpt, backbone="tf_efficientnet_lite0", image_size=args.image_size, init_args={}
+        )
+        yield study_label(ckpt), load_model(load_args)
+
+
+def write_checkpoint_tables(
+    script: str,
+    argv: list[str],
+    args: argparse.Namespace,
+    rows: list[dict],
+    sections: list[tuple[str, list[str]]],
+    **extra,
+) -> str:
+    """Record a checkpoint-scoring script's rows (``results/<args.name>.json`` / ``.md`` with its exact command and the
+    machine): one markdown table per ``(intro, columns)`` of ``sections``; prints and returns the markdown."""
+    header = {
+        "name": args.name,
+        "command": f"python benchmarks/{script} " + shlex.join(argv),
+        "machine": harness.machine_info(),
+        "dataset": args.dataset,
+        "image_size": args.image_size,
+        **extra,
+    }
+
+    def render(rows: list[dict], header: dict) -> str:
+        lines = [*harness.result_preamble(header), ""]
+        for intro, columns in sections:
+            lines += [intro, "", *harness.markdown_table(columns, rows), ""]
+        return "\n".join(lines)
+
+    table = harness.write_results(Path(args.results_dir), header, rows, render=render)
+    print(table)
+    return table
+
+
 def harness_test_batches(model, datamodule):
     """``(images, masks, batch)`` per test batch, exactly as ``Engine.test`` feeds ``model.model``.
 

@@ -16,8 +16,6 @@ magnetic_tile/v0/weights/lightning/model.ckpt --name pnpt_maps_mt_lite0_128_300s
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -29,25 +27,7 @@ import per_class
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments (data settings as the harness's)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpts", nargs="+", required=True, help="PNPT checkpoints (the harness's model.ckpt files)")
-    p.add_argument("--dataset", choices=["magnetic_tile", "folder"], default="magnetic_tile", help="needs masks")
-    p.add_argument("--data-root", default=None, help="magnetic_tile: optional; folder: an MVTec-style category")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="as the harness run (a folder's split)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--name", default="pnpt_maps")
-    p.add_argument("--results-dir", default=str(harness.RESULTS))
-    return p.parse_args(argv)
-
-
-def label(ckpt: str) -> str:
-    """``seed1/class`` from the study runner's ``.../seed1/class/PNPT/...`` layout, else the file path."""
-    parts = Path(ckpt).parts
-    seeds = [i for i, part in enumerate(parts) if part.startswith("seed")]
-    return "/".join(parts[seeds[-1] : seeds[-1] + 2]) if seeds else ckpt
+    return per_class.checkpoints_parser(__doc__.splitlines()[0], "PNPT", "pnpt_maps").parse_args(argv)
 
 
 def score_parts(model, datamodule) -> dict[str, float]:
@@ -90,47 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
 
-    import torch
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
     rows = []
-    for ckpt in args.ckpts:
-        load_args = argparse.Namespace(
-            model="PNPT", ckpt=ckpt, backbone="tf_efficientnet_lite0", image_size=args.image_size, init_args={}
-        )
-        model = per_class.load_model(load_args)
-        rows.append({"checkpoint": label(ckpt)} | score_parts(model, harness.build_datamodule(args)))
+    for name, model in per_class.load_checkpoints("PNPT", args):
+        rows.append({"checkpoint": name} | score_parts(model, harness.build_datamodule(args)))
         print(rows[-1], flush=True)
-    header = {
-        "name": args.name,
-        "command": "python benchmarks/pnpt_maps.py " + " ".join(shlex.quote(a) for a in argv),
-        "machine": harness.machine_info(),
-        "dataset": args.dataset,
-        "image_size": args.image_size,
-    }
-
-    def render(rows: list[dict], header: dict) -> str:
-        auroc = ["checkpoint", *[k for k in rows[0] if k.endswith("_AUROC")]]
-        means = ["checkpoint", *[k for k in rows[0] if k.endswith("_mean")]]
-        return "\n".join(
-            [
-                *harness.result_preamble(header),
-                "",
-                "Pixel AUROC of PNPT's map and of each part alone (s0, s1, s2 = strides 4, 8, 16; sample / prompt "
-                "stream; cosine residual upsampled to the input, no blur):",
-                "",
-                *harness.markdown_table(auroc, rows),
-                "",
-                "Mean of each part on normal and on defective pixels:",
-                "",
-                *harness.markdown_table(means, rows),
-                "",
-            ]
-        )
-
-    harness.write_results(Path(args.results_dir), header, rows, render=render)
-    print(render(rows, header))
+    auroc = ["checkpoint", *[k for k in rows[0] if k.endswith("_AUROC")]]
+    means = ["checkpoint", *[k for k in rows[0] if k.endswith("_mean")]]
+    sections = [
+        (
+            "Pixel AUROC of PNPT's map and of each part alone (s0, s1, s2 = strides 4, 8, 16; sample / prompt "
+            "stream; cosine residual upsampled to the input, no blur):",
+            auroc,
+        ),
+        ("Mean of each part on normal and on defective pixels:", means),
+    ]
+    per_class.write_checkpoint_tables("pnpt_maps.py", argv, args, rows, sections)
     return 0
 
 

@@ -26,8 +26,6 @@ seed*/*/RBAE/RBAE/magnetic_tile/v0/weights/lightning/model.ckpt --name rb_ae_per
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -35,24 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness
 import per_class
-from pnpt_maps import label
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments (data settings as the harness's)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpts", nargs="+", required=True, help="RB-AE checkpoints (the harness's model.ckpt files)")
-    p.add_argument("--dataset", choices=["magnetic_tile", "folder"], default="magnetic_tile", help="needs masks")
-    p.add_argument("--data-root", default=None, help="magnetic_tile: optional; folder: an MVTec-style category")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="as the harness run (a folder's split)")
+    """Command-line arguments (data settings as the harness's, plus the synthetic set's size and seed)."""
+    p = per_class.checkpoints_parser(__doc__.splitlines()[0], "RB-AE", "rb_ae_perception")
     p.add_argument("--synthetic-images", type=int, default=64, help="normal test images that get a Perlin defect")
     p.add_argument("--synthetic-seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--name", default="rb_ae_perception")
-    p.add_argument("--results-dir", default=str(harness.RESULTS))
     return p.parse_args(argv)
 
 
@@ -98,7 +85,8 @@ def encoder_residuals(net, images):
 
 
 def perceived_cosines(net, clean, defective, masks) -> dict[str, float]:
-    """Mean ``cos(E_s(x_a), E_s(x))`` over the cells the perception loss calls defective / normal, mean over scales."""
+    """Mean ``cos(E_s(x_a), E_s(x))`` over the cells the perception loss calls defective / normal, mean over the scales
+    that have such cells."""
     import torch
     from torch.nn import functional as F
 
@@ -110,11 +98,11 @@ def perceived_cosines(net, clean, defective, masks) -> dict[str, float]:
     for c, d in zip(clean_maps, defective_maps, strict=True):
         cos = F.cosine_similarity(d, c, dim=1, eps=1e-8).unsqueeze(1)
         coverage = mask_coverage(masks, cos.shape[-2:])
-        defect_means.append(float(cos[coverage >= 0.5].mean()) if bool((coverage >= 0.5).any()) else float("nan"))
-        normal_means.append(float(cos[coverage == 0].mean()))
+        for means, cells in ((defect_means, coverage >= 0.5), (normal_means, coverage == 0)):
+            means.append(float(cos[cells].mean()) if bool(cells.any()) else float("nan"))  # a scale may have none
     return {
         "cos_defect": float(torch.tensor(defect_means).nanmean()),
-        "cos_normal": float(torch.tensor(normal_means).mean()),
+        "cos_normal": float(torch.tensor(normal_means).nanmean()),
     }
 
 
@@ -174,55 +162,29 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
 
-    import torch
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
     rows = []
-    for ckpt in args.ckpts:
-        load_args = argparse.Namespace(
-            model="RBAE", ckpt=ckpt, backbone="tf_efficientnet_lite0", image_size=args.image_size, init_args={}
-        )
-        model = per_class.load_model(load_args)
+    for name, model in per_class.load_checkpoints("RBAE", args):
         sets = score_sets(model, harness.build_datamodule(args), args.synthetic_images, args.synthetic_seed)
         weight = float(model.perception_loss_weight)
-        rows.append({"checkpoint": label(ckpt), "perception_loss_weight": weight, "use_rbam": model.model.use_rbam})
+        rows.append({"checkpoint": name, "perception_loss_weight": weight, "use_rbam": model.model.use_rbam})
         rows[-1] |= {f"real_{k}": v for k, v in sets["real"].items()}
         rows[-1] |= {f"synthetic_{k}": v for k, v in sets["synthetic"].items()}
         print(rows[-1], flush=True)
-    header = {
-        "name": args.name,
-        "command": "python benchmarks/rb_ae_perception.py " + " ".join(shlex.quote(a) for a in argv),
-        "machine": harness.machine_info(),
-        "dataset": args.dataset,
-        "image_size": args.image_size,
-        "synthetic_images": args.synthetic_images,
-        "synthetic_seed": args.synthetic_seed,
-    }
-
-    def render(rows: list[dict], header: dict) -> str:
-        keys = ["checkpoint", "perception_loss_weight", "use_rbam"]
-        real = keys + [k for k in rows[0] if k.startswith("real_")]
-        synthetic = keys + [k for k in rows[0] if k.startswith("synthetic_")]
-        return "\n".join(
-            [
-                *harness.result_preamble(header),
-                "",
-                "Real test split (pixel AUROC of the model's map and of the encoder residual 1 - cos(E_s(x), E_s(x^)) "
-                "per scale s0-s3 = strides 4-32 and their mean; image AUROC of the model's score):",
-                "",
-                *harness.markdown_table(real, rows),
-                "",
-                "Synthetic Perlin defects on normal test images (same pixel AUROCs; cos_defect / cos_normal = mean "
-                "cos(E_s(x_a), E_s(x)) on the cells the perception loss calls defective / normal):",
-                "",
-                *harness.markdown_table(synthetic, rows),
-                "",
-            ]
-        )
-
-    harness.write_results(Path(args.results_dir), header, rows, render=render)
-    print(render(rows, header))
+    keys = ["checkpoint", "perception_loss_weight", "use_rbam"]
+    sections = [
+        (
+            "Real test split (pixel AUROC of the model's map and of the encoder residual 1 - cos(E_s(x), E_s(x^)) "
+            "per scale s0-s3 = strides 4-32 and their mean; image AUROC of the model's score):",
+            keys + [k for k in rows[0] if k.startswith("real_")],
+        ),
+        (
+            "Synthetic Perlin defects on normal test images (same pixel AUROCs; cos_defect / cos_normal = mean "
+            "cos(E_s(x_a), E_s(x)) on the cells the perception loss calls defective / normal):",
+            keys + [k for k in rows[0] if k.startswith("synthetic_")],
+        ),
+    ]
+    extra = {"synthetic_images": args.synthetic_images, "synthetic_seed": args.synthetic_seed}
+    per_class.write_checkpoint_tables("rb_ae_perception.py", argv, args, rows, sections, **extra)
     return 0
 
 

@@ -53,6 +53,21 @@ def write_folder_dataset(root: Path, size: int = 80, n_train: int = 8, n_good: i
     return root
 
 
+def model_pixel_auroc(model, datamodule) -> float:
+    """Pixel AUROC of ``model``'s own anomaly map on the harness's test batches (what a script's ``map`` column must
+    equal)."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    per_class = load_script("per_class")
+    pixels, truth = [], []
+    with torch.no_grad():
+        for images, masks, _ in per_class.harness_test_batches(model, datamodule):
+            pixels.append(model.model(images).anomaly_map.flatten())
+            truth.append(masks.flatten() > 0.5)
+    return float(roc_auc_score(torch.cat(truth).numpy(), torch.cat(pixels).numpy()))
+
+
 @pytest.fixture(scope="session")
 def harness() -> ModuleType:
     """``benchmarks/harness.py`` as a module."""

@@ -6,9 +6,8 @@ import argparse
 
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 
-from tests.benchmarks.conftest import load_script
+from tests.benchmarks.conftest import load_script, model_pixel_auroc
 from tests.test_registration import TINY_KWARGS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -26,25 +25,18 @@ def _setup(folder_dataset, **kwargs):
 
 def test_every_part_is_scored_and_the_map_row_is_the_models_own(folder_dataset):
     maps = load_script("pnpt_maps")
-    per_class = load_script("per_class")
     model, datamodule = _setup(folder_dataset, prompts="none")
     row = maps.score_parts(model, datamodule)
     assert set(row) == {"map_AUROC"} | {
         f"sample_s{s}_{what}" for s in range(3) for what in ("AUROC", "normal_mean", "defect_mean")
     }
     assert all(0.0 <= v <= 1.0 for k, v in row.items() if k.endswith("AUROC"))
-    # the "map" column is the model's own anomaly map on the same batches
-    pixels, truth = [], []
-    with torch.no_grad():
-        for images, masks, _ in per_class.harness_test_batches(model, datamodule):
-            pixels.append(model.model(images).anomaly_map.flatten())
-            truth.append(masks.flatten() > 0.5)
-    expected = roc_auc_score(torch.cat(truth).numpy(), torch.cat(pixels).numpy())
-    assert row["map_AUROC"] == pytest.approx(expected, abs=1e-4)
+    # the map column is the model's own anomaly map on the same batches
+    assert row["map_AUROC"] == pytest.approx(model_pixel_auroc(model, datamodule), abs=1e-4)
 
 
 def test_the_checkpoint_label_comes_from_the_study_layout():
-    maps = load_script("pnpt_maps")
+    per_class = load_script("per_class")
     path = "/tmp/x/pnpt_mt/seed1/class/PNPT/PNPT/magnetic_tile/v0/weights/lightning/model.ckpt"
-    assert maps.label(path) == "seed1/class"
-    assert maps.label("/elsewhere/model.ckpt") == "/elsewhere/model.ckpt"
+    assert per_class.study_label(path) == "seed1/class"
+    assert per_class.study_label("/elsewhere/model.ckpt") == "/elsewhere/model.ckpt"
