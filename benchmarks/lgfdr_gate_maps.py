@@ -6,7 +6,8 @@ For a trained LGFDR checkpoint (both towers, ``srh_mode="spatial"``) this script
 * draws, for the most visible defect of each defect class (largest mask), the image, its mask, the anomaly map, the
   SRH gate ``w_l`` (the local tower's weight per position; ``1 − w_l`` goes to the global tower) and the squared
   residuals of each tower alone, into one PNG;
-* measures on every test image the mean gate inside and outside the defect masks and on normal images, and the
+* measures on every test image (the harness's test inputs: each image resized by the model's pre-processor before
+  collating, as under ``Engine.test``) the mean gate inside and outside the defect masks and on normal images, and the
   pixel / image AUROC of the maps built from the fused reconstruction ``R`` (the model's map), from ``R_l`` alone and
   from ``R_g`` alone (same weights, same blur and score; raw outputs, no post-processor).
 
@@ -26,6 +27,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import per_class  # noqa: E402
 from harness import RESULTS, build_datamodule, machine_info, markdown_table, result_preamble, write_results  # noqa: E402
 
 
@@ -57,12 +59,8 @@ def collect(model, datamodule, max_pixels: int, seed: int) -> tuple[dict, list[d
     pixel_scores = {k: [] for k in scores}
     pixel_labels, labels, examples = [], [], {}
     with torch.no_grad():
-        for batch in datamodule.test_dataloader():
-            has_mask = batch.gt_mask is not None
-            if has_mask:
-                images, masks = model.pre_processor.transform(batch.image, batch.gt_mask)
-            else:
-                images, masks = model.pre_processor.transform(batch.image), None
+        for images, masks, batch in per_class.harness_test_batches(model, datamodule):
+            has_mask = masks is not None
             details = net.details(images)
             size = tuple(images.shape[-2:])
             maps = tower_maps(net, details, size)
@@ -199,13 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     from anomalib_recon.models import LGFDR
 
     torch.set_num_threads(args.threads)
-    model = LGFDR.load_from_checkpoint(args.ckpt, weights_only=False, map_location="cpu").eval()
+    model = LGFDR.load_from_checkpoint(args.ckpt, weights_only=True, map_location="cpu").eval()
     if model.model.srh is None or model.model.srh.mode != "spatial":
         msg = "the checkpoint must hold both towers and the spatial SRH (towers='both', srh_mode='spatial')."
         raise SystemExit(msg)
     args.image_size = int(model.input_size[0])
     datamodule = build_datamodule(args)
-    datamodule.setup()
     stats, examples = collect(model, datamodule, args.max_pixels, args.seed)
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
