@@ -48,8 +48,8 @@ def test_gate_statistics_and_the_fused_row_are_the_models_own(setup):
     expected_image = roc_auc_score(torch.cat(labels).numpy(), torch.cat(scores).numpy())
     expected_pixel = roc_auc_score(torch.cat(truth).numpy(), torch.cat(pixels).numpy())
     assert stats["image_AUROC"]["fused"] == pytest.approx(expected_image, abs=1e-6)
-    assert stats["pixel_AUROC"]["fused"] == pytest.approx(expected_pixel, abs=1e-6)  # 64 x 64 <= max_pixels: every pixel
-    # one example per defect class, drawn at the model's input size from the [0, 1] image
+    assert stats["pixel_AUROC"]["fused"] == pytest.approx(expected_pixel, abs=1e-6)
+    # (max_pixels >= 64 x 64: every pixel counts.) One example per defect class, at the input size, in [0, 1]
     assert [e["class"] for e in examples] == ["defect"]
     example = examples[0]
     assert example["raw"] and example["image"].shape == (3, 64, 64) and float(example["image"].max()) <= 1.0
