@@ -4,8 +4,10 @@ PNPT's anomaly map is ``Σ_s upsample(½[r^x_s + r^p_s])`` over its three featur
 ``r = 1 − cos(f_s, R_s)`` of the sample (``x``) or prompt (``p``) stream. When the fused map scores pixels worse than
 a simple baseline, this says which part carries the score and which drags it: for each checkpoint it scores the test
 split with the model's own map and with every part alone (upsampled bilinearly to the input, as the model does; no
-blur), and records each part's mean on normal and on defective pixels (a part with large values dominates the sum
-whatever its AUROC). Inputs are exactly the harness's (``per_class.harness_test_batches``).
+blur), records each part's mean on normal and on defective pixels (a part with large values dominates the sum
+whatever its AUROC), and scores the model's map rule on the coarser scales only (``map_s12``, ``map_s2``: what
+dropping the fine scales from the map would give on the same weights). Inputs are exactly the harness's
+(``per_class.harness_test_batches``).
 
 Example (the key-ablation checkpoints of ``benchmarks/studies/pnpt_mt_lite0_128_300steps.yaml``)::
 
@@ -30,11 +32,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return per_class.checkpoints_parser(__doc__.splitlines()[0], "PNPT", "pnpt_maps").parse_args(argv)
 
 
+COARSE_SUBSETS = {"map_s12": (1, 2), "map_s2": (2,)}
+"""The model's map rule (stream mean, upsampling, sum, blur) on the scales kept: strides 8 + 16, stride 16 alone."""
+
+
 def score_parts(model, datamodule) -> dict[str, float]:
     """Pixel AUROC of the model's map and of each part; mean of each part on normal and on defective pixels."""
     import torch
     import torch.nn.functional as F
     from sklearn.metrics import roc_auc_score
+
+    from anomalib_recon.models.image.pnpt.anomaly_map import residual_map
 
     net = model.model
     maps: dict[str, list] = {"map": []}
@@ -50,6 +58,11 @@ def score_parts(model, datamodule) -> dict[str, float]:
                     up = F.interpolate(r, size=size, mode="bilinear", align_corners=False)
                     maps.setdefault(f"{stream}_s{s}", []).append(up)
             maps["map"].append(net(images).anomaly_map)
+            for name, kept in COARSE_SUBSETS.items():  # the model's map rule on the coarser scales only
+                drop = [s for s in range(len(sample)) if s not in kept]
+                keep = [r if s not in drop else torch.zeros_like(r) for s, r in enumerate(sample)]
+                keep_p = [r if s not in drop else torch.zeros_like(r) for s, r in enumerate(prompt)] if prompt else None
+                maps.setdefault(name, []).append(residual_map(keep, keep_p, size, net.map_streams, net.blur))
             masks.append(gt_mask.reshape(len(images), *size))
     defect = torch.cat(masks).flatten().numpy() > 0.5
     if not 0 < defect.sum() < defect.size:
@@ -59,7 +72,7 @@ def score_parts(model, datamodule) -> dict[str, float]:
     for part, values in maps.items():
         flat = torch.cat(values).flatten().numpy()
         row[f"{part}_AUROC"] = round(float(roc_auc_score(defect, flat)), 4)
-        if part != "map":
+        if not part.startswith("map"):
             row[f"{part}_normal_mean"] = round(float(flat[~defect].mean()), 4)
             row[f"{part}_defect_mean"] = round(float(flat[defect].mean()), 4)
     return row
@@ -78,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     means = ["checkpoint", *[k for k in rows[0] if k.endswith("_mean")]]
     sections = [
         (
-            "Pixel AUROC of PNPT's map and of each part alone (s0, s1, s2 = strides 4, 8, 16; sample / prompt "
-            "stream; cosine residual upsampled to the input, no blur):",
+            "Pixel AUROC of PNPT's map, of the same map rule on the coarser scales only (map_s12: strides 8 and 16, "
+            "map_s2: stride 16) and of each part alone (s0, s1, s2 = strides 4, 8, 16; sample / prompt stream; cosine "
+            "residual upsampled to the input, no blur):",
             auroc,
         ),
         ("Mean of each part on normal and on defective pixels:", means),
