@@ -176,6 +176,61 @@ def test_map_is_the_sum_over_scales_of_the_stream_mean_upsampled_then_blurred():
     )
 
 
+def test_scale_weights_weigh_each_scale_in_the_sum_and_zero_leaves_it_out():
+    from anomalib_recon.components.anomaly_map import make_blur
+
+    gen = torch.Generator().manual_seed(0)
+    sample = [torch.rand(2, 1, s, s, generator=gen) for s in (16, 8, 4)]
+    prompt = [torch.rand(2, 1, s, s, generator=gen) for s in (16, 8, 4)]
+    up = [
+        F.interpolate(0.5 * (a + b), size=(64, 64), mode="bilinear", align_corners=False)
+        for a, b in zip(sample, prompt, strict=True)
+    ]
+    blur = make_blur(4.0)
+    weighted = residual_map(sample, prompt, (64, 64), blur=blur, scale_weights=(2.0, 0.5, 1.0))
+    torch.testing.assert_close(weighted, blur(2.0 * up[0] + 0.5 * up[1] + up[2]))
+    # a scale of weight 0 is not computed: a NaN there cannot reach the map
+    coarse = residual_map(
+        [s * float("nan") if i < 2 else s for i, s in enumerate(sample)], None, (64, 64), scale_weights=(0, 0, 1)
+    )
+    torch.testing.assert_close(coarse, F.interpolate(sample[2], size=(64, 64), mode="bilinear", align_corners=False))
+    # the default weights are the plain sum, bit for bit
+    assert torch.equal(
+        residual_map(sample, prompt, (64, 64), scale_weights=(1, 1, 1)), residual_map(sample, prompt, (64, 64))
+    )
+    with pytest.raises(ValueError, match="one weight per scale"):
+        residual_map(sample, prompt, (64, 64), scale_weights=(1.0, 1.0))
+
+
+@pytest.mark.export
+def test_model_scale_weights_set_the_map_and_travel_with_the_graph(tmp_path):
+    """forward with scale_weights (0, 0, 1) = the stride-16 stream mean alone, upsampled, blurred; the ONNX graph of
+    the Lightning model computes what its own forward does."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from anomalib_recon.components.anomaly_map import make_blur
+
+    torch.manual_seed(0)
+    model = tiny(scale_weights=(0.0, 0.0, 1.0)).eval()
+    net = model.model
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        features = net.feature_extractor(normalised(images))
+        sample, prompt = net.reconstruct(features)
+        f, x, p = features[2], sample[2], prompt[2]
+        m = 0.5 * ((1 - F.cosine_similarity(f, x, dim=1)) + (1 - F.cosine_similarity(f, p, dim=1)))
+        expected = make_blur(4.0)(F.interpolate(m.unsqueeze(1), size=(64, 64), mode="bilinear", align_corners=False))
+        raw = net(normalised(images))
+        full = model(images)
+    torch.testing.assert_close(raw.anomaly_map, expected, atol=1e-5, rtol=1e-4)
+    assert model.hparams["scale_weights"] == (0.0, 0.0, 1.0)
+    path = model.to_onnx(tmp_path, input_size=(64, 64), opset_version=18)
+    session = ort.InferenceSession(str(path))
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images.numpy()}), strict=True))
+    np.testing.assert_allclose(outputs["anomaly_map"], full.anomaly_map.numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_inference_map_and_score_follow_the_formula():
     """forward = per scale ½[(1 − cos(f, R^x)) + (1 − cos(f, R^p))], upsampled, summed, blurred (σ 4); score = max."""
     from anomalib_recon.components.anomaly_map import make_blur
@@ -520,6 +575,10 @@ def test_schedule_in_epochs_or_fraction_of_the_trainers_horizon():
         ({"warmup_epochs": 1.5}, "warmup_epochs"),
         ({"final_lr": 1.0}, "final_lr"),
         ({"blur_sigma": 20.0}, "blur_sigma=20"),
+        ({"scale_weights": (1.0, 1.0)}, "scale_weights must be three"),
+        ({"scale_weights": (-1.0, 1.0, 1.0)}, "scale_weights must be three"),
+        ({"scale_weights": (0.0, 0.0, 0.0)}, "at least one > 0"),
+        ({"scale_weights": (float("nan"), 1.0, 1.0)}, "scale_weights must be three"),
         ({"size": 72}, "multiple of 16"),
     ],
 )

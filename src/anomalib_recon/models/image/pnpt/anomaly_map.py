@@ -43,12 +43,14 @@ def residual_map(
     out_size: tuple[int, int],
     streams: str = "both",
     blur: nn.Module | None = None,
+    scale_weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """The anomaly map ``(B, 1, H, W)`` from per-scale residual maps of the two streams.
 
     Per scale ``m_s = ½·(r^x_s + r^p_s)`` (``streams="both"``; ``r^x_s`` alone without a prompt stream or with
     ``streams="sample"``, ``r^p_s`` with ``streams="prompt"``), bilinearly upsampled to ``out_size``
-    (``align_corners=False``), summed over the scales, then blurred.
+    (``align_corners=False``), summed over the scales with ``scale_weights`` (all 1 by default; a scale of weight 0 is
+    not computed), then blurred.
 
     Args:
         sample: ``r^x_s = 1 − cos(f_s, R^x_s)`` per scale, each ``(B, 1, H_s, W_s)``.
@@ -56,6 +58,7 @@ def residual_map(
         out_size: ``(H, W)`` of the map (the input size).
         streams: One of :data:`MAP_STREAMS`.
         blur: A Gaussian blur module (``components.anomaly_map.make_blur``) or ``None``.
+        scale_weights: One weight per scale (``None`` = 1 each).
     """
     if streams not in MAP_STREAMS:
         msg = f"streams must be one of {MAP_STREAMS}, got {streams!r}."
@@ -63,8 +66,14 @@ def residual_map(
     if prompt is None and streams == "prompt":
         msg = 'streams="prompt" needs the prompt stream (prompts="class" or "shared").'
         raise ValueError(msg)
+    weights = [1.0] * len(sample) if scale_weights is None else [float(w) for w in scale_weights]
+    if len(weights) != len(sample):
+        msg = f"scale_weights needs one weight per scale ({len(sample)}), got {list(weights)}."
+        raise ValueError(msg)
     total = None
     for i, r_x in enumerate(sample):
+        if weights[i] == 0:
+            continue
         if prompt is None or streams == "sample":
             m = r_x
         elif streams == "prompt":
@@ -72,8 +81,10 @@ def residual_map(
         else:
             m = 0.5 * (r_x + prompt[i])
         m = F.interpolate(m, size=out_size, mode="bilinear", align_corners=False)
+        if weights[i] != 1:
+            m = weights[i] * m
         total = m if total is None else total + m
     if total is None:
-        msg = "residual_map needs at least one scale."
+        msg = "residual_map needs at least one scale of weight > 0."
         raise ValueError(msg)
     return blur(total) if blur is not None else total

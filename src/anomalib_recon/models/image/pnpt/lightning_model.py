@@ -89,6 +89,8 @@ class PNPT(ReconModuleMixin, AnomalibModule):
         prompt_selection: ``"inferred"`` (nearest class key, the default and what exports do) or ``"oracle"`` (the
             datamodule's category of each image) at validation/test/predict. Training always uses the category.
         map_streams: ``"both"`` (½ of each stream's residual), ``"sample"`` or ``"prompt"``.
+        scale_weights: Weight of each scale's residual in the map (strides 4, 8, 16); (1, 1, 1) = the plain sum
+            (INFERRED; the paper gives no fusion formula); 0 leaves a scale out of the map (it is still trained).
         blur_sigma: Gaussian σ of the map (4); ``None`` = no blur.
         lr: AdamW learning rate (1e-4).
         betas: AdamW betas ((0.9, 0.95)).
@@ -126,6 +128,7 @@ class PNPT(ReconModuleMixin, AnomalibModule):
         prompt_prior: bool = True,
         prompt_selection: str = "inferred",
         map_streams: str = "both",
+        scale_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
         blur_sigma: float | None = 4.0,
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -163,6 +166,7 @@ class PNPT(ReconModuleMixin, AnomalibModule):
             "prompts": prompts,
             "prompt_prior": prompt_prior,
             "map_streams": map_streams,
+            "scale_weights": scale_weights,
             "blur_sigma": blur_sigma,
         }
         input_size = self.model_input_size(image_size)

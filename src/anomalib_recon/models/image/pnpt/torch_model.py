@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from anomalib_recon.components.anomaly_map import check_blur_fits, make_blur, reduce_max
 from anomalib_recon.components.dual_attention import DualAttentionBlock
 from anomalib_recon.components.feature_extractor import FeatureExtractor, layers_at_strides
-from anomalib_recon.components.guards import check_features, check_finite, check_model_input
+from anomalib_recon.components.guards import check_features, check_finite, check_model_input, is_finite_number
 from anomalib_recon.components.initialization import init_mae_weights
 from anomalib_recon.components.patch_embed import MultiScalePatchEmbed, TokenToFeatureHead, one_grid_patch_sizes
 from anomalib_recon.components.position import SinCosPositionEmbedding2D
@@ -315,6 +315,8 @@ class PNPTModel(nn.Module):
         prompt_prior: Prompts start from the class's prior normality map (``HPE(μ_c) + pos + Δ_c``; default) or
             are learnable tokens only (``pos + Δ_c``, DADF's memory tokens).
         map_streams: What the map reads: ``"both"`` (½ of each stream), ``"sample"`` or ``"prompt"``.
+        scale_weights: Weight of each scale's residual in the map's sum (strides 4, 8, 16; (1, 1, 1) = the plain sum;
+            0 leaves a scale out of the map, not out of the loss).
         blur_sigma: Gaussian σ of the map (4); ``None`` = no blur.
         class_names: Initial classes (re-sized from the data at fit, or from a state dict at load).
     """
@@ -336,11 +338,13 @@ class PNPTModel(nn.Module):
         prompts: str = "class",
         prompt_prior: bool = True,
         map_streams: str = "both",
+        scale_weights: Sequence[float] = (1.0, 1.0, 1.0),
         blur_sigma: float | None = 4.0,
         class_names: Sequence[str] = ("default",),
     ) -> None:
         super().__init__()
         _check_args(embed_dim_per_scale, depth, decoder_depth, num_heads, mlp_ratio, prompts, map_streams, blur_sigma)
+        self.scale_weights = check_scale_weights(scale_weights)
         layers = resolve_layers(backbone, layers)
         if len(layers) != 3:
             msg = f"PNPT uses three backbone layers (strides 4, 8, 16), got layers={layers}."
@@ -493,9 +497,9 @@ class PNPTModel(nn.Module):
         return sample, [cosine_residual(f, r) for f, r in zip(out.features, out.prompt, strict=True)]
 
     def anomaly_map(self, out: PNPTReconstruction) -> torch.Tensor:
-        """``Σ_s upsample(½[r^x_s + r^p_s])``, blurred ``(B, 1, H, W)`` (the streams chosen by ``map_streams``)."""
+        """``Σ_s w_s·upsample(½[r^x_s + r^p_s])``, blurred ``(B, 1, H, W)`` (``map_streams``, ``scale_weights``)."""
         sample, prompt = self.stream_residuals(out)
-        return residual_map(sample, prompt, self.image_size, self.map_streams, self.blur)
+        return residual_map(sample, prompt, self.image_size, self.map_streams, self.blur, self.scale_weights)
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, class_ids: torch.Tensor | None = None) -> InferenceBatch:
@@ -503,6 +507,18 @@ class PNPTModel(nn.Module):
         out = self.reconstruction_outputs(images, class_ids)
         anomaly_map = self.anomaly_map(out)
         return InferenceBatch(pred_score=reduce_max(anomaly_map), anomaly_map=anomaly_map)
+
+
+def check_scale_weights(scale_weights: Sequence[float]) -> list[float]:
+    """Three finite weights >= 0, at least one > 0 (the map's weight of each scale), as floats."""
+    values = list(scale_weights) if isinstance(scale_weights, Sequence) and not isinstance(scale_weights, str) else []
+    if len(values) != 3 or not all(is_finite_number(w) and w >= 0 for w in values) or not any(w > 0 for w in values):
+        msg = (
+            f"PNPT: scale_weights must be three finite weights >= 0 (strides 4, 8, 16), at least one > 0; got "
+            f"{scale_weights!r}. (1, 1, 1) is the plain sum; (0, 0, 1) maps the stride-16 residuals alone."
+        )
+        raise ValueError(msg)
+    return [float(w) for w in values]
 
 
 def _check_args(
