@@ -68,6 +68,22 @@ def model_pixel_auroc(model, datamodule) -> float:
     return float(roc_auc_score(torch.cat(truth).numpy(), torch.cat(pixels).numpy()))
 
 
+def tiny_on_folder(name: str, folder: Path, **kwargs):
+    """``(model, datamodule)``: the registration test's tiny ``name`` model (seed 0, eval mode) and the harness's
+    datamodule on the tiny folder dataset, as the checkpoint-scoring scripts get them."""
+    import argparse
+
+    import torch
+
+    from anomalib_recon import models
+    from tests.test_registration import TINY_KWARGS
+
+    torch.manual_seed(0)
+    model = getattr(models, name)(**TINY_KWARGS[name], evaluator=False, visualizer=False, **kwargs).eval()
+    args = argparse.Namespace(dataset="folder", data_root=str(folder), batch_size=4, workers=0, seed=0)
+    return model, load_script("harness").build_datamodule(args)
+
+
 @pytest.fixture(scope="session")
 def harness() -> ModuleType:
     """``benchmarks/harness.py`` as a module."""

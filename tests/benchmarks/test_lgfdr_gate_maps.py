@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from tests.benchmarks.conftest import load_script
-from tests.test_registration import TINY_KWARGS
+from tests.benchmarks.conftest import load_script, tiny_on_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(folder_dataset):
-    from anomalib_recon.models import LGFDR
-
-    harness = load_script("harness")
-    torch.manual_seed(0)
-    model = LGFDR(**TINY_KWARGS["LGFDR"], evaluator=False, visualizer=False).eval()
+    model, datamodule = tiny_on_folder("LGFDR", folder_dataset)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    model.model.fit_feature_statistics(
-        [(torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1)) - mean) / std]
-    )
-    args = argparse.Namespace(dataset="folder", data_root=str(folder_dataset), batch_size=4, workers=0, seed=0)
-    return model, harness.build_datamodule(args)
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    model.model.fit_feature_statistics([(images - mean) / std])
+    return model, datamodule
 
 
 def test_gate_statistics_and_the_fused_row_are_the_models_own(setup):

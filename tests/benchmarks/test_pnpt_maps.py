@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
-from tests.benchmarks.conftest import load_script, model_pixel_auroc
-from tests.test_registration import TINY_KWARGS
+from tests.benchmarks.conftest import load_script, model_pixel_auroc, tiny_on_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _setup(folder_dataset, **kwargs):
-    from anomalib_recon.models import PNPT
-
-    harness = load_script("harness")
-    torch.manual_seed(0)
-    model = PNPT(**TINY_KWARGS["PNPT"], evaluator=False, visualizer=False, **kwargs).eval()
-    args = argparse.Namespace(dataset="folder", data_root=str(folder_dataset), batch_size=4, workers=0, seed=0)
-    return model, harness.build_datamodule(args)
+    return tiny_on_folder("PNPT", folder_dataset, **kwargs)
 
 
 def test_every_part_is_scored_and_the_map_row_is_the_models_own(folder_dataset):

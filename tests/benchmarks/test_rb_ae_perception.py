@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 from torch.nn import functional as F
 
-from tests.benchmarks.conftest import load_script, model_pixel_auroc
-from tests.test_registration import TINY_KWARGS
+from tests.benchmarks.conftest import load_script, model_pixel_auroc, tiny_on_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(folder_dataset):
-    from anomalib_recon.models import RBAE
-
-    harness = load_script("harness")
-    torch.manual_seed(0)
-    model = RBAE(**TINY_KWARGS["RBAE"], evaluator=False, visualizer=False).eval()
+    model, datamodule = tiny_on_folder("RBAE", folder_dataset)
     model.model.set_reference(torch.rand(1, 3, 64, 64), 0)
-    args = argparse.Namespace(dataset="folder", data_root=str(folder_dataset), batch_size=4, workers=0, seed=0)
-    return model, harness.build_datamodule(args)
+    return model, datamodule
 
 
 def test_both_sets_are_scored_and_the_map_is_the_models_own(setup):
