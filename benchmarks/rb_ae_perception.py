@@ -15,7 +15,8 @@ Measures (pixel AUROC against the set's masks; maps upsampled bilinearly to the 
 * ``enc_s<k>``, ``enc``: the encoder residual ``1 − cos(E_s(x), E_s(x̂))`` at scale ``k`` and its mean over scales
   — the part of the MSFDM's input that the perception loss shapes (``x̂`` = the model's reconstruction);
 * synthetic set only, the loss's own quantity: ``cos_defect`` / ``cos_normal``, the mean of ``cos(E_s(x_a), E_s(x))``
-  over the cells the loss calls defective (mask coverage >= 0.5) and normal (coverage 0), averaged over scales.
+  over the cells the loss calls defective (mask coverage >= 0.5) and normal (coverage 0), averaged over scales; and
+  ``copy``, how much of the pasted defect's pixel change reaches the reconstruction (0 = repaired, 1 = reproduced).
 
 Example (the checkpoints of ``benchmarks/studies/rb_ae_mt_lite0_128_300steps_ablation.yaml``)::
 
@@ -154,7 +155,24 @@ def score_sets(model, datamodule, synthetic_images: int = 64, synthetic_seed: in
     synthetic = aurocs(maps, masks) | {
         k: round(v, 4) for k, v in perceived_cosines(net, clean, defective, synthetic_masks).items()
     }
+    synthetic["copy"] = round(copied_fraction(net, clean, defective, synthetic_masks), 4)
     return {"real": real, "synthetic": synthetic}
+
+
+def copied_fraction(net, clean, defective, masks, batch_size: int = 8) -> float:
+    """How much of a pasted defect reaches the reconstruction: ``Σ_mask |x̂(x_a) − x̂(x)| / Σ_mask |x_a − x|`` (channel
+    sums; 0 = the defect is repaired away, 1 = it is reproduced as much as it changed the image)."""
+    import torch
+
+    moved = changed = 0.0
+    with torch.no_grad():
+        for i in range(0, len(clean), batch_size):
+            x, x_a, m = clean[i : i + batch_size], defective[i : i + batch_size], masks[i : i + batch_size]
+            recon_a, _ = net.reconstruct(x_a)
+            recon, _ = net.reconstruct(x)
+            moved += float(((recon_a - recon).abs().sum(1, keepdim=True) * m).sum())
+            changed += float(((x_a - x).abs().sum(1, keepdim=True) * m).sum())
+    return moved / changed if changed > 0 else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         (
             "Synthetic Perlin defects on normal test images (same pixel AUROCs; cos_defect / cos_normal = mean "
-            "cos(E_s(x_a), E_s(x)) on the cells the perception loss calls defective / normal):",
+            "cos(E_s(x_a), E_s(x)) on the cells the perception loss calls defective / normal; copy = the share of the "
+            "defect's pixel change that reaches the reconstruction):",
             keys + [k for k in rows[0] if k.startswith("synthetic_")],
         ),
     ]

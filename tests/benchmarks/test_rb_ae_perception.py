@@ -24,7 +24,7 @@ def test_both_sets_are_scored_and_the_map_is_the_models_own(setup):
     sets = script.score_sets(model, datamodule, synthetic_images=4, synthetic_seed=0)
     parts = {"map_AUROC", "enc_AUROC"} | {f"enc_s{k}_AUROC" for k in range(4)}
     assert set(sets["real"]) == parts | {"image_AUROC"}
-    assert set(sets["synthetic"]) == parts | {"cos_defect", "cos_normal"}
+    assert set(sets["synthetic"]) == parts | {"cos_defect", "cos_normal", "copy"}
     assert all(0.0 <= v <= 1.0 for s in sets.values() for k, v in s.items() if k.endswith("AUROC"))
     # the map column is the model's own anomaly map on the same batches
     assert sets["real"]["map_AUROC"] == pytest.approx(model_pixel_auroc(model, datamodule), abs=1e-4)
@@ -62,3 +62,20 @@ def test_perceived_cosines_are_the_loss_groups_by_brute_force(setup):
     assert defect, "the draw must give the loss's defective cells at some scale"
     assert got["cos_defect"] == pytest.approx(float(torch.stack(defect).mean()), abs=1e-5)
     assert got["cos_normal"] == pytest.approx(float(torch.stack(normal).mean()), abs=1e-5)
+
+
+def test_copied_fraction_is_zero_for_a_repairing_reconstruction_and_one_for_identity(setup):
+    script = load_script("rb_ae_perception")
+    _, datamodule = setup
+    clean, defective, masks = script.synthetic_set(datamodule, (64, 64), 3, seed=1)
+
+    class Fixed:  # reconstructs every input as the clean image: the defect is repaired away
+        def reconstruct(self, images):
+            return clean[: len(images)], None
+
+    class Identity:  # reconstructs every input as itself: the defect is reproduced
+        def reconstruct(self, images):
+            return images, None
+
+    assert script.copied_fraction(Fixed(), clean, defective, masks) == 0.0
+    assert script.copied_fraction(Identity(), clean, defective, masks) == pytest.approx(1.0)
