@@ -32,8 +32,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return per_class.checkpoints_parser(__doc__.splitlines()[0], "PNPT", "pnpt_maps").parse_args(argv)
 
 
-COARSE_SUBSETS = {"map_s12": (1, 2), "map_s2": (2,)}
-"""The model's map rule (stream mean, upsampling, sum, blur) on the scales kept: strides 8 + 16, stride 16 alone."""
+COARSE_MAPS = {"map_s12": (0.0, 1.0, 1.0), "map_s2": (0.0, 0.0, 1.0)}
+"""The model's map rule with these ``scale_weights`` (PNPT's own option): strides 8 + 16, stride 16 alone."""
 
 
 def score_parts(model, datamodule) -> dict[str, float]:
@@ -58,11 +58,8 @@ def score_parts(model, datamodule) -> dict[str, float]:
                     up = F.interpolate(r, size=size, mode="bilinear", align_corners=False)
                     maps.setdefault(f"{stream}_s{s}", []).append(up)
             maps["map"].append(net(images).anomaly_map)
-            for name, kept in COARSE_SUBSETS.items():  # the model's map rule on the coarser scales only
-                drop = [s for s in range(len(sample)) if s not in kept]
-                keep = [r if s not in drop else torch.zeros_like(r) for s, r in enumerate(sample)]
-                keep_p = [r if s not in drop else torch.zeros_like(r) for s, r in enumerate(prompt)] if prompt else None
-                maps.setdefault(name, []).append(residual_map(keep, keep_p, size, net.map_streams, net.blur))
+            for name, weights in COARSE_MAPS.items():  # the model's map rule on the coarser scales only
+                maps.setdefault(name, []).append(residual_map(sample, prompt, size, net.map_streams, net.blur, weights))
             masks.append(gt_mask.reshape(len(images), *size))
     defect = torch.cat(masks).flatten().numpy() > 0.5
     if not 0 < defect.sum() < defect.size:
