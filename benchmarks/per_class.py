@@ -220,6 +220,24 @@ def write_checkpoint_tables(
     return table
 
 
+def perlin_defects(dataset, rows: list[int], count: int, size: tuple[int, int], seed: int, generator):
+    """``(clean, defective, masks)``: up to ``count`` of the dataset's ``rows`` (a draw seeded by ``seed``), resized
+    like the models' Resize (non-antialiased), each with a defect pasted on a copy by ``generator`` (anomalib's
+    ``PerlinAnomalyGenerator(probability=1.0)``; the caller seeds torch's global generator it draws from). Images in
+    [0, 1], masks ``(N, 1, H, W)`` bool."""
+    import torch
+    from torchvision.transforms.v2.functional import resize
+
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()[:count]
+    clean = torch.stack([resize(dataset[rows[i]].image, list(size), antialias=False) for i in order])
+    defective, masks = [], []
+    for image in clean:
+        augmented, mask = generator(image)
+        defective.append(augmented.clamp(0, 1))
+        masks.append(mask.reshape(1, *size) > 0.5)
+    return clean, torch.stack(defective), torch.stack(masks)
+
+
 def harness_test_batches(model, datamodule):
     """``(images, masks, batch)`` per test batch, exactly as ``Engine.test`` feeds ``model.model``.
 

@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness
+import per_class
 from pnpt_multiclass import CATEGORIES, build_multi_datamodule
 
 STREAMS = ("both", "sample", "prompt")
@@ -45,7 +46,6 @@ def synthetic_pairs(datamodule, categories: list[str], per_category: int, size: 
     (non-antialiased), Perlin anomalies pasted on copies of them (``[0, 1]`` images, masks ``(N, 1, H, W)`` bool)."""
     import torch
     from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
-    from torchvision.transforms.v2.functional import resize
 
     torch.manual_seed(seed)
     generator = PerlinAnomalyGenerator(probability=1.0)
@@ -54,14 +54,7 @@ def synthetic_pairs(datamodule, categories: list[str], per_category: int, size: 
     for category in categories:
         labels = zip(samples.category, samples.label_index, strict=True)
         rows = [i for i, (c, y) in enumerate(labels) if c == category and int(y) == 0]
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()[:per_category]
-        normal = torch.stack([resize(datamodule.test_data[rows[i]].image, list(size), antialias=False) for i in order])
-        anomalous, masks = [], []
-        for image in normal:
-            augmented, mask = generator(image)
-            anomalous.append(augmented.clamp(0, 1))
-            masks.append(mask > 0.5)
-        pairs[category] = (normal, torch.stack(anomalous), torch.stack(masks))
+        pairs[category] = per_class.perlin_defects(datamodule.test_data, rows, per_category, size, seed, generator)
     return pairs
 
 

@@ -49,7 +49,6 @@ def synthetic_set(datamodule, size: tuple[int, int], count: int, seed: int):
     Resize), each with a Perlin defect pasted on a copy; images in [0, 1], masks ``(N, 1, H, W)`` in {0, 1}."""
     import torch
     from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
-    from torchvision.transforms.v2.functional import resize
 
     datamodule.setup()
     data = datamodule.test_data
@@ -57,16 +56,10 @@ def synthetic_set(datamodule, size: tuple[int, int], count: int, seed: int):
     if not rows:
         msg = "rb_ae_perception needs normal images in the test split for the synthetic set."
         raise ValueError(msg)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()[:count]
-    clean = torch.stack([resize(data[rows[i]].image, list(size), antialias=False) for i in order]).clamp(0, 1)
     torch.manual_seed(seed)
     generator = PerlinAnomalyGenerator(probability=1.0)
-    defective, masks = [], []
-    for image in clean:
-        augmented, mask = generator(image)
-        defective.append(augmented.clamp(0, 1))
-        masks.append((mask.reshape(1, *size) > 0.5).float())
-    return clean, torch.stack(defective), torch.stack(masks)
+    clean, defective, masks = per_class.perlin_defects(data, rows, count, size, seed, generator)
+    return clean, defective, masks.float()
 
 
 def encoder_residuals(net, images):
